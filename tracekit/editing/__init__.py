@@ -1,0 +1,1 @@
+"""Weight editors (ROME, MEMIT, FT), editing problems and metrics."""

@@ -1,0 +1,1 @@
+"""Causal tracing and representation zeroing."""
