@@ -1,0 +1,204 @@
+"""Dataset loaders: normalised records, malformed records named by index and field, file lookup."""
+
+import copy
+import json
+
+import pytest
+
+from tracekit import TracekitError
+from tracekit.data import FactRecord, find_data_file, load_dataset
+from tracekit.data import locate
+
+
+def counterfact(i, subject="Danielle Darrieux"):
+    return {"case_id": i, "pararel_idx": 7, "requested_rewrite": {
+        "prompt": "The mother tongue of {} is", "relation_id": "P103", "subject": subject,
+        "target_new": {"str": "English", "id": "Q1860"}, "target_true": {"str": "French", "id": "Q150"}},
+        "paraphrase_prompts": ["Shayna does this. Danielle Darrieux spoke the language"],
+        "neighborhood_prompts": ["The mother tongue of Léon Blum is", "Raymond Barre is a native speaker of"],
+        "attribute_prompts": [], "generation_prompts": []}
+
+
+def known(i):
+    return {"known_id": i, "subject": "Vinson Massif", "attribute": "Antarctica",
+            "template": "{} is located in the continent of", "prediction": " Antarctica",
+            "prompt": "Vinson Massif is located in the continent of", "relation_id": "P30"}
+
+
+def zsre(i):
+    return {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?",
+            "pred": "Trinity College", "rephrase": "What university did Watts Humphrey take part in?",
+            "alt": "University of Michigan", "answers": ["Illinois Institute of Technology"],
+            "loc": "nq question: who played desmond doss father in hacksaw ridge", "loc_ans": "Hugo Weaving",
+            "cond": "Trinity College >> University of Michigan || What university did Watts Humphrey attend?"}
+
+
+def easyedit(i):
+    return {"case_id": i, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+            "target_new": "English", "ground_truth": "French",
+            "rephrase_prompt": "Where Danielle Darrieux is from, people speak the language of",
+            "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"}
+
+
+MAKERS = {"counterfact": counterfact, "known_1000": known, "zsre": zsre, "counterfact-easyedit": easyedit}
+# (dataset, corruption applied to record 2, field named in the error)
+MALFORMED = [
+    ("counterfact", lambda r: r["requested_rewrite"].pop("subject"), "requested_rewrite.subject"),
+    ("counterfact", lambda r: r["requested_rewrite"]["target_new"].update(str=5), "requested_rewrite.target_new.str"),
+    ("counterfact", lambda r: r.update(paraphrase_prompts=["fine", ""]), "paraphrase_prompts[1]"),
+    ("counterfact", lambda r: r["requested_rewrite"].update(prompt="The mother tongue of someone is"),
+     "requested_rewrite.prompt"),
+    ("known_1000", lambda r: r.update(attribute="  "), "attribute"),
+    ("known_1000", lambda r: r.update(known_id="3"), "known_id"),
+    ("zsre", lambda r: r.update(answers=[]), "answers"),
+    ("zsre", lambda r: r.update(src="Which college did he attend?"), "src"),
+    ("counterfact-easyedit", lambda r: r.pop("target_new"), "target_new"),
+    ("counterfact-easyedit", lambda r: r.update(ground_truth=None), "ground_truth"),
+]
+
+
+def write(path, records):
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_counterfact_record_is_normalised(tmp_path):
+    path = write(tmp_path / "counterfact.json", [counterfact(0), counterfact(1, "Toko Yasuda")])
+    records = load_dataset("counterfact", path)
+    r = records[1]
+    assert isinstance(r, FactRecord)
+    assert (r.case_id, r.prompt, r.subject) == (1, "The mother tongue of {} is", "Toko Yasuda")
+    assert (r.target_true, r.target_new, r.relation_id, r.source) == (" French", " English", "P103", "counterfact")
+    assert r.text == "The mother tongue of Toko Yasuda is"
+    assert len(r.paraphrase_prompts) == 1 and len(r.neighborhood_prompts) == 2
+    assert r.neighborhood_answer == " French"
+    request = r.request()
+    assert (request.text, request.target) == ("The mother tongue of Toko Yasuda is", " English")
+
+
+def test_other_formats_are_normalised(tmp_path):
+    k = load_dataset("known_1000", write(tmp_path / "k.json", [known(0)]))[0]
+    assert (k.prompt, k.target_true, k.target_new, k.case_id) == ("{} is located in the continent of", " Antarctica",
+                                                                  None, 0)
+    z = load_dataset("zsre", write(tmp_path / "z.json", [zsre(0), zsre(1)]))[1]
+    assert (z.case_id, z.prompt, z.subject) == (1, "What university did {} attend?", "Watts Humphrey")
+    assert (z.target_true, z.target_new) == (" Illinois Institute of Technology", " University of Michigan")
+    assert z.neighborhood_prompts == ("nq question: who played desmond doss father in hacksaw ridge?",)
+    assert z.neighborhood_answer == " Hugo Weaving"
+    e = load_dataset("counterfact-easyedit", write(tmp_path / "e.json", [easyedit(4)]))[0]
+    assert (e.case_id, e.prompt, e.target_true, e.target_new) == (4, "The mother tongue of {} is", " French", " English")
+    assert e.paraphrase_prompts == ("Where Danielle Darrieux is from, people speak the language of",)
+    assert e.neighborhood_answer == " French"
+
+
+@pytest.mark.parametrize("name,corrupt,field", MALFORMED)
+def test_malformed_record_is_named_by_index_and_field(tmp_path, name, corrupt, field):
+    records = [MAKERS[name](i) for i in range(4)]
+    corrupt(records[2])
+    path = write(tmp_path / f"{name}.json", records)
+    with pytest.raises(TracekitError) as err:
+        load_dataset(name, path)
+    message = str(err.value)
+    assert f"record 2 " in message and f"field '{field}'" in message and "\n" not in message
+
+
+def test_record_that_is_not_an_object(tmp_path):
+    path = write(tmp_path / "cf.json", [counterfact(0), "oops"])
+    with pytest.raises(TracekitError, match=r"record 1 .* is a str, not a JSON object"):
+        load_dataset("counterfact", path)
+
+
+def test_repeated_case_id_is_rejected(tmp_path):
+    path = write(tmp_path / "cf.json", [counterfact(0), counterfact(1), counterfact(1)])
+    with pytest.raises(TracekitError, match=r"record 2 .*'case_id' repeats 1 \(also record 1\)"):
+        load_dataset("counterfact", path)
+
+
+def test_wrong_format_and_bad_json(tmp_path):
+    path = write(tmp_path / "x.json", [easyedit(0)])
+    with pytest.raises(TracekitError, match="looks like the counterfact-easyedit format"):
+        load_dataset("counterfact", path)
+    (tmp_path / "bad.json").write_text('[{"case_id": 1,}]')
+    with pytest.raises(TracekitError, match=r"not valid JSON \(line 1"):
+        load_dataset("counterfact", tmp_path / "bad.json")
+    write(tmp_path / "obj.json", {"data": []})
+    with pytest.raises(TracekitError, match="expected a list of records"):
+        load_dataset("counterfact", tmp_path / "obj.json")
+
+
+def test_n_limits_and_rejects_too_many(tmp_path):
+    path = write(tmp_path / "cf.json", [counterfact(i) for i in range(5)])
+    assert [r.case_id for r in load_dataset("counterfact", path, n=3)] == [0, 1, 2]
+    with pytest.raises(TracekitError, match="asked for 6 counterfact records but .* holds only 5"):
+        load_dataset("counterfact", path, n=6)
+    # only the first n records are read: a bad record after them does not matter
+    records = [counterfact(i) for i in range(5)]
+    records[4]["requested_rewrite"].pop("prompt")
+    assert len(load_dataset("counterfact", write(tmp_path / "cf2.json", records), n=4)) == 4
+
+
+def test_lookup_order_and_missing_file_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    env = tmp_path / "env"
+    env.mkdir()
+    monkeypatch.setenv("TRACEKIT_DATA", str(env))
+    with pytest.raises(TracekitError) as err:
+        find_data_file("zsre", tmp_path / "given")
+    message = str(err.value)
+    for place in (tmp_path / "given" / "zsre_mend_eval.json", env / "zsre_mend_eval.json",
+                  locate.repo_root().parent / "shared" / "data" / "zsre_mend_eval.json",
+                  tmp_path / "cache" / "tracekit" / "data" / "zsre_mend_eval.json"):
+        assert str(place) in message
+    assert "--download" in message and "\n" not in message
+    write(env / "zsre_mem_eval.json", [zsre(0)])  # the alternative file name, found through $TRACEKIT_DATA
+    assert find_data_file("zsre") == env / "zsre_mem_eval.json"
+    given = tmp_path / "given"
+    given.mkdir()
+    write(given / "zsre_mend_eval.json", [zsre(0)])  # a path given by the user comes first
+    assert find_data_file("zsre", given) == given / "zsre_mend_eval.json"
+    with pytest.raises(TracekitError, match="unknown dataset 'wiki'"):
+        find_data_file("wiki")
+
+
+def test_download_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("TRACEKIT_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    class Response:
+        def __init__(self, url):
+            calls.append(url)
+            self.data = json.dumps([known(0), known(1)]).encode()
+
+        def read(self, n=-1):
+            data, self.data = (self.data, b"") if n < 0 else (self.data[:n], self.data[n:])
+            return data
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(locate.urllib.request, "urlopen", lambda url, timeout: Response(url))
+    folder = tmp_path / "mine"
+    with pytest.raises(TracekitError, match="no known_1000 file found"):
+        load_dataset("known_1000", folder)
+    assert calls == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TracekitError, match="offline"):
+        load_dataset("known_1000", folder, download=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    records = load_dataset("known_1000", folder, download=True)
+    assert calls == ["https://rome.baulab.info/data/dsets/known_1000.json"]
+    assert len(records) == 2 and (folder / "known_1000.json").is_file()
+    assert not list(folder.glob("*.part"))
+    assert len(load_dataset("known_1000", folder)) == 2 and len(calls) == 1  # found locally now
+
+
+def test_records_are_frozen(tmp_path):
+    r = load_dataset("counterfact", write(tmp_path / "cf.json", [counterfact(0)]))[0]
+    with pytest.raises(AttributeError):
+        r.subject = "x"
+    assert copy.deepcopy(r) == r
