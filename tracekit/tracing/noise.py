@@ -76,3 +76,47 @@ def draw_noise(samples: int, n_tokens: int, d_model: int, seed: int, rule: str |
     if rule.kind == "uniform":
         return torch.rand(shape, generator=gen) * 2 - 1
     return torch.randn(shape, generator=gen)
+
+
+def scaled_noise(model, samples: int, n_tokens: int, rule: str | float | NoiseRule = "s3", seed: int = 0,
+                 draws: torch.Tensor | None = None) -> torch.Tensor:
+    """Noise ready to add to ``n_tokens`` subject embeddings: [samples, n_tokens, d_model].
+
+    ``draws`` (unscaled, e.g. from another tool) replace the seeded draws; either way
+    they are multiplied by the rule's scale.
+    """
+    rule = NoiseRule.parse(rule)
+    if draws is None:
+        if not (isinstance(samples, int) and samples >= 1):
+            raise TracekitError(f"samples must be an integer >= 1, got {samples!r}")
+        draws = draw_noise(samples, n_tokens, model.d_model, seed, rule)
+    else:
+        draws = torch.as_tensor(draws)
+        want = f"(samples, {n_tokens} subject tokens, {model.d_model})"
+        if draws.ndim != 3 or tuple(draws.shape[1:]) != (n_tokens, model.d_model) or draws.shape[0] < 1:
+            raise TracekitError(f"noise_draws has shape {tuple(draws.shape)}; expected {want}")
+    return draws.float() * noise_scale(model, rule)
+
+
+def subject_noise_hook(noise: torch.Tensor, start: int | torch.Tensor):
+    """A hook for ``Site("embed")`` adding ``noise`` [rows or 1, n, d] at positions start..start+n-1.
+
+    ``start`` is one int for every row or a tensor [rows] of per-row starts (prompts
+    whose subject sits at different positions). Rows of ``noise`` match the batch's rows
+    one to one; a single row is broadcast. Pure: returns a new tensor.
+    """
+    n = noise.shape[-2]
+
+    def add_noise(hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.shape[0]
+        delta = noise.to(device=hidden.device, dtype=hidden.dtype).expand(rows, -1, -1)
+        if isinstance(start, int):
+            out = hidden.clone()
+            out[:, start:start + n] = out[:, start:start + n] + delta
+            return out
+        cols = start.to(hidden.device)[:, None] + torch.arange(n, device=hidden.device)
+        bump = torch.zeros_like(hidden)
+        bump[torch.arange(rows, device=hidden.device)[:, None], cols] = delta
+        return hidden + bump
+
+    return add_noise
