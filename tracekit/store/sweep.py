@@ -1,0 +1,151 @@
+"""Resumable, shardable sweeps: compute each missing item, write it the moment it is done.
+
+    items = [SweepItem({"model": m, "dataset": "counterfact", "case_id": 7, ...}, record), ...]
+    run_sweep(store, "edits", items, work=lambda item: {...values...}, shard=Shard.parse("2/8"))
+
+``--shard k/N`` (k = 0..N-1) keeps the items whose *point* hashes to k modulo N: a stable
+hash (sha256 of the case id), so every process, machine and scheduler agrees on the split
+without talking to the others, all items of one point land in one shard (its known-fact
+verdict and any per-point preparation are made once), and adding points never moves old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tracekit.errors import TracekitError
+from tracekit.store.db import TABLES, ResultStore
+from tracekit.store.manifest import canonical_json
+
+
+def stable_hash(value) -> int:
+    return int(hashlib.sha256(canonical_json(value).encode()).hexdigest()[:16], 16)
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 0-based
+    count: int
+
+    def __post_init__(self):
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise TracekitError(f"bad shard {self.index}/{self.count}: use k/N with 0 <= k < N "
+                                f"(e.g. --shard $SLURM_ARRAY_TASK_ID/{max(self.count, 1)})")
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Shard | None":
+        if text is None or text == "":
+            return None
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise TracekitError(f"bad --shard {text!r}: write k/N, e.g. 0/4 for the first of four shards") from None
+        return cls(index, count)
+
+    def owns(self, value) -> bool:
+        return stable_hash(value) % self.count == self.index
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass
+class SweepItem:
+    key: dict  # the table's key columns
+    payload: Any = None  # what the work function needs (a FactRecord, say)
+
+
+@dataclass
+class SweepReport:
+    total: int = 0  # items asked for
+    owned: int = 0  # in this shard
+    already_done: int = 0
+    computed: int = 0
+    skipped: int = 0  # stored as "skipped: <reason>" by the work function (the point does not qualify)
+    failed: list[tuple[dict, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        text = (f"{self.computed} computed, {self.already_done} already done, "
+                f"{self.owned} in this shard of {self.total}")
+        text += f", {self.skipped} skipped (point does not qualify)" if self.skipped else ""
+        return text + (f", {len(self.failed)} failed (stored with their reason)" if self.failed else "")
+
+
+def point_of(key: dict):
+    return key["case_id"]
+
+
+def run_sweep(store: ResultStore, table: str, items: Sequence[SweepItem], *,
+              work: Callable[[SweepItem], dict] | None = None,
+              work_many: Callable[[list[SweepItem]], Iterable[tuple[SweepItem, dict]]] | None = None,
+              batch_size: int = 1, shard: Shard | None = None, shard_by: Callable[[dict], Any] = point_of,
+              progress: bool = True, description: str | None = None) -> SweepReport:
+    """Compute every item of this shard that the store lacks, writing each result as it comes.
+
+    ``work(item)`` returns the table's value columns for one item; or ``work_many(items)`` yields
+    ``(item, values)`` as results finish (batched kernels). A ``TracekitError`` raised for an item
+    (bad input at that point) is stored as status "failed: ..." and the sweep goes on; any other
+    exception stops it (rerun to resume). Items are processed in the order given.
+    """
+    if (work is None) == (work_many is None):
+        raise TracekitError("give exactly one of work= or work_many=")
+    if work is not None:
+        work_many = lambda batch: ((item, work(item)) for item in batch)  # noqa: E731
+    key_columns = TABLES[table].key
+    report = SweepReport(total=len(items))
+    owned = [item for item in items if shard is None or shard.owns(shard_by(item.key))]
+    report.owned = len(owned)
+    done = store.done_keys(table)
+    todo = [item for item in owned if tuple(item.key[c] for c in key_columns) not in done]
+    report.already_done = len(owned) - len(todo)
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress or not todo, transient=False) as bar:
+        task = bar.add_task(description or table, total=len(todo))
+        for start in range(0, len(todo), max(1, batch_size)):
+            for item, values in _guarded(work_many, todo[start:start + batch_size], report):
+                status = str(values.get("status", "ok"))
+                if store.put(table, item.key, values) and not status.startswith("failed"):
+                    if status.startswith("skipped"):
+                        report.skipped += 1
+                    else:
+                        report.computed += 1
+                bar.advance(task)
+    return report
+
+
+def _guarded(work_many, batch: list[SweepItem], report: SweepReport) -> Iterator[tuple[SweepItem, dict]]:
+    """Results of a batch; on a TracekitError, redo the unfinished items one by one to name the bad one."""
+    finished: set[int] = set()
+    try:
+        for item, values in work_many(batch):
+            finished.add(id(item))
+            yield item, values
+        return
+    except TracekitError as err:
+        if len(batch) == 1:
+            report.failed.append((batch[0].key, str(err)))
+            yield batch[0], {"status": f"failed: {err}"}
+            return
+    for item in batch:
+        if id(item) not in finished:
+            yield from _guarded(work_many, [item], report)
+
+
+def print_report(report: SweepReport, store: ResultStore, console: Console | None = None) -> None:
+    console = console or Console()
+    console.print(f"[bold]{store.path}[/bold]: {report.summary()}", highlight=False)
+    for key, reason in report.failed[:5]:
+        console.print(f"  [yellow]failed[/yellow] {key}: {reason}", highlight=False)
+    if len(report.failed) > 5:
+        console.print(f"  ... and {len(report.failed) - 5} more (rerun with --retry-failed to try them again)")
+
+
+def shard_from_env(text: str | None) -> Shard | None:
+    """``--shard`` may be left out under a Slurm array: TRACEKIT_SHARD, e.g. "3/16", is read instead."""
+    return Shard.parse(text if text is not None else os.environ.get("TRACEKIT_SHARD"))
