@@ -12,7 +12,7 @@ from tracekit.data.locate import DATASETS
 from tracekit.data.records import FactRecord
 
 
-def add_data_args(parser: argparse.ArgumentParser, default_n: int | None = 2000) -> None:
+def add_data_args(parser: argparse.ArgumentParser, default_n: int | None = None) -> None:
     group = parser.add_argument_group("points")
     group.add_argument("--dataset", default="counterfact", choices=sorted(DATASETS),
                        help="dataset format; default: %(default)s")
@@ -22,7 +22,7 @@ def add_data_args(parser: argparse.ArgumentParser, default_n: int | None = 2000)
                        help="fetch the public copy (ROME's rome.baulab.info) if no local file is found")
     group.add_argument("--n", type=int, default=default_n,
                        help="use the first N records of the dataset (the paper: 2000 of CounterFact); "
-                            "default: %(default)s")
+                            "default: all")
     group.add_argument("--no-known-filter", dest="known_filter", action="store_false",
                        help="keep every record (default: only points whose greedy continuation of "
                             f"{KNOWN_NEW_TOKENS} tokens contains o_true, as in the paper)")

@@ -207,7 +207,7 @@ class ResultStore:
         """The full result JSON of one stored item (None if absent)."""
         spec = TABLES[table]
         row = self.conn.execute(f"SELECT result FROM {table} WHERE " + " AND ".join(f"{c} = ?" for c in spec.key),
-                                [key[c] for c in spec.key]).fetchone()
+                                [_encode(key[c]) for c in spec.key]).fetchone()
         return None if row is None or row[0] is None else json.loads(row[0])
 
     # ---- known-fact cache (see tracekit.data.known) -------------------------------------------

@@ -1,0 +1,98 @@
+"""paper_analyses: every table and figure from a store, and one-line errors when results are missing."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tracekit import TracekitError
+from tracekit.analysis import fit_r2, join_edits, paper_analyses, select, to_markdown, tracing_effects
+from tracekit.store import ResultStore
+
+N_LAYERS, EDIT_LAYERS = 10, (0, 3, 6, 9)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fill(store, n_points=40, seed=0, kinds=(("mlp", 5), ("mlp", 10), ("zero", 5))):
+    """Traces peaked at a random layer; rewrite driven by layer, plus tracing for fact-forcing."""
+    rng = np.random.default_rng(seed)
+    layers = np.arange(N_LAYERS)
+    for case in range(n_points):
+        peak, width = rng.integers(0, N_LAYERS), rng.uniform(0.5, 3)
+        profile = np.exp(-0.5 * ((layers - peak) / width) ** 2)
+        for kind, window in kinds:
+            store.add_trace(model="m", dataset="counterfact", case_id=case, kind=kind, window=window, p_clean=0.6,
+                            p_noise=0.1, effect_max=profile * rng.uniform(0.5, 1), effect_last=profile * 0.5)
+        for problem in ("error-injection", "fact-forcing"):
+            for method in ("rome", "ft-1"):
+                for layer in EDIT_LAYERS:
+                    rewrite = 1 - layer / 12 + 0.05 * rng.normal() + (0.3 * profile[layer] if problem == "fact-forcing" else 0)
+                    store.add_edit(model="m", dataset="counterfact", case_id=case, method=method, problem=problem,
+                                   layer=layer, scores={"rewrite": rewrite, "paraphrase": rewrite * 0.7,
+                                                        "neighborhood": 0.9 - 0.1 * rng.random(),
+                                                        "overall": rewrite * 0.6 + 0.3})
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    path = tmp_path_factory.mktemp("store") / "s.sqlite"
+    with ResultStore(path) as store:
+        fill(store)
+        return store.traces_frame(), store.edits_frame()
+
+
+def test_every_output_is_written(frames, tmp_path):
+    traces, edits = frames
+    summary = paper_analyses(traces, edits, tmp_path, default_layer=3)
+    names = {p.name for p in summary.outputs}
+    for table in ("fig1_effect_by_layer", "fig7_scores_by_layer", "fig4_correlation", "table1_r2", "table3_r2_rewrite",
+                  "table4_r2_paraphrase", "table5_r2_neighborhood", "table6_r2_overall", "fig15_correlation_by_layer",
+                  "table2_concentrated", "robustness_window10", "robustness_last_subject", "robustness_zeroing"):
+        assert {f"{table}.md", f"{table}.csv"} <= names, table
+    for figure in ("fig1_effect_by_layer", "fig4_rome_error-injection", "fig4_ft-1_fact-forcing", "fig6_r2_rewrite",
+                   "fig15_correlation_by_layer"):
+        assert (tmp_path / f"{figure}.png").read_bytes()[:8] == PNG
+    assert all(p.exists() for p in summary.outputs) and "summary.md" in names
+    assert summary.headline["default layer"] == 3 and not summary.notes
+
+    joined = join_edits(edits, tracing_effects(traces, kind="mlp", window=5))
+    expected = fit_r2(select(joined, problem="error-injection", method="rome"), "rewrite")
+    table1 = pd.read_csv(tmp_path / "table1_r2.csv")
+    assert table1["R2"].tolist() == pytest.approx([expected.r2_tracing, expected.r2_layer, expected.r2_layer_x_tracing])
+    grid = pd.read_csv(tmp_path / "table3_r2_rewrite.csv")
+    forcing = grid[grid["problem"] == "fact-forcing"]
+    assert (forcing["f_p"] < 1e-6).all() and (forcing["added"] > 0.02).all()  # the planted effect is found
+    corr = pd.read_csv(tmp_path / "fig4_correlation.csv")
+    cell = select(joined, problem="fact-forcing", method="rome", layer=3)
+    rho = np.corrcoef(cell["tracing_effect"], cell["rewrite"])[0, 1]
+    assert corr.set_index(["problem", "method"]).loc[("fact-forcing", "rome"), "rho"] == pytest.approx(rho)
+    effect = pd.read_csv(tmp_path / "fig1_effect_by_layer.csv")
+    assert set(zip(effect["kind"], effect["window"])) == {("mlp", 5), ("mlp", 10), ("zero", 5)}
+    markdown = (tmp_path / "table1_r2.md").read_text()
+    assert markdown.startswith("### R² for rewrite score, rome / error-injection") and "| layer x tracing |" in markdown
+
+
+def test_missing_robustness_traces_are_noted_not_fatal(tmp_path):
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        fill(store, n_points=20, kinds=(("mlp", 5),))
+        summary = paper_analyses(store.traces_frame(), store.edits_frame(), tmp_path / "out")
+    assert any("window 10" in note for note in summary.notes) and any("zeroing" in note for note in summary.notes)
+    assert (tmp_path / "out" / "table3_r2_rewrite.csv").exists()
+
+
+def test_no_matching_results_is_a_one_line_error(frames, tmp_path):
+    traces, edits = frames
+    with pytest.raises(TracekitError, match="no traces of kind 'attn' with window 5") as err:
+        paper_analyses(traces, edits, tmp_path, kind="attn")
+    assert "\n" not in str(err.value)
+    with pytest.raises(TracekitError, match="no results with layer=4"):
+        paper_analyses(traces, edits, tmp_path, default_layer=4)
+    with pytest.raises(TracekitError, match="the store has no traces"):
+        paper_analyses(traces.head(0), edits, tmp_path)
+    summary = paper_analyses(traces, edits.head(0), tmp_path / "traces-only")
+    assert summary.notes == ["no edit results in the store: only the tracing figures were made"]
+
+
+def test_markdown_format():
+    df = pd.DataFrame({"method": ["rome"], "r2": [0.94712], "p": [3.2e-7], "n": [652]})
+    assert to_markdown(df).splitlines() == ["| method | r2 | p | n |", "| --- | ---: | ---: | ---: |",
+                                            "| rome | 0.947 | 3.20e-07 | 652 |"]

@@ -1,0 +1,16 @@
+"""The paper's analyses over stored results (pandas in, tables and figures out).
+
+    from tracekit.analysis import tracing_effects, join_edits, fit_r2, r2_grid, paper_analyses
+    joined = join_edits(store.edits_frame(), tracing_effects(store.traces_frame(), kind="mlp", window=5))
+    fit_r2(joined[joined.method == "rome"], "rewrite")   # R^2: tracing / layer / layer x tracing, F-test
+"""
+
+from tracekit.analysis.frames import concentrated_cases, join_edits, only_points, select, tracing_effects
+from tracekit.analysis.paper import Summary, paper_analyses
+from tracekit.analysis.report import save_table, to_markdown
+from tracekit.analysis.stats import (R2Fit, correlations, effect_by_layer, fit_r2, mean_scores_by_layer, pearson,
+                                     r2_grid)
+
+__all__ = ["R2Fit", "Summary", "concentrated_cases", "correlations", "effect_by_layer", "fit_r2", "join_edits",
+           "mean_scores_by_layer", "only_points", "paper_analyses", "pearson", "r2_grid", "save_table", "select",
+           "to_markdown", "tracing_effects"]

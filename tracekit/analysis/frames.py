@@ -1,0 +1,78 @@
+"""From stored results to the tables the analyses fit: tracing effect per (point, layer),
+joined to the edit made at that layer; the concentrated-effects subset.
+
+Layers are 0-based everywhere (GPT-J's "layer 6" in the paper is layer 5 here). The
+tracing effect "at layer l" is the effect of restoring the window centred on l.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from tracekit.errors import TracekitError
+
+POINT = ["model", "dataset", "case_id"]
+REDUCE_COLUMNS = {"max": "effect", "last_subject": "effect_last"}
+
+
+def tracing_effects(traces: pd.DataFrame, *, kind: str = "mlp", window: int = 5, reduce: str = "max") -> pd.DataFrame:
+    """One row per (point, layer): ``tracing_effect`` for traces of ``kind`` and ``window``.
+
+    ``traces`` is ``ResultStore.traces_frame(long=True)``. ``reduce``: "max" over tokens (the
+    paper's default) or "last_subject" (the effect at the last subject token). Kind "zero" is
+    representation zeroing.
+    """
+    if reduce not in REDUCE_COLUMNS:
+        raise TracekitError(f"unknown reduce {reduce!r}; choose max or last_subject")
+    chosen = traces[(traces["kind"] == kind) & (traces["window"] == window)]
+    if chosen.empty:
+        have = sorted({(k, int(w)) for k, w in zip(traces["kind"], traces["window"])})
+        raise TracekitError(f"no traces of kind {kind!r} with window {window} in the store "
+                            f"(it has {', '.join(f'{k}/w{w}' for k, w in have) or 'no traces'}); "
+                            f"run recipes/trace_dataset.py --kinds {kind} --windows {window}")
+    column = REDUCE_COLUMNS[reduce]
+    out = chosen[POINT + ["layer", column]].rename(columns={column: "tracing_effect"})
+    if out["tracing_effect"].isna().all():
+        raise TracekitError(f"the {kind}/w{window} traces have no {reduce} effects stored")
+    return out.reset_index(drop=True)
+
+
+def join_edits(edits: pd.DataFrame, effects: pd.DataFrame) -> pd.DataFrame:
+    """Each edit result beside the tracing effect of its point at its edit layer."""
+    if edits.empty:
+        raise TracekitError("the store has no successful edit results; run recipes/edit_sweep.py first")
+    joined = edits.merge(effects, on=POINT + ["layer"], how="inner")
+    if joined.empty:
+        raise TracekitError("no edit result has a trace of the same point (model, dataset, case) and layer; "
+                            "trace the edited points with the same model and dataset")
+    return joined
+
+
+def select(df: pd.DataFrame, **equals) -> pd.DataFrame:
+    """Rows matching every column=value given (None: no constraint); an empty result is an error."""
+    out = df
+    for column, value in equals.items():
+        if value is not None:
+            out = out[out[column] == value]
+    if out.empty:
+        wanted = ", ".join(f"{k}={v}" for k, v in equals.items() if v is not None)
+        raise TracekitError(f"no results with {wanted} in the store")
+    return out
+
+
+def concentrated_cases(effects: pd.DataFrame, *, fraction: float = 0.5, max_others: int = 3) -> pd.DataFrame:
+    """Points whose effect is concentrated (paper, Table 2): at most ``max_others`` layers besides
+    the one with the max effect reach ``fraction`` of that max. Returns the POINT columns of
+    those points plus ``others`` (how many layers reached it)."""
+    rows = []
+    for point, group in effects.groupby(POINT, sort=True):
+        values = group.sort_values("layer")["tracing_effect"].to_numpy()
+        peak = values.max()
+        others = int((values >= fraction * peak).sum()) - 1  # the peak layer itself always qualifies
+        rows.append((*point, others, others <= max_others and peak > 0))
+    table = pd.DataFrame(rows, columns=POINT + ["others", "concentrated"])
+    return table[table["concentrated"]].drop(columns="concentrated").reset_index(drop=True)
+
+
+def only_points(df: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
+    return df.merge(points[POINT], on=POINT, how="inner")

@@ -1,0 +1,143 @@
+"""Every output of the paper's analysis from a store's traces and edits, in one call.
+
+``paper_analyses(traces, edits, out_dir)`` writes tables (Markdown + CSV, printed with rich)
+and figures (PNG), and returns a ``Summary`` listing them with the headline numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+
+from tracekit.analysis import figures
+from tracekit.analysis import frames as F
+from tracekit.analysis import stats as S
+from tracekit.analysis.report import save_table, to_markdown
+from tracekit.errors import TracekitError
+
+OUTCOMES = {"rewrite": "table3", "paraphrase": "table4", "neighborhood": "table5", "overall": "table6"}
+PRIMARY = ("error-injection", "rome")  # the paper's Table 1 / Fig. 4 condition
+
+
+@dataclass
+class Summary:
+    outputs: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    headline: dict = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        lines = ["# tracekit analysis", ""]
+        lines += [f"- {k}: {v}" for k, v in self.headline.items()] + [""]
+        lines += [f"- note: {n}" for n in self.notes] + ([""] if self.notes else [])
+        lines += ["## Files", ""] + [f"- {p.name}" for p in self.outputs]
+        return "\n".join(lines) + "\n"
+
+
+def default_layer_of(joined: pd.DataFrame) -> int:
+    """Without a given default layer: the layer where ROME (else any method) rewrites best on average."""
+    rome = joined[joined["method"] == "rome"]
+    base = rome if not rome.empty else joined
+    return int(base.groupby("layer")["rewrite"].mean().idxmax())
+
+
+def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Path, *, kind: str = "mlp",
+                   window: int = 5, reduce: str = "max", default_layer: int | None = None,
+                   robustness: bool = True, console: Console | None = None) -> Summary:
+    out = Path(out_dir)
+    summary = Summary()
+
+    def table(df, name, title):
+        summary.outputs.extend(save_table(df, out, name, title, console))
+
+    # Fig. 1/2/10: tracing effect by layer, every kind and window stored.
+    by_layer = S.effect_by_layer(traces)
+    table(by_layer, "fig1_effect_by_layer", "Mean tracing effect by layer (max over tokens)")
+    summary.outputs.append(figures.effect_by_layer(by_layer, out / "fig1_effect_by_layer.png"))
+    if edits.empty:
+        summary.notes.append("no edit results in the store: only the tracing figures were made")
+        return _finish(summary, out)
+
+    effects = F.tracing_effects(traces, kind=kind, window=window, reduce=reduce)
+    joined = F.join_edits(edits, effects)
+    localisation = f"{kind} window {window}, {reduce}"
+    summary.headline["localisation"] = localisation
+    summary.headline["points"] = int(joined["case_id"].nunique())
+    summary.headline["edit results"] = len(joined)
+    table(S.mean_scores_by_layer(joined), "fig7_scores_by_layer", "Mean edit scores by layer")
+
+    # Fig. 4: score vs tracing effect at the default layer.
+    layer = default_layer if default_layer is not None else default_layer_of(joined)
+    at_layer = F.select(joined, layer=layer)
+    corr = S.correlations(at_layer, "rewrite", by=("problem", "method"))
+    table(corr, "fig4_correlation", f"rewrite score vs tracing effect at layer {layer} ({localisation})")
+    for row in corr.itertuples(index=False):
+        cell = at_layer[(at_layer["problem"] == row.problem) & (at_layer["method"] == row.method)]
+        summary.outputs.append(figures.score_vs_tracing(cell, out / f"fig4_{row.method}_{row.problem}.png", row.rho,
+                                                        row.p, title=f"{row.method}, {row.problem}, layer {layer}"))
+    summary.headline["default layer"] = layer
+
+    # Table 1 (primary condition), Fig. 6 / Tables 3-6 (every condition, every outcome).
+    problem, method = PRIMARY if ((joined["problem"] == PRIMARY[0]) & (joined["method"] == PRIMARY[1])).any() \
+        else joined[["problem", "method"]].iloc[0]
+    fit = S.fit_r2(F.select(joined, problem=problem, method=method), "rewrite")
+    table1 = pd.DataFrame([{"model": m, "R2": v} for m, v in
+                           (("tracing only", fit.r2_tracing), ("layer", fit.r2_layer),
+                            ("layer x tracing", fit.r2_layer_x_tracing))])
+    table(table1, "table1_r2", f"R² for rewrite score, {method} / {problem} (n={fit.n}; F-test p={fit.f_p:.2g})")
+    summary.headline[f"table 1 ({method}, {problem})"] = (f"tracing {fit.r2_tracing:.3f}, layer {fit.r2_layer:.3f}, "
+                                                          f"layer x tracing {fit.r2_layer_x_tracing:.3f}")
+    for outcome, name in OUTCOMES.items():
+        if outcome not in joined.columns:
+            summary.notes.append(f"no {outcome} scores: {name} skipped")
+            continue
+        grid = S.r2_grid(joined, outcome)
+        table(grid, f"{name}_r2_{outcome}", f"R² for {outcome} score by problem and method ({localisation})")
+        if outcome == "rewrite":
+            summary.outputs.append(figures.r2_bars(grid, out / "fig6_r2_rewrite.png"))
+            summary.headline["max R² added by tracing (rewrite)"] = f"{grid['added'].max():.3f}"
+
+    # Fig. 15: per-layer correlations.
+    per_layer = S.correlations(joined, "rewrite", by=("problem", "method", "layer"))
+    table(per_layer, "fig15_correlation_by_layer", "rewrite vs tracing correlation per layer")
+    summary.outputs.append(figures.correlation_by_layer(per_layer, out / "fig15_correlation_by_layer.png"))
+
+    # Table 2: points with concentrated effects.
+    points = F.concentrated_cases(F.tracing_effects(traces, kind=kind, window=window, reduce="max"))
+    subset = F.only_points(joined, points)
+    summary.headline["concentrated points"] = f"{subset['case_id'].nunique()} of {joined['case_id'].nunique()}"
+    try:
+        table(S.r2_grid(subset, "rewrite"), "table2_concentrated",
+              f"R² for rewrite score, concentrated-effect points ({subset['case_id'].nunique()})")
+    except TracekitError as err:
+        summary.notes.append(f"table 2 skipped: {err}")
+
+    if robustness:
+        _robustness(traces, edits, kind, window, reduce, table, summary)
+    return _finish(summary, out)
+
+
+def _robustness(traces, edits, kind, window, reduce, table, summary) -> None:
+    variants = [("window10", "window 10", kind, 10, reduce), ("last_subject", "last subject token", kind, window,
+                                                                "last_subject"),
+                ("zeroing", "representation zeroing", "zero", window, "max")]
+    for name, label, v_kind, v_window, v_reduce in variants:
+        if (v_kind, v_window, v_reduce) == (kind, window, reduce):
+            continue
+        try:
+            joined = F.join_edits(edits, F.tracing_effects(traces, kind=v_kind, window=v_window, reduce=v_reduce))
+            table(S.r2_grid(joined, "rewrite"), f"robustness_{name}", f"R² for rewrite score, tracing by {label}")
+        except TracekitError as err:
+            summary.notes.append(f"robustness ({label}) skipped: {err}")
+
+
+def _finish(summary: Summary, out: Path) -> Summary:
+    path = out / "summary.md"
+    path.write_text(summary.markdown())
+    summary.outputs.append(path)
+    return summary
+
+
+__all__ = ["Summary", "paper_analyses", "to_markdown"]
