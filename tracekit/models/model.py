@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -101,14 +102,33 @@ class Model:
         values, ids = probs.topk(k)
         return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]
 
-    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 20) -> list[str]:
-        """Greedy continuations (text after each prompt), batched, without a KV cache."""
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 20, batch_size: int = 32,
+                 top_k: int | None = None, seed: int = 0) -> list[str]:
+        """Continuations (text after each prompt): greedy, or top-k sampling when ``top_k`` is set.
+
+        Runs the underlying HF model's ``generate`` with a KV cache and left padding (the
+        only place tracekit pads on the left), in batches of ``batch_size``.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [P.token_ids(self.tokenizer, p) for p in prompts]
-        new: list[list[int]] = [[] for _ in rows]
-        for _ in range(max_new_tokens):
-            batch = P.pad([r + n for r, n in zip(rows, new)], self.tokenizer.pad_token_id)
-            logits = self.run(batch.input_ids, positions=batch.last).logits
-            for n, token in zip(new, logits.argmax(-1).tolist()):
-                n.append(token)
-        return [self.tokenizer.decode(n) for n in new]
+        pad_id = self.tokenizer.pad_token_id
+        texts: list[str] = []
+        generator_state = torch.random.fork_rng(devices=[]) if top_k else contextlib.nullcontext()
+        with generator_state, torch.no_grad():
+            if top_k:
+                torch.manual_seed(seed)
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                width = max(len(r) for r in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, r in enumerate(chunk):
+                    ids[i, width - len(r):] = torch.tensor(r)
+                    mask[i, width - len(r):] = 1
+                out = self.hf.generate(
+                    input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                    max_new_tokens=max_new_tokens, do_sample=bool(top_k), top_k=top_k,
+                    pad_token_id=pad_id, eos_token_id=None,
+                )
+                texts += [self.tokenizer.decode(o[width:]) for o in out.cpu()]
+        return texts
