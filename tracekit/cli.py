@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "tracekit.tracing.cli",
     "tracekit.editing.cli",
     "tracekit.store.cli",
+    "tracekit.demo",
 )
 
 console = Console()

@@ -1,0 +1,63 @@
+"""``tracekit demo``: the main job. Trace where a fact lives, then edit it, on one model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tracekit.cli import add_model_args, console, load_from_args
+
+TRACE_PROMPT = "The Eiffel Tower is located in the city of"
+TRACE_SUBJECT = "The Eiffel Tower"
+EDIT_PROMPT, EDIT_SUBJECT, EDIT_TARGET, EDIT_TRUE = "The mother tongue of {} is", "Danielle Darrieux", " English", " French"
+PARAPHRASES = ("Danielle Darrieux, a native speaker of", "Danielle Darrieux grew up speaking")
+NEIGHBOURS = ("The mother tongue of Jean Marais is", "The mother tongue of Brigitte Bardot is")
+
+
+def _demo(args) -> None:
+    from tracekit.data.records import FactRecord
+    from tracekit.editing.api import edit
+    from tracekit.editing.cli import probability_table, score_table
+    from tracekit.tracing import trace
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_from_args(args)
+    console.rule(f"1. causal trace: {TRACE_PROMPT!r} (MLP, window {args.window}, {args.samples} samples)")
+    started = time.perf_counter()
+    result = trace(model, TRACE_PROMPT, TRACE_SUBJECT, kind="mlp", window=args.window, samples=args.samples)
+    trace_seconds = time.perf_counter() - started
+    console.print(result)
+    result.to_json(out / "trace-mlp.json")
+    result.plot(out / "trace-mlp.png")
+
+    console.rule(f"2. {args.method.upper()} edit: {EDIT_PROMPT.format(EDIT_SUBJECT)!r} -> {EDIT_TARGET!r}")
+    record = FactRecord(case_id=0, prompt=EDIT_PROMPT, subject=EDIT_SUBJECT, target_true=EDIT_TRUE,
+                        target_new=EDIT_TARGET, paraphrase_prompts=PARAPHRASES, neighborhood_prompts=NEIGHBOURS,
+                        source="demo")
+    started = time.perf_counter()
+    edited = edit(model, record, method=args.method, problem="error-injection")
+    edit_seconds = time.perf_counter() - started
+    console.print(probability_table(edited))
+    console.print(score_table(edited))
+    summary = {
+        "model": model.spec, "backend": model.backend.name,
+        "trace": {"prompt": TRACE_PROMPT, "answer": result.answer, "p_clean": result.p_clean,
+                  "p_noise": result.p_noise, "seconds": round(trace_seconds, 2)},
+        "edit": {**edited.row(), "seconds_total": round(edit_seconds, 2)},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    console.print(f"wrote {out}/trace-mlp.png, trace-mlp.json and summary.json")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: trace a fact and edit it on the bundled model",
+                       description="Causal trace of 'The Eiffel Tower is located in the city of' (MLP states), "
+                                   "then a ROME edit making Danielle Darrieux's mother tongue English, with scores.")
+    p.add_argument("--out", default="out/demo", help="folder for the heatmap, JSON results; default: %(default)s")
+    p.add_argument("--method", default="rome", choices=["rome", "memit", "ft-1", "ft-5"], help="editor; default: %(default)s")
+    p.add_argument("--window", type=int, default=10, help="tracing window; default: %(default)s")
+    p.add_argument("--samples", type=int, default=10, help="noise samples; default: %(default)s")
+    add_model_args(p)
+    p.set_defaults(func=_demo)
