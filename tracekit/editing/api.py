@@ -1,0 +1,136 @@
+"""``tracekit.edit``: one fact, one method, one problem -> the Edit and its scores."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracekit.editing.delta import Edit
+from tracekit.editing.finetune import FTHyperParams, apply_ft, edit_window, ft_preset
+from tracekit.editing.metrics import EditScores, MetricsConfig, evaluate_edit
+from tracekit.editing.problems import EditSetup, Problem, prepare, setup_from_request
+from tracekit.editing.request import EditRequest
+from tracekit.errors import TracekitError, check
+
+METHODS = ("rome", "memit", "ft-1", "ft-5")
+
+
+@dataclass
+class EditResult:
+    edit: Edit  # not applied unless ``edit(..., leave_applied=True)``
+    method: str
+    problem: str | None
+    layer: int
+    layers: list[int]  # every layer whose weights change
+    hparams: Any
+    setup: EditSetup
+    scores: EditScores | None  # None when evaluate=False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def request(self) -> EditRequest:
+        return self.setup.request
+
+    def row(self) -> dict[str, Any]:
+        """A flat, JSON-friendly record of this result (config and all scores)."""
+        out: dict[str, Any] = {
+            "method": self.method, "problem": self.problem, "layer": self.layer, "layers": list(self.layers),
+            "prompt": self.request.prompt, "subject": self.request.subject, "target": self.request.target,
+            "o_true": self.setup.o_true, "hparams": _plain(self.hparams),
+            **{f"seconds_{k}": v for k, v in self.seconds.items()},
+        }
+        if self.scores is not None:
+            out.update(self.scores.scores)
+            out["scoring"] = self.scores.scoring
+            rewrite = [r for r in self.scores.rows if r.kind == "rewrite" and r.role == "target"]
+            if rewrite:
+                out["p_target_before"], out["p_target_after"] = rewrite[0].p_before, rewrite[0].p_after
+        return out
+
+
+def _plain(hparams) -> Any:
+    return dataclasses.asdict(hparams) if dataclasses.is_dataclass(hparams) else hparams
+
+
+def parse_method(method: str) -> str:
+    key = str(method).strip().lower().replace("_", "-")
+    key = {"ft1": "ft-1", "ft5": "ft-5"}.get(key, key)
+    check(key in METHODS, f"unknown edit method {method!r}; choose one of {', '.join(METHODS)}")
+    return key
+
+
+def edit(model, record_or_request, method: str = "rome", problem: str | Problem = "error-injection",
+         layer: int | None = None, hparams=None, evaluate: bool = True, *, seed: int = 0, noise="s3",
+         metrics: MetricsConfig = MetricsConfig(), leave_applied: bool = False) -> EditResult:
+    """Edit one fact and (by default) score it.
+
+    ``record_or_request``: a ``tracekit.data.FactRecord`` (or a raw CounterFact record),
+    turned into a request by ``problem``; or a bare ``EditRequest`` (scored on its own
+    prompt only). ``layer=None`` takes the preset's default layer for this model.
+    The model is returned unchanged unless ``leave_applied``; apply the edit with
+    ``result.edit.apply()`` or ``with result.edit: ...``.
+    """
+    method = parse_method(method)
+    if isinstance(record_or_request, EditRequest):
+        setup = setup_from_request(record_or_request)
+    else:
+        setup = prepare(model, record_or_request, problem, seed=seed, noise=noise)
+    problem_name = None if setup.problem is None else setup.problem.value
+    if hparams is None:
+        hparams = default_hparams(model, method, setup.problem or Problem.ERROR_INJECTION)
+    layer = _pick_layer(model, layer, hparams)
+    started = time.perf_counter()
+    the_edit = _dispatch(model, method, setup.request, layer, hparams)
+    seconds = {"edit": time.perf_counter() - started}
+    scores = None
+    if evaluate:
+        started = time.perf_counter()
+        scores = evaluate_edit(model, setup, the_edit, metrics)
+        seconds["evaluate"] = time.perf_counter() - started
+    if leave_applied:
+        the_edit.apply()
+    layers = the_edit.info.get("layers", [layer])
+    return EditResult(the_edit, method, problem_name, layer, list(layers), hparams, setup, scores, seconds)
+
+
+def default_hparams(model, method: str, problem: Problem):
+    """The preset for this model, method and problem (FT here; ROME/MEMIT in ``hparams``)."""
+    method = parse_method(method)
+    if method in ("ft-1", "ft-5"):
+        return ft_preset(model, problem.value, 1 if method == "ft-1" else 5)
+    raise TracekitError(f"no {method} presets in this build; pass hparams=")
+
+
+def _pick_layer(model, layer: int | None, hparams) -> int:
+    if layer is None:
+        layer = getattr(hparams, "layer", None)
+        if layer is None:
+            layer = model.n_layers // 2
+            layer = min(max(layer, 0), model.n_layers - 1)
+    check(isinstance(layer, int) and not isinstance(layer, bool), f"layer must be an integer, got {layer!r}")
+    model.adapter.check_layer(model.hf, layer)
+    return layer
+
+
+def _dispatch(model, method: str, request: EditRequest, layer: int, hparams) -> Edit:
+    if method in ("ft-1", "ft-5"):
+        want = 1 if method == "ft-1" else 5
+        check(isinstance(hparams, FTHyperParams), f"{method} needs FTHyperParams, got {type(hparams).__name__}")
+        check(hparams.n_layers == want, f"{method} edits {want} layer(s) but the hparams say n_layers={hparams.n_layers}")
+        edit_window(model, layer, want)
+        return apply_ft(model, request, layer, hparams)
+    try:
+        if method == "rome":
+            from tracekit.editing.rome import apply_rome as apply_method
+        else:
+            from tracekit.editing.memit import apply_memit as apply_method
+    except ImportError as err:
+        raise TracekitError(f"{method} is not available in this build ({err})") from None
+    return apply_method(model, request, layer, hparams)
+
+
+def nan_to_none(scores: dict[str, float]) -> dict[str, float | None]:
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}
