@@ -37,8 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="0-based edit layers, or 'auto' (spread layers + the default layer); default: auto")
     group.add_argument("--spread", type=int, default=8, help="how many spread layers 'auto' takes; default: 8")
     group.add_argument("--default-layer", type=int, default=None,
-                       help="the method's usual layer (default: the editing preset's ROME layer for the model)")
-    group.add_argument("--hparams", default=None, help="hyperparameter preset name (default: per model/problem)")
+                       help="the method's usual layer (default: the editing preset's ROME layer for the model); "
+                            "hyperparameters come from the editing presets for each model, method and problem")
     group.add_argument("--seed", type=int, default=0, help="seed for noise (Fact Forcing, Tracing Reversal)")
     add_store_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -63,7 +63,7 @@ def run(args, *, edit_fn=None) -> None:
         records = records_from_args(args, model, cache=store, shard=shard, console=console)
         console.print(f"edit layers {layers} (default layer {default})", highlight=False)
         report = edit_study(model, records, store, methods=args.methods, problems=args.problems, layers=layers,
-                            default_layer=default, hparams=args.hparams, seed=args.seed, shard=shard,
+                            default_layer=default, seed=args.seed, shard=shard,
                             edit_fn=edit_fn, progress=not args.quiet)
         print_report(report, store, console)
 

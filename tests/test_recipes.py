@@ -74,11 +74,12 @@ class PointSkipped(TracekitError):
     pass
 
 
-def fake_edit(model, record, method, problem, layer, hparams):
-    assert record["o_true"] == " Paris" and "{}" in record["prompt"]
-    if problem == "fact-erasure" and record["case_id"] % 2:
+def fake_edit(model, record, method, problem, layer, hparams, seed):
+    assert record.target_true == " Paris" and "{}" in record.prompt and hparams is None
+    assert seed == record.case_id  # seed 0 + case id
+    if problem == "fact-erasure" and record.case_id % 2:
         raise PointSkipped("p(o_true) < 0.02")
-    rewrite = 1 - layer / 4 + record["case_id"] / 100 + (0.1 if method == "rome" else 0)
+    rewrite = 1 - layer / 4 + record.case_id / 100 + (0.1 if method == "rome" else 0)
     return FakeResult({"rewrite": rewrite, "paraphrase": rewrite / 2, "neighborhood": 0.9, "overall": 0.7,
                        "essence": 0.95, "note": "not a number"})
 

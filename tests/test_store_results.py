@@ -104,6 +104,18 @@ def test_failures_are_stored_and_can_be_retried(tmp_path):
         assert again.computed == 1 and store.count("edits", "ok") == 4
 
 
+def test_a_sweep_where_everything_fails_stops_without_storing(tmp_path):
+    def broken(item):
+        raise TracekitError("no rome presets for this model")
+
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        with pytest.raises(TracekitError, match="the first 5 item.s. all failed.*no rome presets"):
+            run_sweep(store, "edits", edit_items(10), work=broken, progress=False)
+        with pytest.raises(TracekitError, match="the first 2 item.s. all failed"):
+            run_sweep(store, "edits", edit_items(2, layers=(0,)), work=broken, progress=False)
+        assert store.count("edits") == 0
+
+
 def test_batched_work_names_the_failing_item(tmp_path):
     def work_many(batch):
         for item in batch:

@@ -15,7 +15,7 @@ from rich.console import Console
 from tracekit.analysis import figures
 from tracekit.analysis import frames as F
 from tracekit.analysis import stats as S
-from tracekit.analysis.report import save_table, to_markdown
+from tracekit.analysis.report import save_table
 from tracekit.errors import TracekitError
 
 OUTCOMES = {"rewrite": "table3", "paraphrase": "table4", "neighborhood": "table5", "overall": "table6"}
@@ -140,4 +140,4 @@ def _finish(summary: Summary, out: Path) -> Summary:
     return summary
 
 
-__all__ = ["Summary", "paper_analyses", "to_markdown"]
+__all__ = ["Summary", "paper_analyses"]

@@ -43,19 +43,13 @@ def spread_layers(n_layers: int, count: int = 8, default_layer: int | None = Non
 
 
 def preset_layer(model) -> int | None:
-    """The editing presets' default (ROME) layer for this model, if the editing area defines one."""
+    """The editing presets' default ROME layer for this model (None where there is no preset)."""
     try:
-        from tracekit.editing import hparams as presets
-    except ImportError:
+        from tracekit.editing.hparams import rome_preset
+
+        return rome_preset(model).layer
+    except (ImportError, TracekitError):
         return None
-    for name in ("default_layer", "preset_layer"):
-        find = getattr(presets, name, None)
-        if callable(find):
-            try:
-                return int(find(model))
-            except (TracekitError, TypeError, ValueError):
-                return None
-    return None
 
 
 def _default_tracers():
@@ -111,10 +105,12 @@ def trace_study(model, records: Sequence[FactRecord], store: ResultStore, *, kin
 
 def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, methods=("rome",),
                problems=("error-injection",), layers: Sequence[int], default_layer: int | None = None,
-               hparams: str | None = None, seed: int = 0, shard: Shard | None = None,
+               hparams=None, seed: int = 0, shard: Shard | None = None,
                edit_fn: Callable | None = None, progress: bool = True) -> SweepReport:
     """Edit every (point, method, problem, layer) not yet in the store and keep all its scores.
 
+    ``hparams``: None uses the editing presets for the model, method and problem. The noise seed
+    of a point (Fact Forcing, Tracing Reversal) is ``seed + case_id``, as in ``trace_study``.
     Items run point by point so per-point preparation is shared. A point that does not qualify
     for a problem (Fact Erasure with p(o_true) < 0.02, ...) is stored as "skipped: <reason>".
     """
@@ -125,7 +121,8 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
         raise TracekitError(f"edit layers {bad} are outside 0..{model.n_layers - 1} for {model.spec}")
     edit_fn = edit_fn or _default_editor()
     model_id = model_identity(model)
-    store.begin("edit", {"model": model_id, "hparams": hparams, "seed": seed, "default_layer": default_layer}, seed)
+    store.begin("edit", {"model": model_id, "hparams": "presets" if hparams is None else repr(hparams), "seed": seed,
+                         "point_seed": "seed + case_id", "default_layer": default_layer}, seed)
     items = [SweepItem(dict(model=model_id, dataset=r.source, case_id=r.case_id, method=method, problem=problem,
                             layer=layer), r)
              for r in records for problem in problems for method in methods for layer in layers]
@@ -133,8 +130,8 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
     def work(item: SweepItem) -> dict:
         r: FactRecord = item.payload
         try:
-            result = edit_fn(model, edit_input(r), method=item.key["method"], problem=item.key["problem"],
-                             layer=item.key["layer"], hparams=hparams)
+            result = edit_fn(model, r, method=item.key["method"], problem=item.key["problem"],
+                             layer=item.key["layer"], hparams=hparams, seed=point_seed(seed, r.case_id))
         except TracekitError as err:
             if type(err).__name__ == "PointSkipped":  # tracekit.editing.problems.PointSkipped
                 return dict(status=f"skipped: {err}")
@@ -142,17 +139,11 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
         change = getattr(result, "edit", None)
         if getattr(change, "applied", False):  # leave the model as we found it for the next item
             change.undo()
-        return dict(status="ok", scores={k: float(v) for k, v in dict(result.scores).items() if _scalar(v)},
+        scores = getattr(result.scores, "scores", result.scores)  # EditScores or a plain dict
+        return dict(status="ok", scores={k: float(v) for k, v in dict(scores).items() if _scalar(v)},
                     result=_json(result))
 
     return run_sweep(store, "edits", items, work=work, shard=shard, progress=progress, description="editing")
-
-
-def edit_input(record: FactRecord) -> dict:
-    """The fact in the editing API's record fields (tracekit.editing.problems.as_fact_record)."""
-    return dict(prompt=record.prompt, subject=record.subject, o_true=record.target_true, o_false=record.target_new,
-                paraphrases=record.paraphrase_prompts, neighbours=record.neighborhood_prompts,
-                case_id=record.case_id)
 
 
 def _floats(values) -> list[float]:
@@ -164,9 +155,12 @@ def _scalar(value) -> bool:
 
 
 def _json(result) -> str | None:
-    """The full result as JSON text (its own ``to_json`` if it has one)."""
+    """The full result as JSON text: its ``to_json()`` (traces) or ``row()`` (edits), else its scores."""
     if hasattr(result, "to_json"):
         text = result.to_json()
         return text if isinstance(text, str) else json.dumps(text)
+    if hasattr(result, "row"):
+        return json.dumps(result.row(), default=str)
     scores = getattr(result, "scores", None)
+    scores = getattr(scores, "scores", scores)
     return json.dumps({"scores": dict(scores)}, default=str) if scores is not None else None

@@ -107,16 +107,38 @@ def run_sweep(store: ResultStore, table: str, items: Sequence[SweepItem], *,
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress or not todo, transient=False) as bar:
         task = bar.add_task(description or table, total=len(todo))
+        held: list[tuple[SweepItem, dict]] = []  # failures before any success: maybe a setup error
         for start in range(0, len(todo), max(1, batch_size)):
             for item, values in _guarded(work_many, todo[start:start + batch_size], report):
                 status = str(values.get("status", "ok"))
+                if status.startswith("failed") and report.computed + report.skipped == 0:
+                    held.append((item, values))
+                    if len(held) >= STOP_AFTER_FAILURES:
+                        _stop(report)
+                    bar.advance(task)
+                    continue
+                for held_item, held_values in held:  # something works, so those were point failures
+                    store.put(table, held_item.key, held_values)
+                held.clear()
                 if store.put(table, item.key, values) and not status.startswith("failed"):
                     if status.startswith("skipped"):
                         report.skipped += 1
                     else:
                         report.computed += 1
                 bar.advance(task)
+        if held:
+            _stop(report)
     return report
+
+
+STOP_AFTER_FAILURES = 5
+
+
+def _stop(report: SweepReport):
+    """Every item so far failed: a setup problem, not bad points. Store nothing and say why."""
+    reasons = sorted({reason for _, reason in report.failed})
+    raise TracekitError(f"the first {len(report.failed)} item(s) all failed, so the sweep stopped without storing "
+                        f"them: {'; '.join(reasons[:2])}")
 
 
 def _guarded(work_many, batch: list[SweepItem], report: SweepReport) -> Iterator[tuple[SweepItem, dict]]:
