@@ -1,0 +1,284 @@
+"""Second-moment statistics of MLP keys: C = E[k k^T] at a layer, over a text corpus.
+
+ROME and MEMIT whiten their updates by C (ROME: 100,000 Wikipedia samples). We stream:
+each batch's keys are folded into a running sum of k k^T and dropped, so memory is one
+d_mlp x d_mlp matrix whatever the corpus size. Only the blocks up to the highest
+requested layer run (the rest cannot change the keys), and every requested layer is
+gathered in the same pass.
+
+The corpus is, in order: a text file the caller names (``.txt``: documents separated by
+blank lines; ``.jsonl``: a "text" field per line), a corpus file in $TRACEKIT_DATA or
+../shared/data (names in ``CORPUS_FILES``), else text sampled from the model itself
+(seeded, cached, with a warning: it is the model's own distribution, not Wikipedia).
+Documents are tokenised, concatenated and cut into samples of ``sample_tokens`` tokens.
+
+Results are cached in safetensors with metadata (model identity, layer, samples, dtype,
+corpus). A cached file whose metadata does not match what was asked is recomputed with a
+warning; a file the caller names explicitly must match, or it is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from tracekit.adapters import Site
+from tracekit.adapters.blocks import BlockDriver
+from tracekit.editing.cache import cache_dir, key_fingerprint, model_identity, slug, weight_fingerprint, write_atomic
+from tracekit.errors import TracekitError, check
+
+FORMAT_VERSION = "1"
+CORPUS_FILES = ("corpus.txt", "corpus.jsonl", "wikitext-103.txt", "wikitext.txt", "wikipedia.jsonl", "wikipedia.txt")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class SecondMoment:
+    matrix: torch.Tensor  # E[k k^T], [d_mlp, d_mlp]
+    layer: int
+    metadata: dict[str, str]
+    path: Path | None = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.metadata["tokens"])
+
+
+# ---- the corpus -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Corpus:
+    key: str  # identifies the text for cache keys
+    path: Path | None  # None: sampled from the model
+    description: str
+
+
+def resolve_corpus(corpus: str | os.PathLike | None) -> Corpus | None:
+    """The user's file, else a corpus file in the data folders, else None (self-sampled)."""
+    if corpus is not None:
+        path = Path(corpus).expanduser()
+        check(path.is_file(), f"corpus file {path} does not exist; give a .txt or .jsonl file of text")
+        return _file_corpus(path)
+    from tracekit.data.locate import search_folders
+
+    for folder in search_folders():
+        for name in CORPUS_FILES:
+            if (folder / name).is_file():
+                return _file_corpus(folder / name)
+    return None
+
+
+def _file_corpus(path: Path) -> Corpus:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return Corpus(f"file-{key}", path, str(path))
+
+
+def _read_documents(path: Path) -> Iterator[str]:
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as lines:
+            for i, line in enumerate(lines):
+                if line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError):
+                        raise TracekitError(f"{path} line {i + 1}: expected a JSON object with a 'text' field") from None
+        return
+    paragraph: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if line.strip():
+                paragraph.append(line.rstrip("\n"))
+            elif paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+    if paragraph:
+        yield "\n".join(paragraph)
+
+
+def self_sampled_corpus(model, n_texts: int, length: int, seed: int = 0, cache_root=None, progress: bool = True) -> Path:
+    """``n_texts`` texts of ``length`` tokens sampled from the model (top-k 40), cached as jsonl."""
+    from tracekit.editing.context import STARTERS
+
+    fingerprint = weight_fingerprint(model)
+    path = cache_dir(cache_root) / "corpus" / f"{slug(model.spec)}-{fingerprint}" / f"self-{n_texts}x{length}-s{seed}.jsonl"
+    if path.is_file():
+        return path
+    warnings.warn(f"no text corpus given or found (CORPUS_FILES in $TRACEKIT_DATA or ../shared/data): sampling "
+                  f"{n_texts} texts of {length} tokens from the model itself for key statistics; cached at {path}",
+                  stacklevel=3)
+    starters = [STARTERS[i % len(STARTERS)] for i in range(n_texts)]
+    texts: list[str] = []
+    with _progress(progress) as bar:
+        task = bar.add_task(f"sampling a corpus from {model.spec}", total=n_texts, rate="")
+        for start in range(0, n_texts, 32):
+            chunk = starters[start:start + 32]
+            texts += [s + t for s, t in zip(chunk, model.generate(chunk, max_new_tokens=length, top_k=40, seed=seed + start))]
+            bar.update(task, advance=len(chunk))
+    write_atomic(path, lambda p: p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts)))
+    return path
+
+
+def _samples(model, path: Path, n_samples: int, sample_tokens: int) -> Iterator[list[int]]:
+    """Token samples of exactly ``sample_tokens`` tokens from the documents, in order."""
+    buffer: list[int] = []
+    produced = 0
+    for doc in _read_documents(path):
+        if not doc.strip():
+            continue
+        buffer += model.tokenizer(doc)["input_ids"]
+        while len(buffer) >= sample_tokens and produced < n_samples:
+            yield buffer[:sample_tokens]
+            buffer = buffer[sample_tokens:]
+            produced += 1
+        if produced >= n_samples:
+            return
+
+
+# ---- accumulation ------------------------------------------------------------------
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+@torch.no_grad()
+def accumulate(model, layers: Sequence[int], batches: Iterator[torch.Tensor], total_tokens: int,
+               dtype: torch.dtype, progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
+    """Sum of k k^T per layer over the keys of every position of every batch [B, T]."""
+    layers = sorted(set(layers))
+    sums: dict[int, torch.Tensor] = {}
+    modules = {layer: model.adapter.module(model.hf, Site("mlp_in", layer)) for layer in layers}
+    driver = BlockDriver(model.hf, model.adapter)
+    fast = driver.unsupported_reason() is None
+
+    def fold(layer):
+        def hook(module, args):
+            keys = args[0].reshape(-1, args[0].shape[-1]).to(dtype)
+            sums[layer] = keys.T @ keys if layer not in sums else sums[layer].addmm_(keys.T, keys)
+        return hook
+
+    handles = [modules[layer].register_forward_pre_hook(fold(layer)) for layer in layers]
+    seen = 0
+    try:
+        with _progress(progress) as bar:
+            task = bar.add_task(f"key statistics, layer(s) {','.join(map(str, layers))}", total=total_tokens, rate="")
+            for ids in batches:
+                if fast:  # run only the blocks up to the highest layer
+                    hidden = driver.block0_input(ids)
+                    pos = driver.positions(0, ids.shape[1], hidden)
+                    for layer in range(layers[-1] + 1):
+                        hidden, _ = driver.block(layer, hidden, pos)
+                else:
+                    model.run(ids, positions=torch.zeros(ids.shape[0], dtype=torch.long))
+                seen += ids.numel()
+                elapsed = bar.tasks[0].elapsed or 1e-9
+                bar.update(task, advance=ids.numel(), rate=f"{seen / elapsed:,.0f} tok/s")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums, seen
+
+
+# ---- cache and entry point ------------------------------------------------------------
+def _expected(model, layer: int, n_samples: int, sample_tokens: int, dtype: str, corpus_key: str) -> dict[str, str]:
+    identity = model_identity(model, layer)
+    return {"format": FORMAT_VERSION, "spec": identity["spec"], "arch": identity["arch"],
+            "fingerprint": identity["fingerprint"], "layer": str(layer), "n_samples": str(n_samples),
+            "sample_tokens": str(sample_tokens), "dtype": dtype, "corpus": corpus_key}
+
+
+def _mismatch(found: dict[str, str], expected: dict[str, str]) -> list[str]:
+    return [f"{k}={found.get(k)!r} (expected {v!r})" for k, v in expected.items() if found.get(k) != v]
+
+
+def load_stats_file(path: Path, expected: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            matrix = f.get_tensor("mom2")
+    except Exception as err:  # a truncated or foreign file
+        raise TracekitError(f"{path} is not a tracekit key-statistics file ({type(err).__name__}); delete it") from None
+    if expected is not None:
+        bad = _mismatch(metadata, expected)
+        if bad:
+            what = "another model" if any(b.startswith(("fingerprint", "arch", "spec")) for b in bad) else "other settings"
+            raise TracekitError(f"key statistics {path} were computed for {what}: {'; '.join(bad[:3])}; "
+                                "delete the file or compute new statistics (stats_file=None)")
+    return matrix, metadata
+
+
+def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_tokens: int = 128, dtype: str = "float32",
+                   corpus: str | os.PathLike | None = None, corpus_seed: int = 0, batch_size: int = 16,
+                   cache: bool = True, cache_root=None, stats_file: str | os.PathLike | None = None,
+                   progress: bool = True) -> dict[int, SecondMoment]:
+    """C = E[k k^T] of MLP down-projection inputs at each of ``layers`` (cached; see module doc)."""
+    check(dtype in _DTYPES, f"unknown statistics dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    check(n_samples >= 1 and sample_tokens >= 1, f"need n_samples >= 1 and sample_tokens >= 1, got {n_samples}, {sample_tokens}")
+    layers = sorted({model.adapter.check_layer(model.hf, layer) for layer in layers})
+    source = resolve_corpus(corpus)
+    if source is None:
+        n_texts = n_samples + n_samples // 8 + 1  # re-tokenised samples come out a little shorter
+        corpus_key = f"self-{weight_fingerprint(model)}-{n_texts}x{sample_tokens}-s{corpus_seed}"
+    else:
+        corpus_key = source.key
+    expected = {layer: _expected(model, layer, n_samples, sample_tokens, dtype, corpus_key) for layer in layers}
+    if stats_file is not None:
+        check(len(layers) == 1, "stats_file holds one layer's statistics; give one layer")
+        path = Path(stats_file).expanduser()
+        check(path.is_file(), f"stats file {path} does not exist")
+        matrix, metadata = load_stats_file(path, expected[layers[0]])
+        return {layers[0]: SecondMoment(matrix, layers[0], metadata, path)}
+    found: dict[int, SecondMoment] = {}
+    paths = {layer: _cache_path(model, expected[layer], cache_root) for layer in layers}
+    for layer in layers:
+        if cache and paths[layer].is_file():
+            try:
+                matrix, metadata = load_stats_file(paths[layer], expected[layer])
+                found[layer] = SecondMoment(matrix, layer, metadata, paths[layer])
+            except TracekitError as err:
+                warnings.warn(f"recomputing stale key statistics: {err}", stacklevel=2)
+    todo = [layer for layer in layers if layer not in found]
+    if not todo:
+        return found
+    path = source.path if source is not None else self_sampled_corpus(model, n_texts, sample_tokens, corpus_seed, cache_root, progress)
+    samples = _samples(model, path, n_samples, sample_tokens)
+
+    def batches():
+        rows: list[list[int]] = []
+        for sample in samples:
+            rows.append(sample)
+            if len(rows) == batch_size:
+                yield torch.tensor(rows)
+                rows = []
+        if rows:
+            yield torch.tensor(rows)
+
+    sums, tokens = accumulate(model, todo, batches(), n_samples * sample_tokens, _DTYPES[dtype], progress)
+    check(tokens > 0, f"the corpus {path} gave no samples of {sample_tokens} tokens")
+    if tokens < n_samples * sample_tokens:
+        warnings.warn(f"the corpus {path} gave {tokens} tokens, fewer than the {n_samples} x {sample_tokens} asked", stacklevel=2)
+    for layer in todo:
+        metadata = {**expected[layer], "tokens": str(tokens)}
+        matrix = (sums[layer] / tokens).contiguous()
+        if cache:
+            from safetensors.torch import save_file
+
+            write_atomic(paths[layer], lambda p, m=matrix, md=metadata: save_file({"mom2": m.cpu()}, str(p), metadata=md))
+        found[layer] = SecondMoment(matrix, layer, metadata, paths[layer] if cache else None)
+    return found
+
+
+def _cache_path(model, expected: dict[str, str], cache_root) -> Path:
+    corpus = hashlib.sha256(expected["corpus"].encode()).hexdigest()[:10]
+    name = (f"layer{expected['layer']}-{expected['fingerprint']}-{corpus}-"
+            f"{expected['n_samples']}x{expected['sample_tokens']}-{expected['dtype']}.safetensors")
+    return cache_dir(cache_root) / "stats" / slug(model.spec) / name

@@ -1,0 +1,313 @@
+"""The key/value core shared by ROME and MEMIT.
+
+- Rows: the edit prompt behind every context template, followed by the target's tokens
+  but the last (teacher forcing), plus the KL prompt "{subject} is a".
+- Keys: the down-projection input at the last subject token (``Site("mlp_in", l)``),
+  averaged over the templates: k*.
+- The target value: a delta added at the last subject token to the output of block l
+  (which is where the MLP's output enters the residual stream: adding to the MLP output or
+  to the block output is the same thing, as the MLP is the last term of every block),
+  optimised by Adam on NLL(target) over all templates + kl_factor x KL(new || original) on
+  the KL prompt + weight decay, its norm clamped to clamp_norm_factor x |reference|.
+- The update: dW = R (lambda I + K^T C^-1 K)^-1 (C^-1 K)^T, in (out, in) orientation. With
+  lambda = 0 and one key this is ROME's rank-one update; with lambda = mom2_update_weight it
+  is MEMIT's (lambda C + K K^T)^-1 K solve, rewritten so that lambda = 0 stays well defined.
+
+Cost (``engine="blocks"``, any model whose blocks ``BlockDriver`` can drive): one pass
+without gradients runs every row through blocks 0..l and keeps block l's output. The
+rows are grouped by the position s of their last subject token; for each group the
+positions before s are run once through blocks l+1.. (they cannot see the delta, under
+causal attention) and their keys/values kept. Each optimisation step then runs only
+positions s.. of blocks l+1.., with logits only at the positions that score the target
+and the KL prompt. ``engine="hooks"`` is the plain reference: whole forward passes through
+``Model.run`` with a ``Site("mlp", l)`` hook adding the delta (used where blocks cannot be
+driven, e.g. the TransformerLens bridge, and by the tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tracekit import prompts as P
+from tracekit.adapters import Site
+from tracekit.adapters.blocks import BlockDriver
+from tracekit.editing.request import EditRequest
+from tracekit.errors import check
+
+
+# ---- rows ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EditRows:
+    input_ids: torch.Tensor  # [R, T] right-padded; rows 0..n_templates-1 are templates, then the KL row
+    lengths: torch.Tensor  # [R]
+    subject_last: torch.Tensor  # [R] position of each row's last subject token
+    target_ids: torch.Tensor  # [m]
+    target_pos: torch.Tensor  # [n_templates, m] positions whose logits score the target tokens
+    n_templates: int
+    noise: torch.Tensor | None  # [R, T, d] added to the token embeddings (Fact Forcing), or None
+
+    @property
+    def has_kl(self) -> bool:
+        return self.input_ids.shape[0] > self.n_templates
+
+
+def _subject_span(tokenizer, text: str, subject: str, after: int) -> tuple[int, int]:
+    """The subject's span in ``text``, taking its first occurrence at or after character ``after``."""
+    occurrence = text[:after].count(subject)
+    return P.subject_span(tokenizer, text, subject, occurrence)
+
+
+def build_rows(model, request: EditRequest, templates: list[str], kl_prompt: str | None) -> EditRows:
+    tok = model.tokenizer
+    target = model.target_ids(request.target)
+    rows, last, starts, ends, target_pos = [], [], [], [], []
+    for template in templates:
+        check("{}" in template, f"context template {template!r} has no '{{}}'")
+        at = template.index("{}")
+        text = template[:at] + request.text + template[at + 2:]
+        start, end = _subject_span(tok, text, request.subject, at + request.prompt.index("{}"))
+        prompt_ids = P.token_ids(tok, text)
+        rows.append(prompt_ids + target[:-1])
+        starts.append(start), ends.append(end), last.append(end - 1)
+        target_pos.append([len(prompt_ids) - 1 + j for j in range(len(target))])
+    n_templates = len(rows)
+    if kl_prompt is not None:
+        text = kl_prompt.format(request.subject)
+        start, end = _subject_span(tok, text, request.subject, kl_prompt.index("{}"))
+        rows.append(P.token_ids(tok, text))
+        starts.append(start), ends.append(end), last.append(end - 1)
+    batch = P.pad(rows, tok.pad_token_id)
+    noise = None
+    if request.noise is not None:
+        check(request.noise.dim() == 2 and request.noise.shape[1] == model.d_model,
+              f"subject noise must be [n_subject_tokens, {model.d_model}], got {tuple(request.noise.shape)}")
+        noise = torch.zeros(*batch.input_ids.shape, model.d_model)
+        n = request.noise.shape[0]
+        for row, (start, end) in enumerate(zip(starts, ends)):
+            # A subject that tokenises into a different number of pieces here (e.g. at the very
+            # start of the KL prompt, without its leading space): align the noise to its end.
+            k = min(n, end - start)
+            noise[row, end - k:end] = request.noise[n - k:].float()
+    return EditRows(batch.input_ids, batch.lengths, torch.tensor(last), torch.tensor(target),
+                    torch.tensor(target_pos), n_templates, noise)
+
+
+def _noise_edits(rows: EditRows, dtype) -> dict:
+    if rows.noise is None:
+        return {}
+    return {Site("embed"): lambda h: h + rows.noise.to(h.device, dtype)}
+
+
+# ---- states at the last subject token ---------------------------------------------------------
+@torch.no_grad()
+def subject_states(model, rows: EditRows, sites: list[Site]) -> dict[Site, torch.Tensor]:
+    """Each site's value at every template row's last subject token: {site: [n_templates, d]}."""
+    ids = rows.input_ids[: rows.n_templates]
+    captured = _run_prefix(model, ids, rows, sites, max(s.layer for s in sites))[1]
+    index = torch.arange(rows.n_templates)
+    return {site: value[index, rows.subject_last[: rows.n_templates]].float() for site, value in captured.items()}
+
+
+def _run_prefix(model, ids, rows, sites, last_layer):
+    """Blocks 0..last_layer without gradients; captures ``sites`` (whole tensors)."""
+    driver = BlockDriver(model.hf, model.adapter)
+    dtype = next(model.hf.parameters()).dtype
+    edits = _noise_edits(rows, dtype)
+    if rows.noise is not None and ids.shape[0] < rows.input_ids.shape[0]:
+        edits = {Site("embed"): lambda h: h + rows.noise[: ids.shape[0]].to(h.device, dtype)}
+    if driver.unsupported_reason() is not None:
+        out = model.run(ids, edits=edits, capture=sites, positions=torch.zeros(ids.shape[0], dtype=torch.long))
+        return None, out.captured
+    captured: dict[Site, torch.Tensor] = {}
+    handles = []
+    for site in sites:
+        module = model.adapter.module(model.hf, site)
+        if site.kind == "mlp_in":
+            handles.append(module.register_forward_pre_hook(lambda m, a, s=site: captured.__setitem__(s, a[0])))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, s=site: captured.__setitem__(s, o[0] if isinstance(o, tuple) else o)))
+    try:
+        hidden = driver.block0_input(ids, edits)
+        pos = driver.positions(0, ids.shape[1], hidden)
+        for layer in range(last_layer + 1):
+            hidden, _ = driver.block(layer, hidden, pos)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hidden, captured
+
+
+# ---- the value objective ------------------------------------------------------------------------
+@dataclass
+class _Group:
+    rows: torch.Tensor  # row indices
+    start: int  # their common last-subject-token position s
+    suffix: torch.Tensor  # block-l output at positions s..end-1 [g, P, d]
+    pos: object  # BlockDriver.Positions for s..end-1
+    prefix_kv: list  # per layer above l: (keys, values) of positions < s, or None
+    score_rows: list[int] = field(default_factory=list)
+
+
+class ValueObjective:
+    """NLL of the target and KL on the KL prompt as functions of the delta at block ``layer``."""
+
+    def __init__(self, model, rows: EditRows, layer: int, engine: str = "auto"):
+        self.model, self.rows, self.layer = model, rows, layer
+        self.driver = BlockDriver(model.hf, model.adapter)
+        if engine == "auto":
+            engine = "blocks" if self.driver.unsupported_reason() is None else "hooks"
+        check(engine in ("blocks", "hooks"), f"unknown engine {engine!r}; choose blocks or hooks")
+        check(engine == "hooks" or self.driver.unsupported_reason() is None,
+              f"the blocks engine cannot drive this model: {self.driver.unsupported_reason()}")
+        self.engine = engine
+        n = rows.n_templates
+        sites = [Site("mlp_in", layer), Site("mlp", layer), Site("resid", layer)]
+        with torch.no_grad():
+            hidden, captured = _run_prefix(model, rows.input_ids, rows, sites, layer)
+        index = torch.arange(n)
+        at = rows.subject_last[:n]
+        self.keys = captured[sites[0]][index, at].float()  # [n, d_in]
+        self.mlp_out = captured[sites[1]][index, at].float()  # [n, d_model]
+        self.resid = captured[sites[2]][index, at].float()
+        self.dtype = captured[sites[2]].dtype
+        if engine == "blocks":
+            self.groups = self._make_groups(hidden)
+        with torch.no_grad():
+            zero = torch.zeros(model.d_model)
+            self.kl_init = self._logits(zero)[1]
+            if self.kl_init is not None:
+                self.kl_init = torch.log_softmax(self.kl_init.float(), -1)
+
+    # -- blocks engine -------------------------------------------------------------------
+    @torch.no_grad()
+    def _make_groups(self, hidden: torch.Tensor) -> list[_Group]:
+        groups = []
+        for start in sorted(set(self.rows.subject_last.tolist())):
+            idx = torch.nonzero(self.rows.subject_last == start).flatten()
+            end = int(self.rows.lengths[idx].max())
+            prefix_kv = []
+            h = hidden[idx, :start]
+            pos = self.driver.positions(0, start, h) if start > 0 else None
+            for layer in range(self.layer + 1, len(self.driver.blocks)):
+                if start == 0:
+                    prefix_kv.append(None)
+                    continue
+                h, cache = self.driver.block(layer, h, pos)
+                prefix_kv.append(tuple(t.detach() for t in cache.seen))
+            suffix = hidden[idx, start:end]
+            groups.append(_Group(idx, start, suffix, self.driver.positions(start, end, suffix), prefix_kv))
+        return groups
+
+    def _blocks_logits(self, delta: torch.Tensor):
+        """Logits at the target positions [n_templates, m, V] and at the KL row's subject token [V]."""
+        rows, n = self.rows, self.rows.n_templates
+        m = rows.target_ids.shape[0]
+        vocab_rows: dict[int, torch.Tensor] = {}
+        for g in self.groups:
+            x = g.suffix.clone()
+            x[:, 0] = x[:, 0] + delta.to(x.dtype)
+            for i, layer in enumerate(range(self.layer + 1, len(self.driver.blocks))):
+                x, _ = self.driver.block(layer, x, g.pos, g.prefix_kv[i])
+            for j, row in enumerate(g.rows.tolist()):
+                cols = rows.target_pos[row] - g.start if row < n else torch.tensor([0])
+                vocab_rows[row] = x[j, cols]
+        stacked = torch.stack([vocab_rows[r] for r in range(n)])  # [n, m, d]
+        logits = self.driver.unembed(self.driver.norm(stacked.reshape(n * m, -1))).reshape(n, m, -1)
+        kl = None
+        if rows.has_kl:
+            kl = self.driver.unembed(self.driver.norm(vocab_rows[n]))[0]
+        return logits, kl
+
+    # -- hooks engine (reference) ---------------------------------------------------------------
+    def _hooks_logits(self, delta: torch.Tensor):
+        rows, n = self.rows, self.rows.n_templates
+        index = torch.arange(rows.input_ids.shape[0])
+
+        def add_delta(h):
+            bump = torch.zeros_like(h)
+            bump[index, rows.subject_last.to(h.device)] = delta.to(h.dtype)
+            return h + bump
+
+        edits = {**_noise_edits(rows, self.dtype), Site("mlp", self.layer): add_delta}
+        out = self.model.run(rows.input_ids, edits=edits, grad=torch.is_grad_enabled())
+        logits = out.logits[torch.arange(n)[:, None], rows.target_pos]
+        kl = out.logits[n, rows.subject_last[n]] if rows.has_kl else None
+        return logits, kl
+
+    def _logits(self, delta):
+        return self._blocks_logits(delta) if self.engine == "blocks" else self._hooks_logits(delta)
+
+    def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean NLL of the target tokens per template, averaged over templates; KL(new || original))."""
+        logits, kl_logits = self._logits(delta)
+        logp = torch.log_softmax(logits.float(), -1)
+        target = self.rows.target_ids.to(logp.device)
+        token_logp = logp.gather(-1, target.expand(logp.shape[0], -1)[..., None])[..., 0]
+        nll = -token_logp.mean()
+        kl = torch.zeros((), device=logp.device)
+        if kl_logits is not None:
+            new = torch.log_softmax(kl_logits.float(), -1)
+            kl = (new.exp() * (new - self.kl_init)).sum()
+        return nll, kl
+
+
+# ---- optimisation and the update ---------------------------------------------------------------
+@dataclass
+class ValueResult:
+    delta: torch.Tensor
+    reference_norm: float
+    trace: list[dict[str, float]]  # per step: loss, nll, kl, weight decay, |delta|
+    final_nll: float
+
+
+def optimize_value(objective: ValueObjective, reference: torch.Tensor, hp, minimize: bool = False) -> ValueResult:
+    """Adam on the delta (see module doc). ``hp``: a KeyValueHyperParams."""
+    ref_norm = float(reference.norm())
+    max_norm = hp.clamp_norm_factor * ref_norm
+    delta = torch.zeros(reference.shape[-1], requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
+    trace = []
+    for step in range(hp.v_num_grad_steps):
+        nll, kl = objective(delta)
+        # The public ROME/MEMIT objective's weight decay: |delta| / |reference|^2 (not squared).
+        decay = hp.v_weight_decay * delta.norm() / max(ref_norm, 1e-12) ** 2
+        loss = (-nll if minimize else nll) + hp.kl_factor * kl + decay
+        trace.append({"step": step, "loss": float(loss.detach()), "nll": float(nll.detach()), "kl": float(kl.detach()),
+                      "decay": float(decay.detach()), "delta_norm": float(delta.detach().norm())})
+        if not minimize and hp.v_stop_nll is not None and float(nll) < hp.v_stop_nll:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            norm = delta.norm()
+            if norm > max_norm:
+                delta.mul_(max_norm / norm)
+    with torch.no_grad():
+        final_nll = float(objective(delta)[0])
+    return ValueResult(delta.detach().clone(), ref_norm, trace, final_nll)
+
+
+def solve_update(C: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, lam: float = 0.0,
+                 ridge: float = 0.0) -> torch.Tensor:
+    """dW [d_out, d_in] = R (lam I + K^T A^-1 K)^-1 (A^-1 K)^T, A = C + ridge x mean eigenvalue x I.
+
+    ``keys`` [d_in, n], ``residuals`` [d_out, n]. lam = 0, n = 1: ROME's
+    (v* - W k*)(C^-1 k*)^T / ((C^-1 k*)^T k*). lam > 0: MEMIT's R ((lam C + K K^T)^-1 K)^T.
+    Solved in float64.
+    """
+    A = C.double()
+    if ridge:
+        A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    K = keys.double().to(A.device)
+    AK = torch.linalg.solve(A, K)
+    M = lam * torch.eye(K.shape[1], dtype=A.dtype, device=A.device) + K.T @ AK
+    return (residuals.double().to(A.device) @ torch.linalg.solve(M, AK.T)).float()
+
+
+def param_name(model, param: torch.nn.Parameter) -> str:
+    """A parameter's name in ``model.hf`` (found by identity: wrappers rename module trees)."""
+    return next(name for name, p in model.hf.named_parameters() if p is param)
