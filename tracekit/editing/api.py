@@ -101,7 +101,9 @@ def default_hparams(model, method: str, problem: Problem):
     method = parse_method(method)
     if method in ("ft-1", "ft-5"):
         return ft_preset(model, problem.value, 1 if method == "ft-1" else 5)
-    raise TracekitError(f"no {method} presets in this build; pass hparams=")
+    from tracekit.editing.hparams import memit_preset, rome_preset
+
+    return (rome_preset if method == "rome" else memit_preset)(model, problem.value)
 
 
 def _pick_layer(model, layer: int | None, hparams) -> int:

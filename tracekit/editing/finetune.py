@@ -7,19 +7,24 @@ tokens; Fact Erasure minimises the negative of it. After every step each weight 
 clamped into the L-infinity ball of radius ``norm_constraint`` around its original value.
 Orientation (GPT-2's transposed Conv1D) does not matter here: the clamp is elementwise.
 
-Cost: only the down-projections require gradients, so autograd builds no graph below the
-lowest edited layer; logits are computed only at the positions that score the target.
+Cost: logits are computed only at the positions that score the target. On the hf backend
+the layers below the lowest edited layer run ONCE, without gradients (``BlockDriver``), and
+each step runs only the layers from there up; elsewhere each step is a whole forward pass
+(autograd still builds no graph below the lowest edited layer: nothing there needs one).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
+from tracekit.adapters import Site
+from tracekit.adapters.blocks import BlockDriver
 from tracekit.editing.delta import Edit
-from tracekit.editing.logprobs import text_query, token_logprobs
+from tracekit.editing.logprobs import Query, text_query, token_logprobs
 from tracekit.editing.request import EditRequest
 from tracekit.errors import TracekitError, check
 
@@ -79,6 +84,7 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
     weights = [model.adapter.down_proj_weight(model.hf, l) for l in layers]
     originals = [w.detach().clone() for w in weights]
     query = text_query(model, request.text, request.target, request.subject, request.noise)
+    target_logprobs = _scorer(model, query, lowest_layer=layers[0])
     eps = hparams.norm_constraint
     losses: list[float] = []  # target NLL before each step
     steps_taken = 0
@@ -89,7 +95,7 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
         optimizer = torch.optim.Adam(weights, lr=hparams.lr, weight_decay=hparams.weight_decay)
         for _ in range(hparams.steps):
             optimizer.zero_grad(set_to_none=True)
-            nll = -token_logprobs(model, [query], grad=True)[0].mean()
+            nll = -target_logprobs().mean()
             losses.append(float(nll.detach()))
             if not request.minimize and hparams.stop_loss is not None and losses[-1] < hparams.stop_loss:
                 break
@@ -112,6 +118,33 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
     info = dict(method=f"ft-{hparams.n_layers}", layers=layers, steps_taken=steps_taken, losses=losses,
                 seconds=time.perf_counter() - started)
     return Edit(model.hf, new, info=info)
+
+
+def _scorer(model, query: Query, lowest_layer: int) -> Callable[[], torch.Tensor]:
+    """A function giving log p of each target token (with gradients) under the current weights."""
+    driver = BlockDriver(model.hf, model.adapter)
+    if model.backend.name != "hf" or driver.unsupported_reason() is not None:
+        return lambda: token_logprobs(model, [query], grad=True)[0]
+    from tracekit.tracing.noise import subject_noise_hook
+
+    ids = torch.tensor([query.prefix + query.continuation[:-1]])
+    edits = {} if query.noise is None else {Site("embed"): subject_noise_hook(query.noise[None], query.noise_start)}
+    with torch.no_grad():  # the frozen bottom of the model, once
+        hidden = driver.block0_input(ids, edits)
+        positions = driver.positions(0, ids.shape[1], hidden)
+        for layer in range(lowest_layer):
+            hidden, _ = driver.block(layer, hidden, positions)
+    scored = torch.arange(len(query.prefix) - 1, len(query.prefix) - 1 + len(query.continuation), device=hidden.device)
+    tokens = torch.tensor(query.continuation, device=hidden.device)
+
+    def target_logprobs() -> torch.Tensor:
+        h = hidden
+        for layer in range(lowest_layer, len(driver.blocks)):
+            h, _ = driver.block(layer, h, positions)
+        logits = driver.unembed(driver.norm(h[0, scored])).float()
+        return torch.log_softmax(logits, dim=-1)[torch.arange(len(tokens), device=h.device), tokens]
+
+    return target_logprobs
 
 
 # ---- presets ------------------------------------------------------------------------------

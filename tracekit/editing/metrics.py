@@ -160,36 +160,21 @@ class EditScores:
     notes: tuple[str, ...] = ()
 
 
-def sample_essence_texts(model, subject: str, config: MetricsConfig = MetricsConfig()) -> list[list[int]]:
-    """Token rows of texts sampled from the model given "{subject} is a" (top-k, seeded).
+def sample_essence_texts(model, subject: str, config: MetricsConfig = MetricsConfig()) -> list[str]:
+    """Texts sampled from the model given "{subject} is a" (top-k, seeded), prompt included.
 
-    Cached on the model object per (subject, settings): call it before applying an edit."""
+    Cached on the model object per (subject, settings): sample them before applying an edit."""
     key = (subject, config.essence_samples, config.essence_top_k, config.essence_new_tokens, config.seed)
     cache = model.__dict__.setdefault("_essence_texts", {})
-    if key in cache:
-        return [list(r) for r in cache[key]]
-    prompt = P.token_ids(model.tokenizer, ESSENCE_PROMPT.format(subject))
-    rows = [list(prompt) for _ in range(config.essence_samples)]
-    done = [False] * len(rows)
-    gen = torch.Generator().manual_seed(config.seed)
-    eos = model.tokenizer.eos_token_id
-    for _ in range(config.essence_new_tokens):
-        batch = P.pad(rows, model.tokenizer.pad_token_id)
-        logits = model.run(batch.input_ids, positions=batch.last).logits.float().cpu()
-        top_vals, top_ids = logits.topk(config.essence_top_k, dim=-1)
-        picks = torch.multinomial(torch.softmax(top_vals, dim=-1), 1, generator=gen).squeeze(1)
-        for i, token in enumerate(top_ids[torch.arange(len(rows)), picks].tolist()):
-            if not done[i]:
-                done[i] = token == eos
-                if not done[i]:
-                    rows[i].append(token)
-        if all(done):
-            break
-    cache[key] = [tuple(r) for r in rows]
-    return rows
+    if key not in cache:
+        prompt = ESSENCE_PROMPT.format(subject)
+        continuations = model.generate([prompt] * config.essence_samples, max_new_tokens=config.essence_new_tokens,
+                                       top_k=config.essence_top_k, seed=config.seed)
+        cache[key] = tuple(prompt + c for c in continuations)
+    return list(cache[key])
 
 
-def _queries(model, setup: EditSetup, essence_rows):
+def _queries(model, setup: EditSetup, essence_texts):
     """(kind, role, object, noised) labels and their queries, for one batched pass."""
     req = setup.request
     prompts = [("rewrite", req.text)] + [("paraphrase", p) for p in setup.paraphrases]
@@ -204,15 +189,19 @@ def _queries(model, setup: EditSetup, essence_rows):
             noised = req.noise is not None and req.subject in prompt
             queries.append(text_query(model, prompt, obj, req.subject, req.noise if noised else None))
             labels.append((kind, prompt, role, obj, noised))
-    essence = [Query(tuple(r[:1]), tuple(r[1:])) for r in essence_rows if len(r) > 1]
+    essence = []  # perplexity over every token of each text after its first
+    for text in essence_texts:
+        ids = tuple(P.token_ids(model.tokenizer, text))
+        if len(ids) > 1:
+            essence.append(Query(ids[:1], ids[1:]))
     return labels, queries, essence
 
 
 def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig()) -> EditScores:
     """Score ``edit`` (not applied on entry; left as found) on the point described by ``setup``."""
     check(not edit.applied, "evaluate_edit needs the edit un-applied: the 'before' pass runs the original model")
-    essence_rows = sample_essence_texts(model, setup.request.subject, config) if config.essence else []
-    labels, queries, essence = _queries(model, setup, essence_rows)
+    texts = sample_essence_texts(model, setup.request.subject, config) if config.essence else []
+    labels, queries, essence = _queries(model, setup, texts)
     before = token_logprobs(model, queries + essence)
     with edit:
         after = token_logprobs(model, queries + essence)
@@ -224,7 +213,6 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
     ppl_a = perplexity(torch.cat(after[n:]).tolist()) if essence else None
     scores = compute_scores(_by_kind(rows, "p_before"), _by_kind(rows, "p_after"), minimize=setup.request.minimize,
                             toward_true=setup.toward_true, ppl_before=ppl_b, ppl_after=ppl_a)
-    texts = [model.tokenizer.decode(r) for r in essence_rows]
     notes = setup.notes
     if setup.request.noise is not None:
         notes += ("neighbourhood prompts (other subjects) and essence texts are scored without noise",)

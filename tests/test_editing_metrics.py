@@ -1,0 +1,150 @@
+"""Edit metrics: formulas against hand-computed values, and the batched gathering of probabilities."""
+
+import math
+
+import pytest
+import torch
+
+from tracekit.data import FactRecord
+from tracekit.editing import metrics as M
+from tracekit.editing.delta import Edit
+from tracekit.editing.logprobs import text_query, token_logprobs
+from tracekit.editing.problems import prepare
+
+from conftest import TINY_SPECS, tiny
+
+
+# ---- pure formulas, hand-computed ---------------------------------------------------------------
+def test_rewrite_score_raising_and_erasure():
+    assert M.rewrite_score(0.2, 0.6) == pytest.approx(0.5)  # (0.6 - 0.2) / (1 - 0.2)
+    assert M.rewrite_score(0.2, 0.1) == pytest.approx(-0.125)  # a failed edit is negative
+    assert M.rewrite_score(0.4, 0.1, minimize=True) == pytest.approx(0.75)  # (0.4 - 0.1) / 0.4
+    assert M.rewrite_score(0.4, 0.5, minimize=True) == pytest.approx(-0.25)
+    assert math.isnan(M.rewrite_score(1.0, 1.0)) and math.isnan(M.rewrite_score(0.0, 0.0, minimize=True))
+
+
+def test_paraphrase_and_neighborhood_scores():
+    # paraphrases: (0.55 - 0.1) / 0.9 = 0.5 and (0.75 - 0.5) / 0.5 = 0.5
+    assert M.paraphrase_score([0.1, 0.5], [0.55, 0.75]) == pytest.approx(0.5)
+    # neighbours: 1 - 0.1 / (0.5 + 0.2) = 0.857143; 1 - 0.3 / (0.5 + 0.3) = 0.625
+    assert M.neighborhood_score([0.3, 0.8], [0.4, 0.5]) == pytest.approx((1 - 0.1 / 0.7 + 0.625) / 2)
+    assert M.neighborhood_score([0.3], [0.3]) == 1.0
+    assert M.neighborhood_score([0.3], [1.0]) == pytest.approx(0.0)  # moved as far as it could
+    assert M.overall_score(0.9, 0.5, 0.7) == pytest.approx(0.7)
+    assert M.overall_score(0.9, math.nan, 0.7) == pytest.approx(0.8)  # only what could be computed
+
+
+def test_essence_perplexity_and_unscaled():
+    assert M.essence_score(10.0, 12.0) == pytest.approx(0.6)
+    assert M.essence_score(10.0, 9.0) == 1.0  # slight decreases cap at 1
+    assert M.essence_score(10.0, 17.0) == 0.0
+    assert M.perplexity([-1.0, -2.0, -3.0]) == pytest.approx(math.exp(2.0))
+    assert M.success_rate([0.5, 0.1, 0.3], [0.2, 0.2, 0.3]) == pytest.approx(1 / 3)
+    assert M.magnitude([0.5, 0.1], [0.2, 0.2]) == pytest.approx(0.1)
+
+
+def test_compute_scores_error_injection_example():
+    before = {"rewrite": M.KindProbs(target=(0.2,), true=(0.6,), counter=(0.2,)),
+              "paraphrase": M.KindProbs(target=(0.1, 0.5), true=(0.7, 0.3), counter=(0.1, 0.5)),
+              "neighborhood": M.KindProbs(true=(0.3, 0.8), counter=(0.1, 0.05))}
+    after = {"rewrite": M.KindProbs(target=(0.6,), true=(0.3,), counter=(0.6,)),
+             "paraphrase": M.KindProbs(target=(0.55, 0.75), true=(0.4, 0.1), counter=(0.55, 0.75)),
+             "neighborhood": M.KindProbs(true=(0.4, 0.5), counter=(0.2, 0.6))}
+    s = M.compute_scores(before, after, minimize=False, toward_true=False, ppl_before=10.0, ppl_after=12.0)
+    assert s["rewrite"] == pytest.approx(0.5)
+    assert s["paraphrase"] == pytest.approx(0.5)
+    assert s["neighborhood"] == pytest.approx((1 - 0.1 / 0.7 + 0.625) / 2)
+    assert s["overall"] == pytest.approx((0.5 + 0.5 + s["neighborhood"]) / 3)
+    assert s["essence"] == pytest.approx(0.6)
+    assert s["efficacy_success"] == 1.0 and s["efficacy_magnitude"] == pytest.approx(0.3)
+    assert s["paraphrase_success"] == 1.0 and s["paraphrase_magnitude"] == pytest.approx((0.15 + 0.65) / 2)
+    # neighbours: o_true 0.4 > 0.2 holds, 0.5 > 0.6 fails
+    assert s["neighborhood_success"] == 0.5 and s["neighborhood_magnitude"] == pytest.approx((0.2 - 0.1) / 2)
+
+
+def test_compute_scores_fact_erasure_and_amplification():
+    before = {"rewrite": M.KindProbs(target=(0.4,), true=(0.4,), counter=(0.1,)),
+              "paraphrase": M.KindProbs(target=(0.5, 0.2), true=(0.5, 0.2), counter=(0.1, 0.1))}
+    after = {"rewrite": M.KindProbs(target=(0.1,), true=(0.1,), counter=(0.3,)),
+             "paraphrase": M.KindProbs(target=(0.25, 0.3), true=(0.25, 0.3), counter=(0.2, 0.1))}
+    s = M.compute_scores(before, after, minimize=True, toward_true=False)
+    assert s["rewrite"] == pytest.approx(0.75)  # (0.4 - 0.1) / 0.4
+    assert s["paraphrase"] == pytest.approx((0.5 + -0.5) / 2)  # (0.5-0.25)/0.5, (0.2-0.3)/0.2
+    assert s["efficacy_success"] == 1.0 and s["efficacy_magnitude"] == pytest.approx(0.2)  # o_false 0.3 > o_true 0.1
+    assert math.isnan(s["neighborhood"]) and math.isnan(s["essence"])
+    assert s["overall"] == pytest.approx(0.375)
+    amplified = M.compute_scores(before, after, minimize=False, toward_true=True)
+    assert amplified["efficacy_success"] == 0.0 and amplified["efficacy_magnitude"] == pytest.approx(-0.2)
+
+
+# ---- gathering probabilities on tiny models -------------------------------------------------------
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_token_logprobs_equal_full_forward(spec):
+    model = tiny(spec)
+    prompts = ["The Eiffel Tower is located in the city of", "The capital of France is", "The capital of France is"]
+    objects = [" Paris", " Paris Tower of", " Rome"]
+    got = token_logprobs(model, [text_query(model, p, o) for p, o in zip(prompts, objects)])
+    assert [len(g) for g in got] == [1, 3, 1]
+    reference = model.sequence_logprobs(prompts, objects)
+    assert torch.allclose(torch.stack([g.sum() for g in got]), reference, atol=1e-5)
+    assert torch.allclose(got[0][0].exp(), model.target_probs([prompts[0]], " Paris")[0], atol=1e-6)
+
+
+RECORD = FactRecord(
+    case_id=0, prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_true=" French",
+    target_new=" English", paraphrase_prompts=("She spoke. The mother tongue of Danielle Darrieux is",),
+    neighborhood_prompts=("The mother tongue of Michael Jordan is", "The capital of France is"))
+
+
+def _bump_edit(model, layer=1, scale=0.05):
+    weight = model.adapter.down_proj_weight(model.hf, layer)
+    name = next(n for n, p in model.hf.named_parameters() if p is weight)
+    gen = torch.Generator().manual_seed(3)
+    return Edit(model.hf, {name: weight + scale * torch.randn(weight.shape, generator=gen)})
+
+
+def _perplexity(model, texts):
+    """Pooled perplexity of every token after the first, one plain forward per text."""
+    logps = []
+    for text in texts:
+        ids = torch.tensor([model.tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model.hf(ids).logits[0].float(), dim=-1)
+        logps.append(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]])
+    return math.exp(-float(torch.cat(logps).mean()))
+
+
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_evaluate_edit_matches_separate_forward_passes(spec):
+    model = tiny(spec)
+    setup = prepare(model, RECORD, "error-injection")
+    edit = _bump_edit(model)
+    config = M.MetricsConfig(essence_new_tokens=8)
+    result = M.evaluate_edit(model, setup, edit, config)
+    assert not edit.applied
+    prompts = [RECORD.text, *RECORD.paraphrase_prompts]
+    p_before = model.target_probs(prompts, " English")
+    n_before = model.target_probs(list(RECORD.neighborhood_prompts), " French")
+    with edit:
+        p_after = model.target_probs(prompts, " English")
+        n_after = model.target_probs(list(RECORD.neighborhood_prompts), " French")
+        ppl_after = _perplexity(model, result.essence_texts)
+    ppl_before = _perplexity(model, result.essence_texts)
+    expected_rewrite = M.rewrite_score(float(p_before[0]), float(p_after[0]))
+    assert result.scores["rewrite"] == pytest.approx(expected_rewrite, rel=1e-4, abs=1e-7)
+    assert result.scores["paraphrase"] == pytest.approx(M.rewrite_score(float(p_before[1]), float(p_after[1])), rel=1e-4, abs=1e-7)
+    assert result.scores["neighborhood"] == pytest.approx(M.neighborhood_score(n_before.tolist(), n_after.tolist()), abs=1e-5)
+    assert len(result.essence_texts) == 5 and all(t.startswith("Danielle Darrieux is a") for t in result.essence_texts)
+    assert result.ppl_before == pytest.approx(ppl_before, rel=1e-4)
+    assert result.ppl_after == pytest.approx(ppl_after, rel=1e-4)
+    assert result.scores["essence"] == pytest.approx(M.essence_score(ppl_before, ppl_after), abs=1e-3)
+    assert "first token" in result.scoring
+
+
+def test_essence_texts_are_seeded():
+    model = tiny("random:gpt2-tiny")
+    a = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=1))
+    model.__dict__.pop("_essence_texts")
+    b = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=1))
+    c = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=2))
+    assert a == b and a != c and len(set(a)) > 1

@@ -1,0 +1,99 @@
+"""The five editing problems map a fact record to the right request and evaluation targets."""
+
+import pytest
+import torch
+
+from tracekit import TracekitError
+from tracekit.data import FactRecord
+from tracekit.editing import problems as PR
+from tracekit.editing.problems import PointSkipped, Problem, prepare
+from tracekit.tracing import noised_prediction, scaled_noise
+
+from conftest import tiny
+
+RECORD = FactRecord(
+    case_id=7, prompt="The mother tongue of {} is", subject="Danielle Darrieux", target_true=" French",
+    target_new=" English", paraphrase_prompts=("She spoke. The mother tongue of Danielle Darrieux is",),
+    neighborhood_prompts=("The mother tongue of Michael Jordan is",))
+COUNTERFACT = {
+    "case_id": 0, "pararel_idx": 2796,
+    "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                          "target_new": {"str": "English", "id": "Q1860"}, "target_true": {"str": "French", "id": "Q150"},
+                          "subject": "Danielle Darrieux"},
+    "paraphrase_prompts": ["Shayna does this. Danielle Darrieux spoke the language"],
+    "neighborhood_prompts": ["Michel Rocard is a native speaker of"],
+    "attribute_prompts": [], "generation_prompts": [],
+}
+
+
+def test_problem_names_parse():
+    assert [p.value for p in Problem] == ["error-injection", "tracing-reversal", "fact-erasure",
+                                          "fact-amplification", "fact-forcing"]
+    assert Problem.parse("Fact_Forcing") is Problem.FACT_FORCING
+    assert Problem.FACT_ERASURE.minimize and not Problem.ERROR_INJECTION.minimize
+    assert Problem.FACT_FORCING.toward_true and Problem.FACT_AMPLIFICATION.toward_true
+    with pytest.raises(TracekitError, match="unknown editing problem 'fact-forging'.*fact-forcing"):
+        Problem.parse("fact-forging")
+
+
+def test_error_injection_and_amplification_targets():
+    model = tiny("random:gpt2-tiny")
+    ei = prepare(model, RECORD, "error-injection")
+    assert (ei.request.target, ei.o_true, ei.counter, ei.request.minimize) == (" English", " French", " English", False)
+    assert ei.request.text == RECORD.text and ei.request.noise is None
+    assert ei.paraphrases == RECORD.paraphrase_prompts and ei.neighbours == RECORD.neighborhood_prompts
+    fa = prepare(model, RECORD, Problem.FACT_AMPLIFICATION)
+    assert (fa.request.target, fa.counter, fa.toward_true) == (" French", " English", True)
+
+
+def test_counterfact_dict_is_accepted():
+    model = tiny("random:gpt2-tiny")
+    setup = prepare(model, COUNTERFACT, "error-injection")
+    assert (setup.request.target, setup.o_true) == (" English", " French")
+    assert setup.neighbours == ("Michel Rocard is a native speaker of",)
+    with pytest.raises(TracekitError, match="requested_rewrite"):
+        prepare(model, {"case_id": 1}, "error-injection")
+
+
+def test_fact_erasure_needs_p_true_above_threshold(monkeypatch):
+    model = tiny("random:gpt2-tiny")
+    p_true = float(model.target_probs([RECORD.text], " French")[0])
+    assert p_true < PR.ERASURE_MIN_P  # a random model knows nothing
+    with pytest.raises(PointSkipped, match="p\\(o_true\\) >= 0.02"):
+        prepare(model, RECORD, "fact-erasure")
+    monkeypatch.setattr(PR, "ERASURE_MIN_P", p_true / 2)
+    fe = prepare(model, RECORD, "fact-erasure")
+    assert (fe.request.target, fe.request.minimize, fe.counter) == (" French", True, " English")
+
+
+def test_tracing_reversal_targets_the_noised_prediction():
+    model = tiny("random:llama-tiny")
+    found = noised_prediction(model, RECORD.text, RECORD.subject, samples=10, seed=4)
+    tr = prepare(model, RECORD, "tracing-reversal", seed=4)
+    assert tr.request.target == found.token and tr.counter == found.token and tr.o_true == " French"
+    assert model.target_ids(tr.request.target)[0] == found.token_id
+    same = FactRecord(case_id=1, prompt=RECORD.prompt, subject=RECORD.subject, target_true=found.token, target_new=None)
+    with pytest.raises(PointSkipped, match="still predicts o_true"):
+        prepare(model, same, "tracing-reversal", seed=4)
+
+
+def test_fact_forcing_carries_the_tracer_noise():
+    model = tiny("random:gptj-tiny")
+    ff = prepare(model, RECORD, "fact-forcing", seed=5)
+    start, end = model.subject_span(RECORD.text, RECORD.subject)
+    assert ff.request.target == " French" and ff.request.noise.shape == (end - start, model.d_model)
+    assert torch.equal(ff.request.noise, scaled_noise(model, 1, end - start, "s3", 5)[0])
+    other = prepare(model, RECORD, "fact-forcing", seed=6)
+    assert not torch.equal(ff.request.noise, other.request.noise)
+
+
+def test_bad_records():
+    model = tiny("random:gpt2-tiny")
+    no_false = FactRecord(case_id=2, prompt=RECORD.prompt, subject=RECORD.subject, target_true=" French", target_new=None)
+    with pytest.raises(TracekitError, match="needs a false target"):
+        prepare(model, no_false, "error-injection")
+    same = FactRecord(case_id=3, prompt=RECORD.prompt, subject=RECORD.subject, target_true=" French", target_new="French")
+    with pytest.raises(TracekitError, match="is the true object"):
+        prepare(model, same, "error-injection")
+    with pytest.raises(TracekitError, match="expected a FactRecord"):
+        prepare(model, 42, "error-injection")
