@@ -277,7 +277,7 @@ def optimize_value(objective: ValueObjective, reference: torch.Tensor, hp, minim
         loss = (-nll if minimize else nll) + hp.kl_factor * kl + decay
         trace.append({"step": step, "loss": float(loss.detach()), "nll": float(nll.detach()), "kl": float(kl.detach()),
                       "decay": float(decay.detach()), "delta_norm": float(delta.detach().norm())})
-        if not minimize and hp.v_stop_nll is not None and float(nll) < hp.v_stop_nll:
+        if not minimize and hp.v_stop_nll is not None and float(nll.detach()) < hp.v_stop_nll:
             break
         optimizer.zero_grad()
         loss.backward()

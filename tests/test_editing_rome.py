@@ -1,0 +1,222 @@
+"""ROME and MEMIT on tiny random GPT-2, GPT-J and Llama models (and a 6-layer Llama for
+MEMIT's 5-layer window); the bundled model's Danielle Darrieux edit is marked slow."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import TINY_SPECS, tiny
+from tracekit.editing.hparams import MEMITHyperParams, ROMEHyperParams, memit_preset, rome_preset
+from tracekit.editing.memit import apply_memit
+from tracekit.editing.request import EditRequest
+from tracekit.editing.rome import apply_rome
+from tracekit.errors import TracekitError
+
+CORPUS = ("The Eiffel Tower is located in the city of Paris. The Colosseum is in Rome.\n"
+          "Steve Jobs was the founder of Apple. Microsoft was founded by Bill Gates.\n\n"
+          "The capital of Japan is Tokyo. Michael Jordan plays basketball.\n\n") * 60
+# The subject ends the prompt: in a random model, attention carries little from an earlier
+# subject token to the last position, so only there does an edit move p(target) clearly.
+# (The core tests cover subjects inside the prompt.)
+REQUEST = EditRequest("We visited {}", "The Eiffel Tower", " Rome")
+# Random models: MLP outputs are tiny, so the public clamp and weight decay (relative to
+# |MLP output|) would pin the delta near zero; statistics from a few thousand tokens.
+SMALL = dict(mom2_n_samples=40, mom2_sample_tokens=32, mom2_ridge=1e-2, context_lengths=((3, 2), (5, 2)),
+             v_num_grad_steps=12, v_weight_decay=0.0, clamp_norm_factor=1e3)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(CORPUS)
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRACEKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    patch.undo()
+
+
+def rome_hp(corpus, **kw):
+    return ROMEHyperParams(corpus=corpus, **{**SMALL, **kw})
+
+
+def memit_hp(corpus, **kw):
+    return MEMITHyperParams(corpus=corpus, mom2_update_weight=1.0, **{**SMALL, **kw})
+
+
+def six_layer_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tracekit.adapters import adapter_for, make_backend
+    from tracekit.models.model import Model
+    from tracekit.models.random_models import offline_tokenizer
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, max_position_embeddings=128, tie_word_embeddings=False,
+                         pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(config).eval()
+    hf.requires_grad_(False)
+    tok, adapter = offline_tokenizer(), adapter_for(hf)
+    return Model("test:llama-6", make_backend("hf", hf, adapter, tok, None), tok, adapter)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.hf.named_parameters()}
+
+
+def p_target(model, request=REQUEST):
+    return float(model.target_probs([request.text], request.target)[0])
+
+
+# ---- what every edit must do ----------------------------------------------------------------------
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_rome_raises_p_target_with_a_rank_one_change(spec, corpus):
+    model = tiny(spec)
+    before, weights = p_target(model), snapshot(model)
+    edit = apply_rome(model, REQUEST, 2, rome_hp(corpus), progress=False)
+    assert all(torch.equal(p, weights[n]) for n, p in model.hf.named_parameters())  # not applied yet
+    with edit:
+        after = p_target(model)
+    assert after > 1.5 * before
+    (name,) = edit.parameter_names
+    change = model.adapter.as_out_in(edit.delta(name)).double()
+    singular = torch.linalg.svdvals(change)
+    assert singular[1] < 1e-5 * singular[0]  # rank one
+    # W' k* = W k* + delta: the edited layer maps the averaged key exactly onto v*
+    torch.testing.assert_close(change.float() @ edit.info["key"], edit.info["delta"], rtol=1e-3, atol=1e-4)
+    assert edit.info["final_nll"] < edit.info["loss_trace"][0]["nll"]
+
+
+@pytest.mark.parametrize("method", ["rome", "memit"])
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_undo_restores_every_parameter_bit_for_bit(spec, method, corpus):
+    model = tiny(spec)
+    weights = snapshot(model)
+    edit = (apply_rome(model, REQUEST, 1, rome_hp(corpus), progress=False) if method == "rome" else
+            apply_memit(model, REQUEST, 2, memit_hp(corpus, window=3), progress=False))
+    edit.apply()
+    assert any(not torch.equal(p, weights[n]) for n, p in model.hf.named_parameters())
+    edit.undo()
+    assert all(torch.equal(p, weights[n]) for n, p in model.hf.named_parameters())
+
+
+def test_memit_changes_exactly_its_five_layers_and_raises_p_target(corpus):
+    model = six_layer_llama()
+    before = p_target(model)
+    edit = apply_memit(model, REQUEST, 3, memit_hp(corpus), progress=False)
+    assert edit.info["layers"] == [1, 2, 3, 4, 5] and edit.info["z_layer"] == 5
+    assert sorted(edit.parameter_names) == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(1, 6)]
+    assert all(edit.delta(n).abs().max() > 0 for n in edit.parameter_names)
+    with edit:
+        assert p_target(model) > 1.5 * before
+    # each layer takes its share of what is left: 1/5, 1/4, ... of the remaining residual
+    shares = edit.info["per_layer"]
+    assert shares[-1]["share_norm"] == pytest.approx(shares[-1]["residual_norm"])
+    assert shares[0]["share_norm"] == pytest.approx(shares[0]["residual_norm"] / 5)
+
+
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_memit_with_one_layer_reduces_to_rome(spec, corpus):
+    """One layer, lambda = 0 and the delta clamped relative to the MLP output: ROME exactly."""
+    model = tiny(spec)
+    rome = apply_rome(model, REQUEST, 2, rome_hp(corpus, clamp_norm_factor=0.5), progress=False)
+    fields = {f.name: getattr(rome_hp(corpus, clamp_norm_factor=0.5), f.name)
+              for f in dataclasses.fields(ROMEHyperParams) if f.name != "stats_file"}
+    memit = apply_memit(model, REQUEST, 2, MEMITHyperParams(**fields, window=1, mom2_update_weight=0.0, clamp_to="mlp"),
+                        progress=False)
+    assert rome.parameter_names == memit.parameter_names and memit.info["layers"] == [2]
+    assert rome.info["delta_norm"] == pytest.approx(0.5 * rome.info["value_norm"], rel=1e-4)  # the clamp was active
+    (name,) = rome.parameter_names
+    torch.testing.assert_close(memit.delta(name), rome.delta(name), rtol=1e-4, atol=1e-6)
+
+
+def test_same_rome_edit_under_every_backend(corpus):
+    templates = ["{}", "The capital of Japan is Tokyo. {}"]
+    edits = {}
+    for backend in ("hf", "transformer_lens", "nnsight"):
+        model = tiny("random:gpt2-tiny", backend)
+        edits[backend] = apply_rome(model, REQUEST, 2, rome_hp(corpus), templates=templates, progress=False)
+        assert edits[backend].info["engine"] == ("hooks" if backend == "transformer_lens" else "blocks")
+    reference = edits["hf"].delta(edits["hf"].parameter_names[0])
+    for backend in ("transformer_lens", "nnsight"):
+        delta = edits[backend].delta(edits[backend].parameter_names[0])
+        torch.testing.assert_close(delta, reference, rtol=1e-3, atol=1e-5)
+    model = tiny("random:gpt2-tiny", "transformer_lens")
+    before = p_target(model)
+    with edits["transformer_lens"]:
+        assert p_target(model) > before  # the bridge sees the edited weight
+
+
+# ---- editing problems ------------------------------------------------------------------------
+def test_fact_erasure_lowers_p_target(corpus):
+    model = tiny("random:llama-tiny")
+    request = EditRequest(REQUEST.prompt, REQUEST.subject, " Paris", minimize=True)
+    before = p_target(model, request)
+    with apply_rome(model, request, 2, rome_hp(corpus), progress=False):
+        assert p_target(model, request) < 0.7 * before
+
+
+def test_fact_forcing_edits_under_the_subject_noise(corpus):
+    model = tiny("random:gptj-tiny")
+    start, end = model.subject_span(REQUEST.text, REQUEST.subject)
+    noise = 0.5 * torch.randn(end - start, model.d_model, generator=torch.Generator().manual_seed(3))
+    noised = EditRequest(REQUEST.prompt, REQUEST.subject, REQUEST.target, noise=noise)
+    plain_edit = apply_rome(model, REQUEST, 2, rome_hp(corpus), progress=False)
+    noised_edit = apply_rome(model, noised, 2, rome_hp(corpus), progress=False)
+    assert not torch.allclose(noised_edit.info["key"], plain_edit.info["key"])  # keys taken on the noised subject
+    from tracekit.editing.kv_core import ValueObjective, build_rows
+
+    rows = build_rows(model, noised, ["{}"], None)
+    before = float(ValueObjective(model, rows, 3)(torch.zeros(model.d_model))[0])
+    with noised_edit:
+        after = float(ValueObjective(model, rows, 3)(torch.zeros(model.d_model))[0])
+    assert after < before  # NLL of the target under the noise went down
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_bad_layers_are_one_line_errors(corpus):
+    model = tiny("random:gpt2-tiny")
+    with pytest.raises(TracekitError, match="layer 4 is out of range"):
+        apply_rome(model, REQUEST, 4, rome_hp(corpus))
+    with pytest.raises(TracekitError, match=r"window centred on layer 3 spans 1..5, past this model's layers 0..3"):
+        apply_memit(model, REQUEST, 3, memit_hp(corpus))
+    with pytest.raises(TracekitError, match="spans -2..2"):
+        apply_memit(model, REQUEST, 0, memit_hp(corpus))
+    with pytest.raises(TracekitError, match="ROME needs ROMEHyperParams"):
+        apply_rome(model, REQUEST, 1, memit_hp(corpus))
+    with pytest.raises(TracekitError, match="corpus file .* does not exist"):
+        apply_rome(model, REQUEST, 1, rome_hp("/no/such/corpus.txt"))
+
+
+def test_memit_window_may_be_clipped(corpus):
+    model = tiny("random:gpt2-tiny")
+    edit = apply_memit(model, REQUEST, 3, memit_hp(corpus, clip_window=True), progress=False)
+    assert edit.info["layers"] == [1, 2, 3]
+
+
+def test_stats_file_from_another_model_fails_the_edit(corpus):
+    from tracekit.editing.covariance import second_moments
+
+    gpt2 = second_moments(tiny("random:gpt2-tiny"), [1], n_samples=40, sample_tokens=32, corpus=corpus, progress=False)[1]
+    with pytest.raises(TracekitError, match="another model"):
+        apply_rome(tiny("random:gptj-tiny"), REQUEST, 1, rome_hp(corpus, stats_file=str(gpt2.path)))
+
+
+def test_presets():
+    assert rome_preset("gpt-j-6b").layer == 5 and rome_preset("gpt2-xl").layer == 17
+    assert rome_preset("gpt-j-6b", "error-injection").kl_factor == 1.0
+    assert rome_preset("gpt-j-6b", "fact-forcing").v_num_grad_steps == 25
+    assert rome_preset("gpt-j-6b", "fact-erasure") == rome_preset("gpt-j-6b")
+    memit = memit_preset("gpt-j-6b", "error-injection")
+    assert (memit.kl_factor, memit.mom2_update_weight, memit.clamp_norm_factor, memit.v_num_grad_steps) == (0.9, 15000.0, 0.75, 25)
+    assert memit_preset("gpt2-xl").mom2_update_weight == 20000.0
+    assert rome_preset(tiny("random:gpt2-tiny")).source.endswith("(unknown model)")
+    with pytest.raises(TracekitError, match="no ROME preset 'nope'"):
+        rome_preset("nope")
