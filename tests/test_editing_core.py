@@ -227,3 +227,17 @@ def test_context_templates_are_seeded_cached_and_well_formed(tmp_path, monkeypat
     context._memory.clear()
     monkeypatch.setattr(context, "sample_templates", lambda *a: pytest.fail("re-sampled cached templates"))
     assert context_templates(model, ((3, 2), (5, 3)), seed=1) == first
+
+
+def test_self_sampled_corpus_grows_by_whole_seeded_batches():
+    model = tiny("random:llama-tiny")
+    with pytest.warns(UserWarning):
+        path = cov.self_sampled_corpus(model, 5, 6, progress=False)
+    first = path.read_text().splitlines()
+    assert len(first) == cov.SELF_CHUNK
+    with open(path, "a") as out:
+        out.write('{"text": "torn')  # a crash in the middle of a write
+    with pytest.warns(UserWarning, match="sampling 32 texts"):
+        cov.self_sampled_corpus(model, 40, 6, progress=False)
+    grown = path.read_text().splitlines()
+    assert len(grown) == 2 * cov.SELF_CHUNK and grown[: cov.SELF_CHUNK] == first

@@ -220,3 +220,35 @@ def test_presets():
     assert rome_preset(tiny("random:gpt2-tiny")).source.endswith("(unknown model)")
     with pytest.raises(TracekitError, match="no ROME preset 'nope'"):
         rome_preset("nope")
+
+
+# ---- the bundled model ---------------------------------------------------------------------------
+DARRIEUX = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
+PARAPHRASES = ["Danielle Darrieux, a native speaker of", "Danielle Darrieux's mother tongue is",
+               "The native language of Danielle Darrieux is"]
+NEIGHBOURS = ["The mother tongue of Jean Marais is", "The mother tongue of Léon Blum is",
+              "The native language of Montesquieu is", "Michel Rocard is a native speaker of",
+              "The mother tongue of François Bayrou is"]
+
+
+def scores(model, edit):
+    """Rewrite, paraphrase (first token of " English") and neighbourhood (" French") scores."""
+    prompts = [DARRIEUX.text, *PARAPHRASES, *NEIGHBOURS]
+    targets = [" English"] * (1 + len(PARAPHRASES)) + [" French"] * len(NEIGHBOURS)
+    before = model.target_probs(prompts, targets)
+    with edit:
+        after = model.target_probs(prompts, targets)
+    lift = (after - before) / (1 - before)
+    k = 1 + len(PARAPHRASES)
+    drift = 1 - (after[k:] - before[k:]).abs() / (0.5 + (before[k:] - 0.5).abs())
+    return float(lift[0]), float(lift[1:k].mean()), float(drift.mean())
+
+
+@pytest.mark.slow
+def test_rome_on_the_bundled_model_at_the_preset_layer(smollm):
+    hparams = rome_preset(smollm)
+    edit = apply_rome(smollm, DARRIEUX, None, hparams)
+    rewrite, paraphrase, neighbourhood = scores(smollm, edit)
+    print(f"ROME layer {hparams.layer}: rewrite {rewrite:.3f} paraphrase {paraphrase:.3f} "
+          f"neighbourhood {neighbourhood:.3f}; {edit.info['seconds']}")
+    assert rewrite >= 0.9 and paraphrase >= 0.5 and neighbourhood >= 0.8

@@ -103,27 +103,53 @@ def _read_documents(path: Path) -> Iterator[str]:
         yield "\n".join(paragraph)
 
 
+SELF_CHUNK = 32  # texts sampled per seeded batch; the corpus grows by whole batches
+
+
 def self_sampled_corpus(model, n_texts: int, length: int, seed: int = 0, cache_root=None, progress: bool = True) -> Path:
-    """``n_texts`` texts of ``length`` tokens sampled from the model (top-k 40), cached as jsonl."""
+    """At least ``n_texts`` texts of ``length`` tokens sampled from the model (top-k 40), cached as jsonl.
+
+    Batch i of ``SELF_CHUNK`` texts is sampled with seed ``seed + i x SELF_CHUNK``, so a corpus only ever
+    grows: a request for more texts appends batches, and a smaller request reads a prefix.
+    """
     from tracekit.editing.context import STARTERS
 
-    fingerprint = weight_fingerprint(model)
-    path = cache_dir(cache_root) / "corpus" / f"{slug(model.spec)}-{fingerprint}" / f"self-{n_texts}x{length}-s{seed}.jsonl"
-    if path.is_file():
+    folder = cache_dir(cache_root) / "corpus" / f"{slug(model.spec)}-{weight_fingerprint(model)}"
+    path = folder / f"self-{length}tok-s{seed}.jsonl"
+    have = _whole_batches(path)
+    if have >= n_texts:
         return path
-    warnings.warn(f"no text corpus given or found (CORPUS_FILES in $TRACEKIT_DATA or ../shared/data): sampling "
-                  f"{n_texts} texts of {length} tokens from the model itself for key statistics; cached at {path}",
-                  stacklevel=3)
-    starters = [STARTERS[i % len(STARTERS)] for i in range(n_texts)]
-    texts: list[str] = []
+    want = -(-n_texts // SELF_CHUNK) * SELF_CHUNK
+    warnings.warn(f"no text corpus given or found ({', '.join(CORPUS_FILES)} in $TRACEKIT_DATA or ../shared/data): "
+                  f"sampling {want - have} texts of {length} tokens from the model itself for key statistics "
+                  f"(cached at {path}); pass a corpus file for statistics of natural text", stacklevel=3)
+    starters = [STARTERS[i % len(STARTERS)] for i in range(SELF_CHUNK)]
+    folder.mkdir(parents=True, exist_ok=True)
     with _progress(progress) as bar:
-        task = bar.add_task(f"sampling a corpus from {model.spec}", total=n_texts, rate="")
-        for start in range(0, n_texts, 32):
-            chunk = starters[start:start + 32]
-            texts += [s + t for s, t in zip(chunk, model.generate(chunk, max_new_tokens=length, top_k=40, seed=seed + start))]
-            bar.update(task, advance=len(chunk))
-    write_atomic(path, lambda p: p.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts)))
+        task = bar.add_task(f"sampling a corpus from {model.spec}", total=want, completed=have, rate="")
+        for batch in range(have // SELF_CHUNK, want // SELF_CHUNK):
+            texts = model.generate(starters, max_new_tokens=length, top_k=40, seed=seed + batch * SELF_CHUNK)
+            with open(path, "a", encoding="utf-8") as out:  # whole lines only: a crash loses one batch
+                out.write("".join(json.dumps({"text": s + t}) + "\n" for s, t in zip(starters, texts)))
+            bar.update(task, advance=SELF_CHUNK)
     return path
+
+
+def _whole_batches(path: Path) -> int:
+    """Texts in a self-sampled corpus, cut back to whole valid batches (after a crash mid-write)."""
+    if not path.is_file():
+        return 0
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            json.loads(line)["text"]
+        except (ValueError, KeyError, TypeError):
+            break
+        lines.append(line)
+    keep = len(lines) - len(lines) % SELF_CHUNK
+    if keep != len(path.read_text(encoding="utf-8").splitlines()):
+        write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in lines[:keep]), encoding="utf-8"))
+    return keep
 
 
 def _samples(model, path: Path, n_samples: int, sample_tokens: int) -> Iterator[list[int]]:
@@ -227,7 +253,7 @@ def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_token
     source = resolve_corpus(corpus)
     if source is None:
         n_texts = n_samples + n_samples // 8 + 1  # re-tokenised samples come out a little shorter
-        corpus_key = f"self-{weight_fingerprint(model)}-{n_texts}x{sample_tokens}-s{corpus_seed}"
+        corpus_key = f"self-{weight_fingerprint(model)}-{sample_tokens}tok-s{corpus_seed}"
     else:
         corpus_key = source.key
     expected = {layer: _expected(model, layer, n_samples, sample_tokens, dtype, corpus_key) for layer in layers}

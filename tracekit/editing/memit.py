@@ -30,6 +30,7 @@ from tracekit.errors import check
 
 def memit_layers(model, layer: int, window: int, clip: bool = False) -> list[int]:
     """``window`` consecutive layers centred on ``layer`` (the tracing window's formula)."""
+    check(clip or window <= model.n_layers, f"MEMIT's window of {window} layers is wider than this model's {model.n_layers} layers")
     first = layer - window // 2
     layers = list(range(first, first + window))
     if clip:
