@@ -123,11 +123,11 @@ def self_sampled_corpus(model, n_texts: int, length: int, seed: int = 0, cache_r
     warnings.warn(f"no text corpus given or found ({', '.join(CORPUS_FILES)} in $TRACEKIT_DATA or ../shared/data): "
                   f"sampling {want - have} texts of {length} tokens from the model itself for key statistics "
                   f"(cached at {path}); pass a corpus file for statistics of natural text", stacklevel=3)
-    starters = [STARTERS[i % len(STARTERS)] for i in range(SELF_CHUNK)]
     folder.mkdir(parents=True, exist_ok=True)
     with _progress(progress) as bar:
         task = bar.add_task(f"sampling a corpus from {model.spec}", total=want, completed=have, rate="")
         for batch in range(have // SELF_CHUNK, want // SELF_CHUNK):
+            starters = [STARTERS[(batch * SELF_CHUNK + i) % len(STARTERS)] for i in range(SELF_CHUNK)]
             texts = model.generate(starters, max_new_tokens=length, top_k=40, seed=seed + batch * SELF_CHUNK)
             with open(path, "a", encoding="utf-8") as out:  # whole lines only: a crash loses one batch
                 out.write("".join(json.dumps({"text": s + t}) + "\n" for s, t in zip(starters, texts)))
