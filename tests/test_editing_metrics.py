@@ -11,7 +11,7 @@ from tracekit.editing.delta import Edit
 from tracekit.editing.logprobs import text_query, token_logprobs
 from tracekit.editing.problems import prepare
 
-from conftest import TINY_SPECS, tiny
+from conftest import BACKENDS, TINY_SPECS, tiny
 
 
 # ---- pure formulas, hand-computed ---------------------------------------------------------------
@@ -103,11 +103,11 @@ def _bump_edit(model, layer=1, scale=0.05):
     return Edit(model.hf, {name: weight + scale * torch.randn(weight.shape, generator=gen)})
 
 
-def _perplexity(model, texts):
+def _perplexity(model, rows):
     """Pooled perplexity of every token after the first, one plain forward per text."""
     logps = []
-    for text in texts:
-        ids = torch.tensor([model.tokenizer(text)["input_ids"]])
+    for row in rows:
+        ids = torch.tensor([row])
         with torch.no_grad():
             logp = torch.log_softmax(model.hf(ids).logits[0].float(), dim=-1)
         logps.append(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]])
@@ -122,14 +122,15 @@ def test_evaluate_edit_matches_separate_forward_passes(spec):
     config = M.MetricsConfig(essence_new_tokens=8)
     result = M.evaluate_edit(model, setup, edit, config)
     assert not edit.applied
+    rows = M.sample_essence_tokens(model, RECORD.subject, config)
     prompts = [RECORD.text, *RECORD.paraphrase_prompts]
     p_before = model.target_probs(prompts, " English")
     n_before = model.target_probs(list(RECORD.neighborhood_prompts), " French")
     with edit:
         p_after = model.target_probs(prompts, " English")
         n_after = model.target_probs(list(RECORD.neighborhood_prompts), " French")
-        ppl_after = _perplexity(model, result.essence_texts)
-    ppl_before = _perplexity(model, result.essence_texts)
+        ppl_after = _perplexity(model, rows)
+    ppl_before = _perplexity(model, rows)
     expected_rewrite = M.rewrite_score(float(p_before[0]), float(p_after[0]))
     assert result.scores["rewrite"] == pytest.approx(expected_rewrite, rel=1e-4, abs=1e-7)
     assert result.scores["paraphrase"] == pytest.approx(M.rewrite_score(float(p_before[1]), float(p_after[1])), rel=1e-4, abs=1e-7)
@@ -148,3 +149,9 @@ def test_essence_texts_are_seeded():
     b = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=1))
     c = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=2))
     assert a == b and a != c and len(set(a)) > 1
+
+
+def test_essence_texts_are_the_same_on_every_backend():
+    config = M.MetricsConfig(essence_new_tokens=5, seed=3)
+    texts = [M.sample_essence_tokens(tiny("random:gptj-tiny", backend), "Toko Yasuda", config) for backend in BACKENDS]
+    assert texts[0] == texts[1] == texts[2]

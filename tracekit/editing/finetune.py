@@ -16,7 +16,7 @@ each step runs only the layers from there up; elsewhere each step is a whole for
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -163,32 +163,56 @@ FT_PRESETS: dict[str, FTHyperParams] = {
     "gpt-j-6b/constrained": FTHyperParams(steps=25, lr=5e-4, norm_constraint=5e-5, layer=21,
                                           source="public ROME repo, FT gpt-j-6B constrained (layer 21)"),
 }
-for _family, _table in _PAPER_NORMS.items():
+for _fam, _table in _PAPER_NORMS.items():
     for _problem, _norms in _table.items():
         for _n, _norm in zip((1, 5), _norms):
-            FT_PRESETS[f"{_family}/{_problem}/ft-{_n}"] = FTHyperParams(
+            FT_PRESETS[f"{_fam}/{_problem}/ft-{_n}"] = FTHyperParams(
                 n_layers=_n, steps=50 if _problem == "fact-forcing" else 25, lr=5e-4, norm_constraint=_norm,
-                layer=_DEFAULT_LAYER[_family], source=f"paper appendix, {_family} {_problem} FT-{_n}")
+                layer=_DEFAULT_LAYER[_fam], source=f"paper appendix, {_fam} {_problem} FT-{_n}")
+
+
+# SmolLM2-135M (bundled): tuned by tracekit, see SMOLLM2_FT_NOTE.
+SMOLLM2_FT_NOTE = """How the SmolLM2-135M FT presets were chosen (Error Injection, layer 4 = ROME's preset layer).
+
+The GPT-J values barely move this model: its down-projections have 1536 inputs (GPT-J:
+16384), so an L-inf ball of 5e-5..1e-4 allows a far smaller change of the MLP output.
+With Adam's first step already reaching the ball (lr >= norm), the radius is what
+matters. FT-1 at layer 4 on "The mother tongue of Danielle Darrieux is" -> " English"
+(p before 0.033) plus 7 built-in world facts (tracekit.data.world_facts, indices 0, 20,
+60, 80, 100, 120, 140), rewrite score per fact:
+  norm 2e-3: Darrieux 0.933, mean 0.42 (min 0.008)
+  norm 5e-3: Darrieux 0.991, mean 0.977 (min 0.932)   <- FT-1 preset
+FT-5 (layers 2..6):
+  norm 1e-3: Darrieux 0.992, mean 0.984 (min 0.962)   <- FT-5 preset (1/5 of FT-1, as the
+  norm 2e-3: mean 0.991                                   paper's GPT-J ratio 2e-5 / 1e-4)
+Darrieux with FT-1 norm 5e-3 at other layers: 8: 0.990, 12: 0.948, 16: 0.706, 20: 0.869.
+Early stopping at target NLL < 0.01 (the public FT code's rule) keeps rewrite <= ~0.99, the
+paper's tuning criterion. The other problems use the same radii (not tuned separately);
+Fact Forcing takes 50 steps as in the paper."""
+_SMOLLM2_NORM = {1: 5e-3, 5: 1e-3}
 
 
 def model_family(model) -> str:
     """The preset family of a model, from its shape: gpt-j-6b, gpt2-xl, smollm2-135m or generic."""
-    shape = (model.adapter.name, model.n_layers, model.d_model)
-    return {("gptj", 28, 4096): "gpt-j-6b", ("gpt2", 48, 1600): "gpt2-xl",
-            ("llama", 30, 576): "smollm2-135m"}.get(shape, "generic")
+    from tracekit.editing.hparams import _family
+
+    return _family(model)
 
 
 def ft_preset(model, problem: str = "error-injection", n_layers: int = 1) -> FTHyperParams:
     """The FT hyperparameters for this model, problem and window (FT-1 or FT-5)."""
-    from dataclasses import replace
-
     family = model_family(model)
     key = f"{family}/{problem}/ft-{n_layers}"
     if key in FT_PRESETS:
         return FT_PRESETS[key]
+    steps = 50 if problem == "fact-forcing" else 25
+    if family == "smollm2-135m":
+        from tracekit.editing.hparams import rome_preset
+
+        norm = _SMOLLM2_NORM.get(n_layers, _SMOLLM2_NORM[5])
+        return FTHyperParams(n_layers=n_layers, steps=steps, lr=norm, norm_constraint=norm,
+                             layer=rome_preset(family).layer, source="tracekit, SmolLM2-135M (see SMOLLM2_FT_NOTE)")
     if family in _PAPER_NORMS:  # GPT2-XL problems the appendix does not tune: its Error Injection values
         base = FT_PRESETS[f"{family}/error-injection/ft-{n_layers}"]
-        steps = 50 if problem == "fact-forcing" else 25
         return replace(base, steps=steps, source=base.source + f" (no {problem} value published)")
-    steps = 50 if problem == "fact-forcing" else 25
     return FTHyperParams(n_layers=n_layers, steps=steps, source="public GPT-J constrained FT (generic model)")

@@ -161,20 +161,34 @@ class EditScores:
 
 
 def sample_essence_texts(model, subject: str, config: MetricsConfig = MetricsConfig()) -> list[str]:
-    """Texts sampled from the model given "{subject} is a" (top-k, seeded), prompt included.
+    """Texts sampled from the model given "{subject} is a" (top-k, seeded), prompt included."""
+    return [model.tokenizer.decode(r) for r in sample_essence_tokens(model, subject, config)]
 
-    Cached on the model object per (subject, settings): sample them before applying an edit."""
+
+def sample_essence_tokens(model, subject: str, config: MetricsConfig = MetricsConfig()) -> list[tuple[int, ...]]:
+    """Token rows of the essence texts (scored as sampled: no decode/re-encode round trip).
+
+    Sampled through ``model.run`` (whole forward passes, no KV cache: a few dozen short
+    passes), so every backend gives the same texts. Cached on the model object per
+    (subject, settings): sample them before applying an edit."""
     key = (subject, config.essence_samples, config.essence_top_k, config.essence_new_tokens, config.seed)
     cache = model.__dict__.setdefault("_essence_texts", {})
     if key not in cache:
-        prompt = ESSENCE_PROMPT.format(subject)
-        continuations = model.generate([prompt] * config.essence_samples, max_new_tokens=config.essence_new_tokens,
-                                       top_k=config.essence_top_k, seed=config.seed)
-        cache[key] = tuple(prompt + c for c in continuations)
+        prompt_ids = P.token_ids(model.tokenizer, ESSENCE_PROMPT.format(subject))
+        rows = [list(prompt_ids) for _ in range(config.essence_samples)]
+        gen = torch.Generator().manual_seed(config.seed)
+        for _ in range(config.essence_new_tokens):
+            batch = P.pad(rows, model.tokenizer.pad_token_id)
+            logits = model.run(batch.input_ids, positions=batch.last).logits.float().cpu()
+            top_logits, top_ids = logits.topk(config.essence_top_k, dim=-1)
+            picks = torch.multinomial(torch.softmax(top_logits, dim=-1), 1, generator=gen)
+            for row, token in zip(rows, top_ids.gather(1, picks)[:, 0].tolist()):
+                row.append(token)
+        cache[key] = tuple(tuple(r) for r in rows)
     return list(cache[key])
 
 
-def _queries(model, setup: EditSetup, essence_texts):
+def _queries(model, setup: EditSetup, essence_rows):
     """(kind, role, object, noised) labels and their queries, for one batched pass."""
     req = setup.request
     prompts = [("rewrite", req.text)] + [("paraphrase", p) for p in setup.paraphrases]
@@ -189,19 +203,16 @@ def _queries(model, setup: EditSetup, essence_texts):
             noised = req.noise is not None and req.subject in prompt
             queries.append(text_query(model, prompt, obj, req.subject, req.noise if noised else None))
             labels.append((kind, prompt, role, obj, noised))
-    essence = []  # perplexity over every token of each text after its first
-    for text in essence_texts:
-        ids = tuple(P.token_ids(model.tokenizer, text))
-        if len(ids) > 1:
-            essence.append(Query(ids[:1], ids[1:]))
+    # perplexity over every token of each text after its first
+    essence = [Query(ids[:1], ids[1:]) for ids in essence_rows if len(ids) > 1]
     return labels, queries, essence
 
 
 def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig()) -> EditScores:
     """Score ``edit`` (not applied on entry; left as found) on the point described by ``setup``."""
     check(not edit.applied, "evaluate_edit needs the edit un-applied: the 'before' pass runs the original model")
-    texts = sample_essence_texts(model, setup.request.subject, config) if config.essence else []
-    labels, queries, essence = _queries(model, setup, texts)
+    essence_rows = sample_essence_tokens(model, setup.request.subject, config) if config.essence else []
+    labels, queries, essence = _queries(model, setup, essence_rows)
     before = token_logprobs(model, queries + essence)
     with edit:
         after = token_logprobs(model, queries + essence)
@@ -213,6 +224,7 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
     ppl_a = perplexity(torch.cat(after[n:]).tolist()) if essence else None
     scores = compute_scores(_by_kind(rows, "p_before"), _by_kind(rows, "p_after"), minimize=setup.request.minimize,
                             toward_true=setup.toward_true, ppl_before=ppl_b, ppl_after=ppl_a)
+    texts = [model.tokenizer.decode(r) for r in essence_rows]
     notes = setup.notes
     if setup.request.noise is not None:
         notes += ("neighbourhood prompts (other subjects) and essence texts are scored without noise",)
