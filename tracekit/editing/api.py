@@ -109,9 +109,8 @@ def default_hparams(model, method: str, problem: Problem):
 def _pick_layer(model, layer: int | None, hparams) -> int:
     if layer is None:
         layer = getattr(hparams, "layer", None)
-        if layer is None:
-            layer = model.n_layers // 2
-            layer = min(max(layer, 0), model.n_layers - 1)
+    if layer is None:  # a preset without a default layer: the middle of the model
+        layer = model.n_layers // 2
     check(isinstance(layer, int) and not isinstance(layer, bool), f"layer must be an integer, got {layer!r}")
     model.adapter.check_layer(model.hf, layer)
     return layer

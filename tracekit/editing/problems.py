@@ -113,6 +113,8 @@ def prepare(model, record, problem: str | Problem, seed: int = 0, noise="s3") ->
         found = noised_prediction(model, fact.text, subject, noise=noise, samples=NOISED_SAMPLES, seed=seed)
         if found.token_id == model.target_ids(o_true)[0]:
             raise PointSkipped(f"tracing-reversal: the noised run still predicts o_true {o_true!r}; nothing to reverse")
+        if model.target_ids(found.token)[0] != found.token_id:  # a byte fragment that text cannot carry
+            raise PointSkipped(f"tracing-reversal: o_noise token {found.token_id} does not survive decoding ({found.token!r})")
         note = (f"o_noise = {found.token!r} (p = {found.p:.3f} averaged over {NOISED_SAMPLES} noised runs, "
                 f"noise {noise}, seed {seed})")
         return EditSetup(problem, EditRequest(template, subject, found.token), counter=found.token,
