@@ -252,7 +252,7 @@ def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_token
     layers = sorted({model.adapter.check_layer(model.hf, layer) for layer in layers})
     source = resolve_corpus(corpus)
     if source is None:
-        n_texts = n_samples + n_samples // 8 + 1  # re-tokenised samples come out a little shorter
+        n_texts = -(-n_samples * 11 // 10)  # a text of sample_tokens tokens may re-tokenise a little shorter
         corpus_key = f"self-{weight_fingerprint(model)}-{sample_tokens}tok-s{corpus_seed}"
     else:
         corpus_key = source.key

@@ -15,24 +15,25 @@
 
 Cost (``engine="blocks"``, any model whose blocks ``BlockDriver`` can drive): one pass
 without gradients runs every row through blocks 0..l and keeps block l's output. The
-rows are grouped by the position s of their last subject token; for each group the
-positions before s are run once through blocks l+1.. (they cannot see the delta, under
-causal attention) and their keys/values kept. Each optimisation step then runs only
-positions s.. of blocks l+1.., with logits only at the positions that score the target
-and the KL prompt. ``engine="hooks"`` is the plain reference: whole forward passes through
+positions before each row's last subject token s_i cannot see the delta (causal
+attention), so their keys/values in blocks l+1.. are computed once, also without
+gradients. Each optimisation step then runs one batch holding, for every row, only
+positions s_i.. (a ragged batch: per-row positions and masks over the shared prefix) through
+blocks l+1.., with logits only at the positions that score the target and the KL prompt.
+``engine="hooks"`` is the plain reference: whole forward passes through
 ``Model.run`` with a ``Site("mlp", l)`` hook adding the delta (used where blocks cannot be
 driven, e.g. the TransformerLens bridge, and by the tests).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from tracekit import prompts as P
 from tracekit.adapters import Site
-from tracekit.adapters.blocks import BlockDriver
+from tracekit.adapters.blocks import BlockDriver, Positions
 from tracekit.editing.request import EditRequest
 from tracekit.errors import check
 
@@ -141,14 +142,22 @@ def _run_prefix(model, ids, rows, sites, last_layer):
 
 
 # ---- the value objective ------------------------------------------------------------------------
-@dataclass
-class _Group:
-    rows: torch.Tensor  # row indices
-    start: int  # their common last-subject-token position s
-    suffix: torch.Tensor  # block-l output at positions s..end-1 [g, P, d]
-    pos: object  # BlockDriver.Positions for s..end-1
-    prefix_kv: list  # per layer above l: (keys, values) of positions < s, or None
-    score_rows: list[int] = field(default_factory=list)
+def ragged_positions(driver: BlockDriver, starts: torch.Tensor, width: int, prefix: int, like: torch.Tensor) -> Positions:
+    """Row i holds positions starts[i] .. starts[i] + width - 1 and sees keys 0..starts[i] - 1 of a
+    shared prefix of ``prefix`` columns, then its own columns causally."""
+    cols = torch.arange(width, device=like.device)
+    ids = starts.to(like.device)[:, None] + cols  # [B, P]
+    keys = torch.arange(prefix, device=like.device)
+    seen_prefix = (keys[None, None, :] < starts.to(like.device)[:, None, None]).expand(-1, width, -1)
+    causal = (cols[None, :] <= cols[:, None])[None].expand(len(starts), -1, -1)
+    allowed = torch.cat([seen_prefix, causal], dim=-1)[:, None]  # [B, 1, P, prefix + P]
+    if driver.implementation == "eager":
+        mask = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(like.dtype).min)
+    else:
+        mask = allowed
+    rotary = driver.rotary(like, position_ids=ids) if driver.rotary is not None else None
+    return Positions(ids, mask, rotary)
 
 
 class ValueObjective:
@@ -174,51 +183,46 @@ class ValueObjective:
         self.resid = captured[sites[2]][index, at].float()
         self.dtype = captured[sites[2]].dtype
         if engine == "blocks":
-            self.groups = self._make_groups(hidden)
+            self._prepare_suffix(hidden)
         with torch.no_grad():
-            zero = torch.zeros(model.d_model)
-            self.kl_init = self._logits(zero)[1]
+            self.kl_init = self._logits(torch.zeros(model.d_model))[1]
             if self.kl_init is not None:
                 self.kl_init = torch.log_softmax(self.kl_init.float(), -1)
 
     # -- blocks engine -------------------------------------------------------------------
     @torch.no_grad()
-    def _make_groups(self, hidden: torch.Tensor) -> list[_Group]:
-        groups = []
-        for start in sorted(set(self.rows.subject_last.tolist())):
-            idx = torch.nonzero(self.rows.subject_last == start).flatten()
-            end = int(self.rows.lengths[idx].max())
-            prefix_kv = []
-            h = hidden[idx, :start]
-            pos = self.driver.positions(0, start, h) if start > 0 else None
-            for layer in range(self.layer + 1, len(self.driver.blocks)):
-                if start == 0:
-                    prefix_kv.append(None)
-                    continue
-                h, cache = self.driver.block(layer, h, pos)
-                prefix_kv.append(tuple(t.detach() for t in cache.seen))
-            suffix = hidden[idx, start:end]
-            groups.append(_Group(idx, start, suffix, self.driver.positions(start, end, suffix), prefix_kv))
-        return groups
+    def _prepare_suffix(self, hidden: torch.Tensor) -> None:
+        """Keys/values of every row's positions before its last subject token (blocks above
+        ``layer``), and each row's block-``layer`` output from that token on, in one batch."""
+        rows = self.rows
+        starts = rows.subject_last
+        self.width = int((rows.lengths - starts).max())
+        prefix = int(starts.max())
+        padded = torch.nn.functional.pad(hidden, (0, 0, 0, self.width))  # room for a row's suffix past T
+        take = (starts[:, None] + torch.arange(self.width)).to(hidden.device)
+        self.suffix = padded[torch.arange(len(starts))[:, None], take]  # [B, P, d]
+        self.pos = ragged_positions(self.driver, starts, self.width, prefix, hidden)
+        self.prefix_kv = []
+        h = hidden[:, :prefix]
+        pos = self.driver.positions(0, prefix, h) if prefix > 0 else None
+        for layer in range(self.layer + 1, len(self.driver.blocks)):
+            if prefix == 0:
+                self.prefix_kv.append(None)
+                continue
+            h, cache = self.driver.block(layer, h, pos)
+            self.prefix_kv.append(tuple(t.detach() for t in cache.seen))
 
     def _blocks_logits(self, delta: torch.Tensor):
         """Logits at the target positions [n_templates, m, V] and at the KL row's subject token [V]."""
         rows, n = self.rows, self.rows.n_templates
-        m = rows.target_ids.shape[0]
-        vocab_rows: dict[int, torch.Tensor] = {}
-        for g in self.groups:
-            x = g.suffix.clone()
-            x[:, 0] = x[:, 0] + delta.to(x.dtype)
-            for i, layer in enumerate(range(self.layer + 1, len(self.driver.blocks))):
-                x, _ = self.driver.block(layer, x, g.pos, g.prefix_kv[i])
-            for j, row in enumerate(g.rows.tolist()):
-                cols = rows.target_pos[row] - g.start if row < n else torch.tensor([0])
-                vocab_rows[row] = x[j, cols]
-        stacked = torch.stack([vocab_rows[r] for r in range(n)])  # [n, m, d]
-        logits = self.driver.unembed(self.driver.norm(stacked.reshape(n * m, -1))).reshape(n, m, -1)
-        kl = None
-        if rows.has_kl:
-            kl = self.driver.unembed(self.driver.norm(vocab_rows[n]))[0]
+        x = self.suffix.clone()
+        x[:, 0] = x[:, 0] + delta.to(x.dtype)
+        for i, layer in enumerate(range(self.layer + 1, len(self.driver.blocks))):
+            x, _ = self.driver.block(layer, x, self.pos, self.prefix_kv[i])
+        cols = rows.target_pos - rows.subject_last[:n, None]  # [n, m]
+        scored = x[torch.arange(n)[:, None], cols]  # [n, m, d]
+        logits = self.driver.unembed(self.driver.norm(scored))
+        kl = self.driver.unembed(self.driver.norm(x[n, 0])) if rows.has_kl else None
         return logits, kl
 
     # -- hooks engine (reference) ---------------------------------------------------------------
