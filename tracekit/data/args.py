@@ -7,15 +7,15 @@ import argparse
 from rich.console import Console
 
 from tracekit.data.known import KNOWN_NEW_TOKENS, filter_known
-from tracekit.data.loaders import load_dataset
+from tracekit.data.loaders import BUILTIN_DATASETS, load_dataset
 from tracekit.data.locate import DATASETS
 from tracekit.data.records import FactRecord
 
 
 def add_data_args(parser: argparse.ArgumentParser, default_n: int | None = None) -> None:
     group = parser.add_argument_group("points")
-    group.add_argument("--dataset", default="counterfact", choices=sorted(DATASETS),
-                       help="dataset format; default: %(default)s")
+    group.add_argument("--dataset", default="counterfact", choices=sorted([*DATASETS, *BUILTIN_DATASETS]),
+                       help="dataset format (worldfacts: built-in facts, no file); default: %(default)s")
     group.add_argument("--data", metavar="PATH", default=None,
                        help="dataset file or its folder (default: $TRACEKIT_DATA, then ../shared/data)")
     group.add_argument("--download", action="store_true",

@@ -13,6 +13,7 @@ from typing import Callable
 
 from tracekit.data.locate import dataset_files, find_data_file
 from tracekit.data.records import FactRecord, RecordReader, with_space
+from tracekit.data.world_facts import world_facts
 from tracekit.errors import TracekitError
 
 
@@ -112,9 +113,18 @@ def read_json_records(path: Path) -> list:
     return data
 
 
+# Built in, needing no file: hand-written facts for running the study offline.
+BUILTIN_DATASETS = {"worldfacts": world_facts}
+
+
 def load_dataset(name: str, path: str | os.PathLike | None = None, n: int | None = None,
                  *, download: bool = False) -> list[FactRecord]:
     """The first ``n`` records (all if None) of dataset ``name``, normalised to ``FactRecord``."""
+    if name in BUILTIN_DATASETS:
+        records = BUILTIN_DATASETS[name]()
+        if n is not None and not 1 <= n <= len(records):
+            raise TracekitError(f"n must be between 1 and {len(records)} for the built-in {name!r} facts, got {n}")
+        return records[:n]
     spec = dataset_files(name)
     file = find_data_file(spec.name, path, download=download)
     raw = read_json_records(file)
