@@ -154,6 +154,7 @@ def test_stop_loss_ends_early():
     (dict(norm_constraint=0.0), "norm_constraint must be positive"),
     (dict(n_layers=0), "n_layers must be >= 1"),
     (dict(weight_decay=-1.0), "weight_decay must be >= 0"),
+    (dict(layer=-2), "default layer must be >= 0"),
 ])
 def test_bad_hyperparameters(bad, message):
     with pytest.raises(TracekitError, match=message):

@@ -48,6 +48,8 @@ class FTHyperParams:
               f"FT norm_constraint must be positive (or None for no constraint), got {self.norm_constraint}")
         check(self.weight_decay >= 0, f"FT weight_decay must be >= 0, got {self.weight_decay}")
         check(self.stop_loss is None or self.stop_loss >= 0, f"FT stop_loss must be >= 0, got {self.stop_loss}")
+        check(self.layer is None or (isinstance(self.layer, int) and self.layer >= 0),
+              f"FT default layer must be >= 0, got {self.layer}")
 
 
 def edit_window(model, layer: int, n_layers: int) -> list[int]:
