@@ -86,3 +86,11 @@ def test_filter_runs_on_a_real_model(tmp_path):
         assert len(rows) == 2 and set(rows["new_tokens"]) == {8}
         assert rows["continuation"].map(len).min() > 0
         assert known_flags(model, records, cache=store, new_tokens=8, progress=False) == flags
+
+
+@pytest.mark.slow
+def test_bundled_model_knows_where_the_eiffel_tower_is(smollm):
+    prompt = "{} is located in the city of"
+    records = [FactRecord(0, prompt, "The Eiffel Tower", " Paris", " Rome", source="counterfact"),
+               FactRecord(1, prompt, "The Eiffel Tower", " Beijing", " Paris", source="counterfact")]
+    assert known_flags(smollm, records, new_tokens=6, progress=False) == [True, False]  # " Paris, France..."

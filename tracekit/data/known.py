@@ -1,7 +1,9 @@
 """The paper's known-fact filter: keep a point when the model's greedy continuation of the
 prompt (36 tokens) contains o_true (Hase et al. 2023, appendix A: GPT-J keeps 32.6%).
 
-Generation is the slow part (36 forward passes per batch), so the verdicts are cached per
+Generation is the slow part (36 forward passes per batch; ``Model.generate`` runs without a
+key/value cache, which measured no slower here on the CPU than HF's cached decoding of
+SmolLM2 at batch 64), so the verdicts are cached per
 model identity (spec + weight fingerprint, see ``tracekit.store.manifest.model_identity``)
 in any object with ``get_known`` / ``put_known`` (a ``ResultStore`` is one).
 """
@@ -29,7 +31,7 @@ def is_known(continuation: str, target_true: str) -> bool:
 
 
 def known_flags(model, records: Sequence[FactRecord], *, cache: KnownCache | None = None,
-                new_tokens: int = KNOWN_NEW_TOKENS, batch_size: int = 16, progress: bool = True) -> list[bool]:
+                new_tokens: int = KNOWN_NEW_TOKENS, batch_size: int = 32, progress: bool = True) -> list[bool]:
     """For each record, whether the model knows it; cached verdicts are reused, new ones cached."""
     from tracekit.store.manifest import model_identity
 
@@ -52,7 +54,7 @@ def known_flags(model, records: Sequence[FactRecord], *, cache: KnownCache | Non
 
 def filter_known(model, records: Sequence[FactRecord], *, limit: int | None = None,
                  cache: KnownCache | None = None, new_tokens: int = KNOWN_NEW_TOKENS,
-                 batch_size: int = 16, progress: bool = True) -> list[FactRecord]:
+                 batch_size: int = 32, progress: bool = True) -> list[FactRecord]:
     """The known records, in dataset order; with ``limit``, the first ``limit`` of them
     (generating only as far into the data as needed)."""
     check(limit is None or limit >= 1, f"limit must be at least 1, got {limit}")
