@@ -8,7 +8,12 @@ import pandas as pd
 
 
 def _pyplot():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from tracekit.errors import TracekitError
+
+        raise TracekitError("figures need matplotlib: pip install 'tracekit[plot]'") from None
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
