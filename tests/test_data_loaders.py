@@ -202,3 +202,11 @@ def test_records_are_frozen(tmp_path):
     with pytest.raises(AttributeError):
         r.subject = "x"
     assert copy.deepcopy(r) == r
+
+
+def test_builtin_world_facts_need_no_file():
+    records = load_dataset("worldfacts", n=5)
+    assert len(records) == 5 and all("{}" in r.prompt and r.target_true.startswith(" ") for r in records)
+    assert len({r.case_id for r in load_dataset("worldfacts")}) == len(load_dataset("worldfacts"))
+    with pytest.raises(TracekitError, match="n must be between 1 and"):
+        load_dataset("worldfacts", n=10**6)

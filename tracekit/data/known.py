@@ -1,9 +1,7 @@
 """The paper's known-fact filter: keep a point when the model's greedy continuation of the
 prompt (36 tokens) contains o_true (Hase et al. 2023, appendix A: GPT-J keeps 32.6%).
 
-Generation is the slow part (36 forward passes per batch; ``Model.generate`` runs without a
-key/value cache, which measured no slower here on the CPU than HF's cached decoding of
-SmolLM2 at batch 64), so the verdicts are cached per
+Generation (``Model.generate``, batched) is the slow part, so the verdicts are cached per
 model identity (spec + weight fingerprint, see ``tracekit.store.manifest.model_identity``)
 in any object with ``get_known`` / ``put_known`` (a ``ResultStore`` is one).
 """
