@@ -48,7 +48,10 @@ def run(args) -> None:
             manifest = store.manifests().get("edit")
             if default_layer is None and manifest is not None:
                 default_layer = manifest["config"].get("default_layer")
-    summary = paper_analyses(pd.concat(traces, ignore_index=True), pd.concat(edits, ignore_index=True), args.out,
+    # A point stored in two of the given stores (a shard and its merge) counts once.
+    traces = pd.concat(traces, ignore_index=True).drop_duplicates(["model", "dataset", "case_id", "kind", "window", "layer"])
+    edits = pd.concat(edits, ignore_index=True).drop_duplicates(["model", "dataset", "case_id", "method", "problem", "layer"])
+    summary = paper_analyses(traces, edits, args.out,
                              kind=args.kind, window=args.window, reduce=args.reduce, default_layer=default_layer,
                              robustness=args.robustness, console=console)
     console.print(summary.markdown(), highlight=False)
