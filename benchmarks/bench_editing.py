@@ -78,6 +78,9 @@ def bench(args) -> dict:
     if args.smoke:
         small = dict(mom2_n_samples=16, mom2_sample_tokens=32, mom2_ridge=1e-2, context_lengths=((3, 2), (5, 2)))
         rome_hp, memit_hp = dataclasses.replace(rome_hp, **small), dataclasses.replace(memit_hp, window=3, **small)
+    if args.mom2_samples:  # e.g. a GPT-J shape on a GPU: the preset's 100,000 x 1024 tokens is a day of sampling
+        stats = dict(mom2_n_samples=args.mom2_samples, mom2_sample_tokens=args.mom2_tokens)
+        rome_hp, memit_hp = dataclasses.replace(rome_hp, **stats), dataclasses.replace(memit_hp, **stats)
     layer = args.layer if args.layer is not None else (rome_hp.layer if rome_hp.layer is not None else model.n_layers // 2)
     memit_layer = min(max(layer, memit_hp.window // 2), model.n_layers - 1 - memit_hp.window // 2)
     report.update(layer=layer, memit_layer=memit_layer, rome_hparams=dataclasses.asdict(rome_hp),
@@ -186,6 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny statistics: seconds")
+    parser.add_argument("--mom2-samples", type=int, default=None, help="override the preset's statistics samples")
+    parser.add_argument("--mom2-tokens", type=int, default=128, help="tokens per statistics sample (with --mom2-samples)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

@@ -77,7 +77,7 @@ class MEMITHyperParams(KeyValueHyperParams):
 
 # ---- presets ------------------------------------------------------------------------
 _PUBLIC = "public ROME/MEMIT configuration"
-_SMOLLM2_LAYER = 4
+_SMOLLM2_LAYER = 3  # see SMOLLM2_NOTE
 _SMOLLM2_STATS = dict(mom2_n_samples=256, mom2_sample_tokens=128, mom2_ridge=1e-3)
 
 ROME_PRESETS: dict[str, ROMEHyperParams] = {
@@ -88,6 +88,9 @@ ROME_PRESETS: dict[str, ROMEHyperParams] = {
     "gpt-j-6b/error-injection": ROMEHyperParams(layer=5, kl_factor=1.0, source="paper appendix, GPT-J Error Injection"),
     "gpt-j-6b/fact-forcing": ROMEHyperParams(layer=5, v_num_grad_steps=25, source="paper appendix, GPT-J Fact Forcing"),
     "smollm2-135m": ROMEHyperParams(layer=_SMOLLM2_LAYER, **_SMOLLM2_STATS, source="tracekit, SmolLM2-135M (see SMOLLM2_NOTE)"),
+    # the paper's reason for 25 v* steps under the subject noise holds for any model
+    "smollm2-135m/fact-forcing": ROMEHyperParams(layer=_SMOLLM2_LAYER, v_num_grad_steps=25, **_SMOLLM2_STATS,
+                                                 source="tracekit, SmolLM2-135M, Fact Forcing (25 steps as the paper)"),
     "generic": ROMEHyperParams(mom2_n_samples=1000, mom2_sample_tokens=128, mom2_ridge=1e-3,
                                source=f"{_PUBLIC} with CPU-sized statistics (unknown model)"),
 }
@@ -96,13 +99,37 @@ MEMIT_PRESETS: dict[str, MEMITHyperParams] = {
     "gpt-j-6b": MEMITHyperParams(layer=5, mom2_update_weight=15000.0, source=f"{_PUBLIC}, GPT-J (5-layer window)"),
     "gpt2-xl": MEMITHyperParams(layer=15, v_num_grad_steps=20, mom2_update_weight=20000.0, source=f"{_PUBLIC}, GPT2-XL"),
     "gpt-j-6b/error-injection": MEMITHyperParams(layer=5, kl_factor=0.9, source="paper appendix, GPT-J Error Injection"),
-    "smollm2-135m": MEMITHyperParams(layer=_SMOLLM2_LAYER, **_SMOLLM2_STATS, source="tracekit, SmolLM2-135M (see SMOLLM2_NOTE)"),
+    "smollm2-135m": MEMITHyperParams(layer=_SMOLLM2_LAYER, mom2_update_weight=1500.0, **_SMOLLM2_STATS,
+                                     source="tracekit, SmolLM2-135M (see SMOLLM2_NOTE)"),
     "generic": MEMITHyperParams(mom2_n_samples=1000, mom2_sample_tokens=128, mom2_ridge=1e-3,
                                 source=f"{_PUBLIC} with CPU-sized statistics (unknown model)"),
 }
 # GPT-J Fact Forcing for MEMIT: "default parameters (already set to 25 steps)".
 
-SMOLLM2_NOTE = """SmolLM2-135M preset (to be filled in with the layer measurement)."""
+SMOLLM2_NOTE = """How the SmolLM2-135M presets were chosen (bundled model, float32, CPU).
+
+Layer 3 (0-based), as ROME chose GPT-J's: the MLP tracing effect at the last subject token,
+averaged over facts the model knows, is largest there. ``benchmarks/rome_layer.py``: 40
+hand-written facts (known_1000-style prompts), 19 kept where the model's top-1 next token
+is the object's first token; ``tracekit.trace(kind="mlp", window=10, samples=10,
+noise="s3", seed=0, tokens="subject_last")``; effect = fraction restored, clipped at 0.
+Mean effect by layer 0..9: 0.704 0.730 0.728 0.761 0.757 0.744 0.345 0.344 0.343 0.320,
+then falling to 0.003 at layer 29 (benchmarks/results/rome_layer_smollm2-135m.json).
+Layer 4 is within 0.004 of layer 3, and the unnormalised indirect effect
+(p_restore - p_noise) peaks at 4 (0.368 vs 0.364): the curve is a plateau over layers 0-5
+(every window of 10 centred there contains layer 0's MLP) that drops at layer 6. ROME on
+"The mother tongue of Danielle Darrieux is" -> " English" gives rewrite / paraphrase /
+neighbourhood scores 0.981 / 0.796 / 0.998 at layer 3 and 0.984 / 0.688 / 0.993 at 4.
+
+Key statistics: no text corpus is shipped, so C comes from 256 samples of 128 tokens
+(32,768 keys, about 21 x d_mlp = 1536) sampled from the model itself (top-k 40, seed 0);
+C's smallest eigenvalue at layer 3 is 0.18 x its mean, so the small ridge (1e-3 x the mean
+eigenvalue) only guards against a corpus that leaves directions unseen. With 64 samples
+the Darrieux scores move by < 0.01.
+
+MEMIT: lambda (mom2_update_weight) = 1500, GPT-J's 15000 scaled by d_mlp (1536 / 16384)
+because k^T C^-1 k grows with d_mlp; on the Darrieux edit (window centred on layer 4)
+lambda = 15000 / 1500 / 500 give rewrite 0.746 / 0.939 / 0.936. Other values: public."""
 
 
 def _family(model) -> str:
