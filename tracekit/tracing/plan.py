@@ -104,21 +104,30 @@ def prepare_prompt(model, prompt: str, subject: str, target: str | None) -> Prom
                   model.tokenizer.decode([answer_id]))
 
 
+def indistinguishable(p_clean: float, p_noise: float) -> bool:
+    """p_clean == p_noise up to float32 rounding (the clean and corrupted runs may take different kernels)."""
+    return abs(p_clean - p_noise) <= 1e-6 * max(abs(p_clean), abs(p_noise), 1e-30)
+
+
 def tracing_effect(p_restore: torch.Tensor, p_clean: float, p_noise: float) -> torch.Tensor:
     """Fraction restored, max(0, (p_restore - p_noise) / |p_clean - p_noise|); zeros if p_clean == p_noise."""
     gap = abs(p_clean - p_noise)
-    if gap == 0:
+    if indistinguishable(p_clean, p_noise):
         return torch.zeros_like(p_restore)
     return ((p_restore - p_noise) / gap).clamp(min=0)
 
 
-def check_record_fields(record) -> tuple[str, str, str | None]:
+def record_fields(record) -> tuple[str, str, str | None]:
     """(prompt, subject, target) from a dict, a (prompt, subject[, target]) tuple, a known_1000
-    record (prompt, subject, attribute) or a CounterFact record (requested_rewrite)."""
+    record (prompt, subject, attribute), a CounterFact record (requested_rewrite) or a
+    ``FactRecord`` (traces o_true)."""
     if isinstance(record, (tuple, list)):
         check(len(record) in (2, 3), "a record tuple is (prompt, subject) or (prompt, subject, target)")
         return record[0], record[1], (record[2] if len(record) == 3 else None)
     if not isinstance(record, dict):
+        if hasattr(record, "text") and hasattr(record, "subject"):  # tracekit FactRecord-like: trace o_true
+            target = getattr(record, "target_true", None) or getattr(record, "o_true", None)
+            return record.text, record.subject, target
         record = {k: getattr(record, k) for k in ("prompt", "subject", "target") if hasattr(record, k)}
     if "requested_rewrite" in record:
         rw = record["requested_rewrite"]
@@ -129,4 +138,5 @@ def check_record_fields(record) -> tuple[str, str, str | None]:
     target = record.get("target", record.get("attribute"))
     if target is not None and not target.startswith(" "):
         target = " " + target
-    return record["prompt"], record["subject"], target
+    prompt = record["prompt"].replace("{}", record["subject"], 1)  # a template or a filled-in prompt
+    return prompt, record["subject"], target

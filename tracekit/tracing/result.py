@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tracekit.errors import TracekitError, check
-from tracekit.tracing.plan import tracing_effect
+from tracekit.tracing.plan import indistinguishable, tracing_effect
 
 # ROME's colours per kind: effects fade from white to this.
 _COLOURS = {"mlp": (0, 128, 0), "attn": (200, 0, 0), "resid": (110, 50, 160)}
@@ -127,7 +127,7 @@ class TraceResult(_LayerMap):
               target=None):
         config = {**settings.as_dict(), "engine": engine, "noise_scale": float(noise_scale),
                   "backend": model.backend.name, "n_layers": model.n_layers}
-        if p_clean == p_noise:
+        if indistinguishable(p_clean, p_noise):
             warnings.warn(f"p_clean == p_noise ({p_clean:.4g}) for {prompt.text!r}: tracing effects set to 0",
                           stacklevel=3)
         return cls(model=model.spec, prompt=prompt.text, subject=prompt.subject, tokens=list(prompt.tokens),

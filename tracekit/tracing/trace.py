@@ -11,7 +11,7 @@ from tracekit.adapters import Site
 from tracekit.errors import TracekitError
 from tracekit.tracing import engine as E
 from tracekit.tracing.noise import noise_scale, scaled_noise, subject_noise_hook
-from tracekit.tracing.plan import Settings, check_record_fields, prepare_prompt, window_layers
+from tracekit.tracing.plan import Settings, record_fields, prepare_prompt, window_layers
 from tracekit.tracing.result import TraceResult, ZeroResult
 
 
@@ -125,7 +125,7 @@ def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: boo
         task = bar.add_task("zeroing" if zeroing else "tracing", total=len(records))
         for record in records:
             try:
-                prompt, subject, target = check_record_fields(record)
+                prompt, subject, target = record_fields(record)
                 result = run(model, prompt, subject, target, **kwargs)
             except TracekitError as err:
                 if errors == "raise":
