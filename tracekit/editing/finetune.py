@@ -174,23 +174,27 @@ for _fam, _table in _PAPER_NORMS.items():
 
 
 # SmolLM2-135M (bundled): tuned by tracekit, see SMOLLM2_FT_NOTE.
-SMOLLM2_FT_NOTE = """How the SmolLM2-135M FT presets were chosen (Error Injection, layer 4 = ROME's preset layer).
+SMOLLM2_FT_NOTE = """How the SmolLM2-135M FT presets were chosen (Error Injection).
 
+The default layer is ROME's preset layer for this model (``hparams.SMOLLM2_NOTE``, now 3).
 The GPT-J values barely move this model: its down-projections have 1536 inputs (GPT-J:
-16384), so an L-inf ball of 5e-5..1e-4 allows a far smaller change of the MLP output.
-With Adam's first step already reaching the ball (lr >= norm), the radius is what
-matters. FT-1 at layer 4 on "The mother tongue of Danielle Darrieux is" -> " English"
-(p before 0.033) plus 7 built-in world facts (tracekit.data.world_facts, indices 0, 20,
-60, 80, 100, 120, 140), rewrite score per fact:
-  norm 2e-3: Darrieux 0.933, mean 0.42 (min 0.008)
-  norm 5e-3: Darrieux 0.991, mean 0.977 (min 0.932)   <- FT-1 preset
-FT-5 (layers 2..6):
-  norm 1e-3: Darrieux 0.992, mean 0.984 (min 0.962)   <- FT-5 preset (1/5 of FT-1, as the
-  norm 2e-3: mean 0.991                                   paper's GPT-J ratio 2e-5 / 1e-4)
-Darrieux with FT-1 norm 5e-3 at other layers: 8: 0.990, 12: 0.948, 16: 0.706, 20: 0.869.
+16384), so an L-inf ball of 5e-5..1e-4 allows a far smaller change of the MLP output
+(FT-1, layer 4, norm 5e-5 / 1e-4: Darrieux rewrite 0.005 / 0.010). With Adam's first step
+already reaching the ball (lr >= norm), the radius is what matters, and lr = norm.
+Facts: "The mother tongue of Danielle Darrieux is" -> " English" (p before 0.033) and 7
+built-in world facts (tracekit.data.world_facts indices 0, 20, 60, 80, 100, 120, 140);
+rewrite scores, Darrieux first:
+  FT-1 layer 4, norm 2e-3: 0.933, mean 0.42 (min 0.008)
+  FT-1 layer 4, norm 5e-3: 0.991, mean 0.977 (min 0.932)
+  FT-1 layer 3, norm 5e-3: 0.990, mean 0.980 (min 0.959)   <- FT-1 preset
+  FT-5 layer 4, norm 1e-3: 0.992, mean 0.984 (min 0.962)
+  FT-5 layer 4, norm 2e-3: 0.993, mean 0.991
+  FT-5 layer 3, norm 1e-3: 0.991, mean 0.987 (min 0.974)   <- FT-5 preset (1/5 of FT-1,
+                                                             the paper's GPT-J ratio)
+Darrieux, FT-1 norm 5e-3 at other layers: 8: 0.990, 12: 0.948, 16: 0.706, 20: 0.869.
 Early stopping at target NLL < 0.01 (the public FT code's rule) keeps rewrite <= ~0.99, the
 paper's tuning criterion. The other problems use the same radii (not tuned separately);
-Fact Forcing takes 50 steps as in the paper."""
+Fact Forcing takes 50 steps as in the paper (Darrieux, layer 3: FT-1 0.985, FT-5 0.990)."""
 _SMOLLM2_NORM = {1: 5e-3, 5: 1e-3}
 
 
