@@ -185,7 +185,7 @@ class ValueObjective:
         if engine == "blocks":
             self._prepare_suffix(hidden)
         with torch.no_grad():
-            self.kl_init = self._logits(torch.zeros(model.d_model))[1]
+            self.kl_init = self._logits(torch.zeros(model.d_model, device=self.resid.device))[1]
             if self.kl_init is not None:
                 self.kl_init = torch.log_softmax(self.kl_init.float(), -1)
 
@@ -200,7 +200,7 @@ class ValueObjective:
         prefix = int(starts.max())
         padded = torch.nn.functional.pad(hidden, (0, 0, 0, self.width))  # room for a row's suffix past T
         take = (starts[:, None] + torch.arange(self.width)).to(hidden.device)
-        self.suffix = padded[torch.arange(len(starts))[:, None], take]  # [B, P, d]
+        self.suffix = padded[torch.arange(len(starts), device=hidden.device)[:, None], take]  # [B, P, d]
         self.pos = ragged_positions(self.driver, starts, self.width, prefix, hidden)
         self.prefix_kv = []
         h = hidden[:, :prefix]
@@ -216,11 +216,11 @@ class ValueObjective:
         """Logits at the target positions [n_templates, m, V] and at the KL row's subject token [V]."""
         rows, n = self.rows, self.rows.n_templates
         x = self.suffix.clone()
-        x[:, 0] = x[:, 0] + delta.to(x.dtype)
+        x[:, 0] = x[:, 0] + delta.to(x.device, x.dtype)
         for i, layer in enumerate(range(self.layer + 1, len(self.driver.blocks))):
             x, _ = self.driver.block(layer, x, self.pos, self.prefix_kv[i])
         cols = rows.target_pos - rows.subject_last[:n, None]  # [n, m]
-        scored = x[torch.arange(n)[:, None], cols]  # [n, m, d]
+        scored = x[torch.arange(n, device=x.device)[:, None], cols.to(x.device)]  # [n, m, d]
         logits = self.driver.unembed(self.driver.norm(scored))
         kl = self.driver.unembed(self.driver.norm(x[n, 0])) if rows.has_kl else None
         return logits, kl
@@ -232,7 +232,7 @@ class ValueObjective:
 
         def add_delta(h):
             bump = torch.zeros_like(h)
-            bump[index, rows.subject_last.to(h.device)] = delta.to(h.dtype)
+            bump[index.to(h.device), rows.subject_last.to(h.device)] = delta.to(h.device, h.dtype)
             return h + bump
 
         edits = {**_noise_edits(rows, self.dtype), Site("mlp", self.layer): add_delta}
@@ -271,7 +271,7 @@ def optimize_value(objective: ValueObjective, reference: torch.Tensor, hp, minim
     """Adam on the delta (see module doc). ``hp``: a KeyValueHyperParams."""
     ref_norm = float(reference.norm())
     max_norm = hp.clamp_norm_factor * ref_norm
-    delta = torch.zeros(reference.shape[-1], requires_grad=True)
+    delta = torch.zeros(reference.shape[-1], device=reference.device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     trace = []
     for step in range(hp.v_num_grad_steps):
