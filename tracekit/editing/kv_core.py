@@ -95,10 +95,12 @@ def build_rows(model, request: EditRequest, templates: list[str], kl_prompt: str
                     torch.tensor(target_pos), n_templates, noise)
 
 
-def _noise_edits(rows: EditRows, dtype) -> dict:
+def _noise_edits(rows: EditRows, dtype, n_rows: int | None = None) -> dict:
+    """The subject noise of the first ``n_rows`` rows (all by default) as an embedding hook."""
     if rows.noise is None:
         return {}
-    return {Site("embed"): lambda h: h + rows.noise.to(h.device, dtype)}
+    noise = rows.noise[:n_rows]
+    return {Site("embed"): lambda h: h + noise.to(h.device, dtype)}
 
 
 # ---- states at the last subject token ---------------------------------------------------------
@@ -115,9 +117,7 @@ def _run_prefix(model, ids, rows, sites, last_layer):
     """Blocks 0..last_layer without gradients; captures ``sites`` (whole tensors)."""
     driver = BlockDriver(model.hf, model.adapter)
     dtype = next(model.hf.parameters()).dtype
-    edits = _noise_edits(rows, dtype)
-    if rows.noise is not None and ids.shape[0] < rows.input_ids.shape[0]:
-        edits = {Site("embed"): lambda h: h + rows.noise[: ids.shape[0]].to(h.device, dtype)}
+    edits = _noise_edits(rows, dtype, ids.shape[0])
     if driver.unsupported_reason() is not None:
         out = model.run(ids, edits=edits, capture=sites, positions=torch.zeros(ids.shape[0], dtype=torch.long))
         return None, out.captured
