@@ -140,3 +140,9 @@ def test_bundled_model_knows_paris(smollm):
     assert smollm.n_layers == 30 and smollm.d_model == 576
     token, p = smollm.top_tokens("The Eiffel Tower is located in the city of", k=5)[0]
     assert token == " Paris" and p > 0.3
+
+
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_greedy_generation_agrees_across_backends(spec):
+    texts = {backend: tiny(spec, backend).generate(PROMPTS, max_new_tokens=6) for backend in BACKENDS}
+    assert texts["transformer_lens"] == texts["hf"] == texts["nnsight"]

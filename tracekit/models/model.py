@@ -111,6 +111,10 @@ class Model:
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         rows = [P.token_ids(self.tokenizer, p) for p in prompts]
+        if self.backend.name != "hf":
+            # The TransformerLens bridge rewires the HF modules, and HF's cached decoding
+            # does not survive that: decode through this backend's own forward instead.
+            return self._generate_uncached(rows, max_new_tokens, top_k, seed)
         pad_id = self.tokenizer.pad_token_id
         texts: list[str] = []
         generator_state = torch.random.fork_rng(devices=[]) if top_k else contextlib.nullcontext()
@@ -132,3 +136,18 @@ class Model:
                 )
                 texts += [self.tokenizer.decode(o[width:]) for o in out.cpu()]
         return texts
+
+    def _generate_uncached(self, rows: list[list[int]], max_new_tokens: int, top_k: int | None, seed: int) -> list[str]:
+        gen = torch.Generator().manual_seed(seed)
+        new: list[list[int]] = [[] for _ in rows]
+        for _ in range(max_new_tokens):
+            batch = P.pad([r + n for r, n in zip(rows, new)], self.tokenizer.pad_token_id)
+            logits = self.run(batch.input_ids, positions=batch.last).logits.float().cpu()
+            if top_k:
+                values, ids = logits.topk(top_k, dim=-1)
+                picks = ids.gather(-1, torch.multinomial(values.softmax(-1), 1, generator=gen)).squeeze(-1)
+            else:
+                picks = logits.argmax(-1)
+            for n, token in zip(new, picks.tolist()):
+                n.append(token)
+        return [self.tokenizer.decode(n) for n in new]
