@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -73,6 +74,7 @@ def fact_record():
 def bench(args) -> dict:
     model = tracekit.load_model(args.model, dtype=args.dtype)
     report: dict = {"model": args.model, "dtype": args.dtype, "device": device_name(), "smoke": args.smoke,
+                    "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
                     "torch": torch.__version__, "repeats": args.repeats, "methods": {}}
     rome_hp, memit_hp = rome_preset(model), memit_preset(model)
     if args.smoke:
@@ -178,6 +180,9 @@ def markdown(report: dict) -> str:
     lines += ["", f"Sweep estimate, the paper's GPT-J study size ({sweep['points']} points x {sweep['layers']} layers "
               f"= {sweep['edits_per_method']:,} edits per method, edit + evaluation), on this model and device:", ""]
     lines += [f"- {name}: {hours} h" for name, hours in sweep["hours_per_method_on_this_model_and_device"].items()]
+    lines += ["", "For scale: the paper reports about 8 hours per method for its GPT-J sweep (8 layers) on one A6000.",
+              f"Load average (1, 5, 15 min) at start {report.get('load_average_at_start')}, "
+              f"at end {report.get('load_average_at_end')}: other work on the machine slows every figure."]
     return "\n".join(lines) + "\n"
 
 
@@ -200,11 +205,9 @@ def main(argv=None) -> int:
         args.model = "random:llama-tiny" if args.smoke else "smollm2-135m"
     if args.smoke:
         args.repeats = 1
-        tmp = tempfile.mkdtemp(prefix="tracekit-bench-")
-        import os
-
-        os.environ["TRACEKIT_CACHE"] = tmp  # a smoke run leaves the user's cache alone
+        os.environ["TRACEKIT_CACHE"] = tempfile.mkdtemp(prefix="tracekit-bench-")  # leave the user's cache alone
     report = bench(args)
+    report["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -241,3 +241,20 @@ def test_self_sampled_corpus_grows_by_whole_seeded_batches():
         cov.self_sampled_corpus(model, 40, 6, progress=False)
     grown = path.read_text().splitlines()
     assert len(grown) == 2 * cov.SELF_CHUNK and grown[: cov.SELF_CHUNK] == first
+
+
+def test_editing_benchmark_smoke_mode(tmp_path):
+    """CI runs the editing benchmark's seconds-long smoke version (benchmarks/bench_editing.py)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_editing.py"
+    spec = importlib.util.spec_from_file_location("bench_editing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke", "--quiet", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("editing-*-smoke.json")).read_text())
+    assert {"rome", "memit", "rome (whole-forward engine)"} <= set(report["methods"])
+    assert report["stats"]["tokens"] == 16 * 32 and report["sweep_estimate"]["edits_per_method"] == 652 * 9
+    assert (tmp_path / next(tmp_path.glob("editing-*-smoke.json")).name.replace(".json", ".md")).is_file()
