@@ -114,6 +114,8 @@ def self_sampled_corpus(model, n_texts: int, length: int, seed: int = 0, cache_r
     """
     from tracekit.editing.context import STARTERS
 
+    starter_tokens = max(len(model.tokenizer(s)["input_ids"]) for s in STARTERS)
+    length = min(length, model.n_ctx - starter_tokens)  # starter + sample must fit the model's context
     folder = cache_dir(cache_root) / "corpus" / f"{slug(model.spec)}-{weight_fingerprint(model)}"
     path = folder / f"self-{length}tok-s{seed}.jsonl"
     have = _whole_batches(path)
@@ -250,6 +252,7 @@ def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_token
     check(dtype in _DTYPES, f"unknown statistics dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     check(n_samples >= 1 and sample_tokens >= 1, f"need n_samples >= 1 and sample_tokens >= 1, got {n_samples}, {sample_tokens}")
     layers = sorted({model.adapter.check_layer(model.hf, layer) for layer in layers})
+    sample_tokens = min(sample_tokens, model.n_ctx)  # as ROME: samples are cut to the model's context
     source = resolve_corpus(corpus)
     if source is None:
         n_texts = -(-n_samples * 11 // 10)  # a text of sample_tokens tokens may re-tokenise a little shorter
