@@ -94,18 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+def run_reporting_errors(fn, interrupted: str = "") -> int:
+    """Run ``fn()``; bad input prints one line (no traceback) and gives exit status 2."""
     try:
-        args.func(args)
+        fn()
     except TracekitError as err:
         console.print(f"[red]error:[/red] {err}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]")
+        console.print(f"[yellow]interrupted[/yellow]{interrupted}")
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    return run_reporting_errors(lambda: args.func(args))
 
 
 if __name__ == "__main__":

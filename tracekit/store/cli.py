@@ -17,17 +17,9 @@ console = Console()
 
 def run_recipe(fn) -> int:
     """Run a recipe body; bad input prints one line (no traceback) and exits with 2."""
-    from tracekit.errors import TracekitError
+    from tracekit.cli import run_reporting_errors
 
-    try:
-        fn()
-    except TracekitError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
-        return 2
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]: finished items are in the store; rerun to resume")
-        return 130
-    return 0
+    return run_reporting_errors(fn, ": finished items are in the store; rerun to resume")
 
 
 def add_store_args(parser, default_store: str = "runs/study.sqlite") -> None:
