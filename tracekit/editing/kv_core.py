@@ -196,7 +196,10 @@ class ValueObjective:
         ``layer``), and each row's block-``layer`` output from that token on, in one batch."""
         rows = self.rows
         starts = rows.subject_last
-        self.width = int((rows.lengths - starts).max())
+        # columns a row needs: up to its last target-scoring position; the KL row only its first
+        needed = torch.zeros_like(starts)
+        needed[: rows.n_templates] = rows.target_pos[:, -1] - starts[: rows.n_templates]
+        self.width = int(needed.max()) + 1
         prefix = int(starts.max())
         padded = torch.nn.functional.pad(hidden, (0, 0, 0, self.width))  # room for a row's suffix past T
         take = (starts[:, None] + torch.arange(self.width)).to(hidden.device)
