@@ -7,8 +7,10 @@
 - The target value: a delta added at the last subject token to the output of block l
   (which is where the MLP's output enters the residual stream: adding to the MLP output or
   to the block output is the same thing, as the MLP is the last term of every block),
-  optimised by Adam on NLL(target) over all templates + kl_factor x KL(new || original) on
-  the KL prompt + weight decay, its norm clamped to clamp_norm_factor x |reference|.
+  optimised by Adam on NLL(target) over all templates + kl_factor x KL(new || original) of
+  the next-token distribution at the KL prompt's last subject token (where the public ROME
+  code takes it; the delta is added there too) + weight decay, its norm clamped to
+  clamp_norm_factor x |reference|.
 - The update: dW = R (lambda I + K^T C^-1 K)^-1 (C^-1 K)^T, in (out, in) orientation. With
   lambda = 0 and one key this is ROME's rank-one update; with lambda = mom2_update_weight it
   is MEMIT's (lambda C + K K^T)^-1 K solve, rewritten so that lambda = 0 stays well defined.
@@ -18,8 +20,9 @@ without gradients runs every row through blocks 0..l and keeps block l's output.
 positions before each row's last subject token s_i cannot see the delta (causal
 attention), so their keys/values in blocks l+1.. are computed once, also without
 gradients. Each optimisation step then runs one batch holding, for every row, only
-positions s_i.. (a ragged batch: per-row positions and masks over the shared prefix) through
-blocks l+1.., with logits only at the positions that score the target and the KL prompt.
+positions s_i up to its last scored position (a ragged batch: per-row positions and masks
+over the shared prefix) through blocks l+1.., with logits only at the positions that score
+the target and the KL prompt.
 ``engine="hooks"`` is the plain reference: whole forward passes through
 ``Model.run`` with a ``Site("mlp", l)`` hook adding the delta (used where blocks cannot be
 driven, e.g. the TransformerLens bridge, and by the tests).
