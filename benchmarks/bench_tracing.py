@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -199,7 +200,8 @@ def markdown(report: dict) -> str:
                 f"| {c['batched_prompts_per_s']:.3f} / {c['naive_prompts_per_s']:.3f} "
                 f"| {c['batched_restorations_per_s']:.1f} / {c['naive_restorations_per_s']:.1f} "
                 f"| {c['max_abs_diff']:.1e} | {c['batched_peak_mib']:.0f} / {c['naive_peak_mib']:.0f} |")
-    lines += ["", "Estimated batched time for the paper's 652 GPT-J-sized prompts at these settings: "
+    lines += ["", "Batched time extrapolated to the paper's study size (652 prompts, all tokens x layers, "
+              "same settings, this model and device): "
               + ", ".join(f"{m['model']} {m['study_estimate_minutes']:.1f} min" for m in report["models"]), ""]
     return "\n".join(lines)
 
@@ -216,10 +218,13 @@ def main(argv=None) -> int:
     parser.add_argument("--naive-prompts", type=int, default=None,
                         help="run the naive loop on only this many of the batch prompts (default: all)")
     parser.add_argument("--no-gpu-extra", action="store_true", help="on CUDA, skip the GPT-J-6B shape")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", default=None, help="JSON path (a .md table is written beside it)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.model, args.samples, args.batch, args.window = "random:gpt2-tiny", 2, 3, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.batch = max(1, min(args.batch, len(PROMPTS)))
     args.naive_prompts = args.batch if args.naive_prompts is None else max(1, min(args.naive_prompts, args.batch))
     log = lambda text: print(text, flush=True)  # noqa: E731
@@ -227,7 +232,7 @@ def main(argv=None) -> int:
     if torch.cuda.is_available() and not args.smoke and not args.no_gpu_extra:
         models.append(("random:gpt-j-6b", "bfloat16"))
     report = {"device": device_name(), "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M"),
-              "command": "python benchmarks/bench_tracing.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+              "command": "python benchmarks/bench_tracing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "models": [bench_model(spec, dtype, args, log) for spec, dtype in models]}
     tag = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out or f"benchmarks/results/tracing-{args.model.replace(':', '-')}-{tag}.json")

@@ -108,7 +108,7 @@ def test_trace_many_can_yield_errors_and_zero():
         list(trace_many(model, records, window=2, samples=2, progress=False))
     out = list(trace_many(model, records, window=2, samples=2, progress=False, errors="yield"))
     assert isinstance(out[0][1], TracekitError) and isinstance(out[1][1], TraceResult)
-    zeroed = list(trace_many(model, records[1:], zeroing=True, window=2, progress=False))
+    zeroed = list(trace_many(model, records[1:], zeroing=True, window=2, samples=2, progress=False))
     assert isinstance(zeroed[0][1], ZeroResult)
 
 

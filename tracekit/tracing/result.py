@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -71,7 +72,7 @@ class _LayerMap:
         return cls(**data)
 
     # ---- pictures ------------------------------------------------------------------
-    def _heatmap(self, matrix: torch.Tensor, labels: list[str], title: str, path, label: str) -> Path:
+    def _heatmap(self, matrix: torch.Tensor, labels: list[str], title: str, path, label: str, vmin: float) -> Path:
         try:
             import matplotlib
 
@@ -80,7 +81,7 @@ class _LayerMap:
         except ImportError as err:
             raise TracekitError("plotting needs matplotlib: pip install 'tracekit[plot]'") from err
         fig, ax = plt.subplots(figsize=(3 + 0.18 * matrix.shape[1], 1 + 0.3 * len(labels)), dpi=150)
-        image = ax.pcolormesh(matrix.numpy(), cmap=_CMAPS.get(self.kind, "Greens"), vmin=0)
+        image = ax.pcolormesh(matrix.numpy(), cmap=_CMAPS.get(self.kind, "Greens"), vmin=vmin)
         ax.invert_yaxis()
         ax.set_yticks([i + 0.5 for i in range(len(labels))], labels)
         step = max(1, matrix.shape[1] // 10)
@@ -95,8 +96,8 @@ class _LayerMap:
         plt.close(fig)
         return path
 
-    def _table(self, title: str, labels: list[str], matrix: torch.Tensor) -> Table:
-        table = Table(title=title, title_justify="left")
+    def _table(self, title: str, labels: list[str], matrix: torch.Tensor) -> Group:
+        table = Table()
         table.add_column("#", justify="right")
         table.add_column("token")
         table.add_column(f"layers 0..{matrix.shape[1] - 1}", no_wrap=True)
@@ -111,7 +112,7 @@ class _LayerMap:
                 mix = (int(255 + (r - 255) * a), int(255 + (g - 255) * a), int(255 + (b - 255) * a))
                 cells.append("\u2588", style=f"rgb({mix[0]},{mix[1]},{mix[2]})")
             table.add_row(str(i), label, cells, f"{float(row.max()):.3f}", str(int(row.argmax())))
-        return table
+        return Group(Text(title, style="bold"), table)
 
 
 @dataclass
@@ -173,9 +174,10 @@ class TraceResult(_LayerMap):
         """ROME-style heatmap of p_restore (tokens x layers), subject tokens marked with *."""
         title = (f"restoring {self.kind}: p({self.answer!r}) clean {self.p_clean:.3f}, "
                  f"noised {self.p_noise:.3f}\n{self.prompt}")
-        return self._heatmap(self.p_restore, self.labels(), title, path, f"p({self.answer!r})")
+        vmin = min(self.p_noise, float(self.p_restore.min()))  # ROME's scale: white = the noised run
+        return self._heatmap(self.p_restore, self.labels(), title, path, f"p({self.answer!r})", vmin)
 
-    def __rich__(self) -> Table:
+    def __rich__(self) -> Group:
         title = (f"{self.prompt!r} -> {self.answer!r}: p_clean {self.p_clean:.4f}, p_noise {self.p_noise:.4f} "
                  f"({self.kind}, window {self.config.get('window')}; effect = fraction restored; * subject)")
         return self._table(title, self.labels(), self.effect)
@@ -212,9 +214,9 @@ class ZeroResult(_LayerMap):
 
     def plot(self, path: str | Path = "zero.png") -> Path:
         title = f"zeroing {self.kind} at the subject: p({self.answer!r}) clean {self.p_clean:.3f}\n{self.prompt}"
-        return self._heatmap(self.effect[None], [self._label()], title, path, "fraction of p_clean removed")
+        return self._heatmap(self.effect[None], [self._label()], title, path, "fraction of p_clean removed", 0.0)
 
-    def __rich__(self) -> Table:
+    def __rich__(self) -> Group:
         title = (f"{self.prompt!r} -> {self.answer!r}: p_clean {self.p_clean:.4f}; zeroing {self.kind} "
                  f"(window {self.config.get('window')}; effect = fraction of p_clean removed)")
         return self._table(title, [self._label()], self.effect[None])

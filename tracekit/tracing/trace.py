@@ -78,8 +78,10 @@ def trace(model, prompt: str, subject: str, target: str | None = None, kind: str
     job = E.Job(p.input_ids, p.answer_id, kind, rows, clean, draws, start)
     p_rows, p_base = _run(model, job, chosen, batch_tokens)
     p_restore = p_rows.view(len(positions), model.n_layers, samples).mean(-1)
-    return TraceResult.build(model, p, settings, positions, p_clean, float(p_base.mean()), p_restore,
-                             engine=chosen, noise_scale=noise_scale(model, noise), target=target)
+    result = TraceResult.build(model, p, settings, positions, p_clean, float(p_base.mean()), p_restore,
+                               engine=chosen, noise_scale=noise_scale(model, noise), target=target)
+    result.config["noise_draws"] = "seeded" if noise_draws is None else "given"
+    return result
 
 
 def zero_trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
@@ -120,6 +122,8 @@ def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: boo
         raise TracekitError(f"errors must be 'raise' or 'yield', got {errors!r}")
     records = list(records)
     run = zero_trace if zeroing else trace
+    if zeroing:  # the noise settings of a tracing sweep mean nothing to zeroing
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("samples", "noise", "seed", "noise_draws")}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("zeroing" if zeroing else "tracing", total=len(records))
