@@ -1,11 +1,14 @@
 """The five editing problems map a fact record to the right request and evaluation targets."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from tracekit import TracekitError
 from tracekit.data import FactRecord
 from tracekit.editing import problems as PR
+from tracekit.editing.logprobs import text_query
 from tracekit.editing.problems import PointSkipped, Problem, prepare
 from tracekit.tracing import noised_prediction, scaled_noise
 
@@ -81,10 +84,27 @@ def test_fact_forcing_carries_the_tracer_noise():
     model = tiny("random:gptj-tiny")
     ff = prepare(model, RECORD, "fact-forcing", seed=5)
     start, end = model.subject_span(RECORD.text, RECORD.subject)
-    assert ff.request.target == " French" and ff.request.noise.shape == (end - start, model.d_model)
-    assert torch.equal(ff.request.noise, scaled_noise(model, 1, end - start, "s3", 5)[0])
+    # "Danielle Darrieux" is 2 tokens after a space but 4 at a text's start (a context template's
+    # KL prompt): the draw covers the longest, and each prompt noises its subject with the last rows
+    longest = len(model.target_ids(RECORD.subject))
+    assert (end - start, longest) == (2, 4)
+    assert ff.request.target == " French" and ff.request.noise.shape == (longest, model.d_model)
+    assert torch.equal(ff.request.noise, scaled_noise(model, 1, longest, "s3", 5)[0])
+    query = text_query(model, RECORD.text, " French", RECORD.subject, ff.request.noise)
+    assert query.noise_start == start and torch.equal(query.noise, ff.request.noise[-2:])
     other = prepare(model, RECORD, "fact-forcing", seed=6)
     assert not torch.equal(ff.request.noise, other.request.noise)
+
+
+def test_fact_forcing_scores_a_paraphrase_whose_subject_tokenises_longer():
+    model = tiny("random:gptj-tiny")
+    record = dataclasses.replace(RECORD, paraphrase_prompts=("(Danielle Darrieux) spoke the language",))
+    ff = prepare(model, record, "fact-forcing", seed=5)
+    start, end = model.subject_span(record.paraphrase_prompts[0], record.subject)
+    query = text_query(model, record.paraphrase_prompts[0], " French", record.subject, ff.request.noise)
+    assert end - start == 4 and torch.equal(query.noise, ff.request.noise[-4:])
+    with pytest.raises(TracekitError, match="noise covers only 2"):
+        text_query(model, record.paraphrase_prompts[0], " French", record.subject, ff.request.noise[-2:])
 
 
 def test_bad_records():

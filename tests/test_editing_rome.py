@@ -261,3 +261,20 @@ def test_rome_on_the_bundled_model_at_the_preset_layer(smollm):
     print(f"ROME layer {hparams.layer}: rewrite {rewrite:.3f} paraphrase {paraphrase:.3f} "
           f"neighbourhood {neighbourhood:.3f}; {edit.info['seconds']}")
     assert rewrite >= 0.9 and paraphrase >= 0.5 and neighbourhood >= 0.8
+
+
+def test_a_sweep_warms_every_layers_statistics_in_one_pass(corpus, monkeypatch):
+    from tracekit.editing import covariance
+    from tracekit.editing.api import warm_key_statistics
+
+    model = six_layer_llama()
+    passes = []
+    accumulate = covariance.accumulate
+    monkeypatch.setattr(covariance, "accumulate", lambda m, layers, *a, **k: passes.append(list(layers)) or accumulate(m, layers, *a, **k))
+    rome, memit = rome_hp(corpus), memit_hp(corpus, window=3, clip_window=True)
+    assert warm_key_statistics(model, ["rome"], [1, 4], rome, progress=False) == [1, 4]
+    assert passes == [[1, 4]]
+    assert warm_key_statistics(model, ["memit"], [0], memit, progress=False) == [0, 1]  # window 3 clipped at 0
+    assert passes == [[1, 4], [0]]  # layer 1 was cached by the first call
+    apply_rome(model, REQUEST, 4, rome, progress=False)
+    assert passes == [[1, 4], [0]]  # the edit reads the warmed statistics

@@ -34,13 +34,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="hook backend; default: %(default)s")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16; default: %(default)s")
+    parser.add_argument("--bare-prompts", action="store_true",
+                        help="do not put the spec's document-start token before prompts (smollm2-135m puts "
+                             "<|endoftext|> there by default: its first position is an attention sink)")
 
 
 def load_from_args(args):
     from tracekit import load_model
 
     with console.status(f"loading {args.model} ({args.backend})"):
-        return load_model(args.model, backend=args.backend, device=args.device, dtype=args.dtype)
+        return load_model(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
+                          prepend_bos=False if getattr(args, "bare_prompts", False) else None)
 
 
 def _models(args) -> None:

@@ -133,5 +133,27 @@ def _dispatch(model, method: str, request: EditRequest, layer: int, hparams) -> 
     return apply_method(model, request, layer, hparams)
 
 
+def warm_key_statistics(model, methods, layers, hparams=None, progress: bool = True) -> list[int]:
+    """Compute the key statistics every ROME/MEMIT edit of a sweep will read, in one pass over
+    the corpus (one pass per layer costs up to ``len(layers)`` times more). Returns the layers."""
+    from tracekit.editing.covariance import second_moments
+    from tracekit.editing.memit import memit_layers
+
+    needed: dict[tuple, set[int]] = {}  # per statistics setting: the layers
+    for method in {parse_method(m) for m in methods} & {"rome", "memit"}:
+        hp = hparams if hparams is not None else default_hparams(model, method, Problem.ERROR_INJECTION)
+        for layer in layers:
+            try:
+                span = [layer] if method == "rome" else memit_layers(model, layer, hp.window, hp.clip_window)
+            except TracekitError:
+                continue  # this item will report its own error
+            key = (hp.mom2_n_samples, hp.mom2_sample_tokens, hp.mom2_dtype, hp.corpus)
+            needed.setdefault(key, set()).update(span)
+    for (n_samples, sample_tokens, dtype, corpus), wanted in needed.items():
+        second_moments(model, sorted(wanted), n_samples=n_samples, sample_tokens=sample_tokens, dtype=dtype,
+                       corpus=corpus, progress=progress)
+    return sorted(set().union(*needed.values())) if needed else []
+
+
 def nan_to_none(scores: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in scores.items()}

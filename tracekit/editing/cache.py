@@ -40,6 +40,11 @@ def _param_sample(param: torch.Tensor) -> bytes:
     return flat[::step][:_FINGERPRINT_SAMPLES].to("cpu", torch.float32).numpy().tobytes()
 
 
+def tokenization_probe(model) -> bytes:
+    """How the model's tokenizer encodes a fixed text, special tokens included."""
+    return str(model.tokenizer("The")["input_ids"]).encode()
+
+
 def weight_fingerprint(model, keep: Callable[[str], bool] | None = None) -> str:
     """A short hash of the config and (a strided sample of) every kept parameter.
 
@@ -47,6 +52,7 @@ def weight_fingerprint(model, keep: Callable[[str], bool] | None = None) -> str:
     weights that feed layer l's keys (see ``key_fingerprint``).
     """
     digest = hashlib.sha256(model.hf.config.to_json_string(use_diff=False).encode())
+    digest.update(tokenization_probe(model))  # a prepended token changes every key and sample
     for name, param in model.hf.named_parameters():
         if keep is not None and not keep(name):
             continue

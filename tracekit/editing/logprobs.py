@@ -40,9 +40,10 @@ def text_query(model, prompt: str, continuation: str, subject: str | None = None
     if noise is not None:
         check(subject is not None, "subject noise needs the subject")
         start, end = model.subject_span(prompt, subject)
-        check(end - start == noise.shape[0],
-              f"the subject {subject!r} is {end - start} tokens in {prompt!r} but the noise covers "
-              f"{noise.shape[0]}; noise each prompt whose subject tokenises differently separately")
+        check(end - start <= noise.shape[0],
+              f"the subject {subject!r} is {end - start} tokens in {prompt!r} but the noise covers only "
+              f"{noise.shape[0]}; draw it with problems.subject_noise(..., also=[this prompt])")
+        noise = noise[noise.shape[0] - (end - start):]  # rows aligned to the subject's end, as in kv_core
     return Query(prefix, cont, start, noise)
 
 
@@ -53,7 +54,7 @@ def _rows(queries: Sequence[Query]):
     for q in queries:
         check(len(q.prefix) > 0 and len(q.continuation) > 0, "a scored query needs a prefix and a continuation")
         tokens = q.prefix + q.continuation[:-1]
-        noise_key = None if q.noise is None else (q.noise_start, id(q.noise))
+        noise_key = None if q.noise is None else (q.noise_start, q.noise.data_ptr(), q.noise.shape[0])
         key = (tokens, noise_key)
         if key not in keys:
             keys[key] = len(rows)

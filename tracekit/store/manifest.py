@@ -35,14 +35,18 @@ def command_line() -> str:
 
 
 def model_identity(model) -> str:
-    """``spec#fingerprint``: the fingerprint hashes every parameter's name, shape and first
-    values, so two different weight sets under one spec (a re-saved local folder, an applied
-    edit) never share cached verdicts, while hashing stays cheap even for GPT-J."""
+    """``spec#fingerprint``: the fingerprint hashes how the tokenizer encodes a probe text and
+    every parameter's name, shape and first values, so two different weight sets (a re-saved
+    local folder, an applied edit) or prompt conventions under one spec never share cached
+    verdicts, while hashing stays cheap even for GPT-J."""
     spec = getattr(model, "spec", None) or type(model).__name__
     module = getattr(model, "hf", None)
     if module is None or not hasattr(module, "named_parameters"):
         return str(spec)
     digest = hashlib.sha256()
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:  # a prepended document-start token changes every result
+        digest.update(str(tokenizer("The")["input_ids"]).encode())
     for name, param in module.named_parameters():
         head = param.detach().reshape(-1)[:64].float().cpu().numpy().tobytes()
         digest.update(name.encode() + str(tuple(param.shape)).encode() + head)

@@ -58,12 +58,6 @@ def _default_tracers():
     return trace, zero_trace
 
 
-def _default_editor():
-    from tracekit.editing.api import edit
-
-    return edit
-
-
 def trace_study(model, records: Sequence[FactRecord], store: ResultStore, *, kinds=("mlp",), windows=(5,),
                 samples: int = 10, noise="s3", seed: int = 0, shard: Shard | None = None,
                 trace_fn: Callable | None = None, zero_fn: Callable | None = None,
@@ -119,7 +113,10 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
     bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
     if bad:
         raise TracekitError(f"edit layers {bad} are outside 0..{model.n_layers - 1} for {model.spec}")
-    edit_fn = edit_fn or _default_editor()
+    if edit_fn is None:
+        from tracekit.editing.api import edit as edit_fn, warm_key_statistics
+
+        warm_key_statistics(model, methods, layers, hparams, progress=progress)  # cached: cheap when done
     model_id = model_identity(model)
     store.begin("edit", {"model": model_id, "hparams": "presets" if hparams is None else repr(hparams), "seed": seed,
                          "point_seed": "seed + case_id", "default_layer": default_layer}, seed)
