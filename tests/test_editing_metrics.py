@@ -155,3 +155,19 @@ def test_essence_texts_are_the_same_on_every_backend():
     config = M.MetricsConfig(essence_new_tokens=5, seed=3)
     texts = [M.sample_essence_tokens(tiny("random:gptj-tiny", backend), "Toko Yasuda", config) for backend in BACKENDS]
     assert texts[0] == texts[1] == texts[2]
+
+
+def test_a_sweep_runs_each_points_before_pass_once(monkeypatch):
+    model = tiny("random:llama-tiny")
+    setup = prepare(model, RECORD, "error-injection")
+    config = M.MetricsConfig(essence_new_tokens=4)
+    first, second = _bump_edit(model), _bump_edit(model, scale=0.5)
+    plain = [M.evaluate_edit(model, setup, e, config).scores for e in (first, second)]
+    passes = []
+    monkeypatch.setattr(M, "token_logprobs", lambda m, q, **k: passes.append(len(q)) or token_logprobs(m, q, **k))
+    with M.baseline_cached(model):
+        cached = [M.evaluate_edit(model, setup, e, config).scores for e in (first, second)]
+    assert len(passes) == 3  # one "before", two "after"
+    assert cached == plain
+    M.evaluate_edit(model, setup, first, config)
+    assert len(passes) == 5  # outside the block nothing is reused

@@ -146,3 +146,20 @@ def test_bundled_model_knows_paris(smollm):
 def test_greedy_generation_agrees_across_backends(spec):
     texts = {backend: tiny(spec, backend).generate(PROMPTS, max_new_tokens=6) for backend in BACKENDS}
     assert texts["transformer_lens"] == texts["hf"] == texts["nnsight"]
+
+
+def test_a_prepended_document_start_shifts_spans_but_not_targets():
+    from tracekit import prompts as P
+    from tracekit.models.loading import prepend_token
+    from tracekit.models.random_models import offline_tokenizer
+
+    bare = offline_tokenizer()
+    tok = prepend_token(bare, "<|endoftext|>")
+    prompt, subject = "The Eiffel Tower is located in the city of", "The Eiffel Tower"
+    assert P.token_ids(tok, prompt) == [bare.eos_token_id] + P.token_ids(bare, prompt)
+    start, end = P.subject_span(bare, prompt, subject)
+    assert P.subject_span(tok, prompt, subject) == (start + 1, end + 1)
+    assert P.target_ids(tok, " Paris") == P.target_ids(bare, " Paris")
+    assert P.token_ids(bare, prompt)[0] != bare.eos_token_id  # the copy leaves the original alone
+    with pytest.raises(TracekitError, match="cannot prepend '<nope>'"):
+        prepend_token(bare, "<nope>")

@@ -12,6 +12,8 @@ log-prob (teacher forced) is reported beside it for multi-token objects.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -213,7 +215,7 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
     check(not edit.applied, "evaluate_edit needs the edit un-applied: the 'before' pass runs the original model")
     essence_rows = sample_essence_tokens(model, setup.request.subject, config) if config.essence else []
     labels, queries, essence = _queries(model, setup, essence_rows)
-    before = token_logprobs(model, queries + essence)
+    before = _before_pass(model, queries + essence)
     with edit:
         after = token_logprobs(model, queries + essence)
     rows = [PromptRow(*label, p_before=float(b[0].exp()), p_after=float(a[0].exp()),
@@ -230,6 +232,45 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
         notes += ("neighbourhood prompts (other subjects) and essence texts are scored without noise",)
     return EditScores(scores, rows, texts, ppl_b if ppl_b is not None else math.nan,
                       ppl_a if ppl_a is not None else math.nan, notes=notes)
+
+
+_BASELINE = "_baseline_logprobs"  # attribute of a model inside ``baseline_cached``
+_BASELINE_ENTRIES = 64
+
+
+@contextlib.contextmanager
+def baseline_cached(model):
+    """Reuse each point's "before" pass inside this block (a sweep edits one point at up to
+    dozens of layers and methods, all scored against the same unedited model).
+
+    The caller promises that the weights are the original ones whenever an edit is evaluated
+    in the block, as a sweep that undoes each edit guarantees.
+    """
+    outer = model.__dict__.get(_BASELINE)
+    model.__dict__[_BASELINE] = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        if outer is None:
+            model.__dict__.pop(_BASELINE, None)
+
+
+def _before_pass(model, queries: Sequence[Query]) -> list[torch.Tensor]:
+    cache = model.__dict__.get(_BASELINE)
+    if cache is None:
+        return token_logprobs(model, queries)
+    key = tuple((q.prefix, q.continuation, q.noise_start, _tensor_digest(q.noise)) for q in queries)
+    if key not in cache:
+        if len(cache) >= _BASELINE_ENTRIES:
+            cache.pop(next(iter(cache)))  # oldest first: a sweep moves on point by point
+        cache[key] = token_logprobs(model, queries)
+    return cache[key]
+
+
+def _tensor_digest(value: torch.Tensor | None) -> str | None:
+    if value is None:
+        return None
+    return hashlib.sha1(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()).hexdigest()
 
 
 def _by_kind(rows: Sequence[PromptRow], field_name: str) -> dict[str, KindProbs]:

@@ -140,7 +140,10 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
         return dict(status="ok", scores={k: float(v) for k, v in dict(scores).items() if _scalar(v)},
                     result=_json(result))
 
-    return run_sweep(store, "edits", items, work=work, shard=shard, progress=progress, description="editing")
+    from tracekit.editing.metrics import baseline_cached
+
+    with baseline_cached(model):  # safe: every item undoes its edit before the next is scored
+        return run_sweep(store, "edits", items, work=work, shard=shard, progress=progress, description="editing")
 
 
 def _floats(values) -> list[float]:
