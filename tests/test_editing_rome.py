@@ -263,10 +263,11 @@ def test_rome_on_the_bundled_model_at_the_preset_layer(smollm):
     assert rewrite >= 0.9 and paraphrase >= 0.5 and neighbourhood >= 0.8
 
 
-def test_a_sweep_warms_every_layers_statistics_in_one_pass(corpus, monkeypatch):
+def test_a_sweep_warms_every_layers_statistics_in_one_pass(corpus, monkeypatch, tmp_path):
     from tracekit.editing import covariance
     from tracekit.editing.api import warm_key_statistics
 
+    monkeypatch.setenv("TRACEKIT_CACHE", str(tmp_path))  # nothing cached by the other tests
     model = six_layer_llama()
     passes = []
     accumulate = covariance.accumulate

@@ -111,7 +111,11 @@ class BlockDriver:
         """Positions start..end-1 attending to keys 0..end-1 (keys < start come as a prefix)."""
         ids = torch.arange(start, end, device=like.device)[None]
         keys = torch.arange(end, device=like.device)
-        allowed = (keys[None, :] <= ids[0][:, None])[None, None]
+        return self.make_positions(ids, (keys[None, :] <= ids[0][:, None])[None, None], like)
+
+    def make_positions(self, ids: torch.Tensor, allowed: torch.Tensor, like: torch.Tensor) -> Positions:
+        """``Positions`` for position ids [B, P] and a boolean may-attend mask [B, 1, P, keys], in the
+        form this attention implementation takes (eager wants an additive float mask)."""
         if self.implementation == "eager":
             mask = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
             mask = mask.masked_fill(~allowed, torch.finfo(like.dtype).min)

@@ -154,13 +154,7 @@ def ragged_positions(driver: BlockDriver, starts: torch.Tensor, width: int, pref
     seen_prefix = (keys[None, None, :] < starts.to(like.device)[:, None, None]).expand(-1, width, -1)
     causal = (cols[None, :] <= cols[:, None])[None].expand(len(starts), -1, -1)
     allowed = torch.cat([seen_prefix, causal], dim=-1)[:, None]  # [B, 1, P, prefix + P]
-    if driver.implementation == "eager":
-        mask = torch.zeros(allowed.shape, dtype=like.dtype, device=like.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(like.dtype).min)
-    else:
-        mask = allowed
-    rotary = driver.rotary(like, position_ids=ids) if driver.rotary is not None else None
-    return Positions(ids, mask, rotary)
+    return driver.make_positions(ids, allowed, like)
 
 
 class ValueObjective:
