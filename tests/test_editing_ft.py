@@ -94,6 +94,20 @@ def test_window_must_fit_inside_the_model():
         edit_window(model, 6, 1)
     with pytest.raises(TracekitError, match="at least 5 layers; this one has 4"):
         edit_window(tiny("random:gpt2-tiny"), 2, 5)
+    assert edit_window(model, 1, 5, clip=True) == [0, 1, 2, 3]  # cut at the edges, as tracing windows
+    assert edit_window(model, 5, 5, clip=True) == [3, 4, 5]
+
+
+def test_ft5_at_the_first_layer_clips_its_window_when_asked():
+    from tracekit.editing.api import edit
+
+    model = six_layers("gpt2")
+    hp = FTHyperParams(n_layers=5, steps=2, lr=1e-3, norm_constraint=1e-3)
+    request = EditRequest("The mother tongue of {} is", "Danielle Darrieux", " English")
+    with pytest.raises(TracekitError, match="FT-5's 5-layer window centred on layer 0 spans -2..2"):
+        edit(model, request, "ft-5", layer=0, hparams=hp, evaluate=False)
+    result = edit(model, request, "ft-5", layer=0, hparams=hp, evaluate=False, clip_window=True)
+    assert result.layers == [0, 1, 2]
 
 
 @pytest.mark.parametrize("spec", TINY_SPECS)

@@ -193,7 +193,7 @@ def test_bad_layers_are_one_line_errors(corpus):
         apply_memit(model, REQUEST, 3, memit_hp(corpus, window=3))
     with pytest.raises(TracekitError, match="spans -1..1"):
         apply_memit(model, REQUEST, 0, memit_hp(corpus, window=3))
-    with pytest.raises(TracekitError, match="window of 5 layers is wider than this model's 4 layers"):
+    with pytest.raises(TracekitError, match="a 5-layer window needs a model with at least 5 layers; this one has 4"):
         apply_memit(model, REQUEST, 2, memit_hp(corpus))
     with pytest.raises(TracekitError, match="ROME needs ROMEHyperParams"):
         apply_rome(model, REQUEST, 1, memit_hp(corpus))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tracekit.editing.delta import Edit
-from tracekit.editing.finetune import FTHyperParams, apply_ft, edit_window, ft_preset
+from tracekit.editing.finetune import FTHyperParams, apply_ft, ft_preset
 from tracekit.editing.metrics import EditScores, MetricsConfig, evaluate_edit
 from tracekit.editing.problems import EditSetup, Problem, prepare, setup_from_request
 from tracekit.editing.request import EditRequest
@@ -64,14 +64,16 @@ def parse_method(method: str) -> str:
 
 def edit(model, record_or_request, method: str = "rome", problem: str | Problem = "error-injection",
          layer: int | None = None, hparams=None, evaluate: bool = True, *, seed: int = 0, noise="s3",
-         metrics: MetricsConfig = MetricsConfig(), leave_applied: bool = False) -> EditResult:
+         metrics: MetricsConfig = MetricsConfig(), leave_applied: bool = False,
+         clip_window: bool | None = None) -> EditResult:
     """Edit one fact and (by default) score it.
 
     ``record_or_request``: a ``tracekit.data.FactRecord`` (or a raw CounterFact record),
     turned into a request by ``problem``; or a bare ``EditRequest`` (scored on its own
     prompt only). ``layer=None`` takes the preset's default layer for this model.
     The model is returned unchanged unless ``leave_applied``; apply the edit with
-    ``result.edit.apply()`` or ``with result.edit: ...``.
+    ``result.edit.apply()`` or ``with result.edit: ...``. ``clip_window``: overrides the
+    hparams' choice for MEMIT and FT-5 windows that pass the model's first or last layer.
     """
     method = parse_method(method)
     if isinstance(record_or_request, EditRequest):
@@ -81,6 +83,8 @@ def edit(model, record_or_request, method: str = "rome", problem: str | Problem 
     problem_name = None if setup.problem is None else setup.problem.value
     if hparams is None:
         hparams = default_hparams(model, method, setup.problem or Problem.ERROR_INJECTION)
+    if clip_window is not None and hasattr(hparams, "clip_window"):
+        hparams = dataclasses.replace(hparams, clip_window=clip_window)
     layer = _pick_layer(model, layer, hparams)
     started = time.perf_counter()
     the_edit = _dispatch(model, method, setup.request, layer, hparams)
@@ -121,7 +125,6 @@ def _dispatch(model, method: str, request: EditRequest, layer: int, hparams) -> 
         want = 1 if method == "ft-1" else 5
         check(isinstance(hparams, FTHyperParams), f"{method} needs FTHyperParams, got {type(hparams).__name__}")
         check(hparams.n_layers == want, f"{method} edits {want} layer(s) but the hparams say n_layers={hparams.n_layers}")
-        edit_window(model, layer, want)
         return apply_ft(model, request, layer, hparams)
     try:
         if method == "rome":
@@ -133,7 +136,8 @@ def _dispatch(model, method: str, request: EditRequest, layer: int, hparams) -> 
     return apply_method(model, request, layer, hparams)
 
 
-def warm_key_statistics(model, methods, layers, hparams=None, progress: bool = True) -> list[int]:
+def warm_key_statistics(model, methods, layers, hparams=None, progress: bool = True,
+                        clip_window: bool | None = None) -> list[int]:
     """Compute the key statistics every ROME/MEMIT edit of a sweep will read, in one pass over
     the corpus (one pass per layer costs up to ``len(layers)`` times more). Returns the layers."""
     from tracekit.editing.covariance import second_moments
@@ -144,7 +148,7 @@ def warm_key_statistics(model, methods, layers, hparams=None, progress: bool = T
         hp = hparams if hparams is not None else default_hparams(model, method, Problem.ERROR_INJECTION)
         for layer in layers:
             try:
-                span = [layer] if method == "rome" else memit_layers(model, layer, hp.window, hp.clip_window)
+                span = [layer] if method == "rome" else memit_layers(model, layer, hp.window, hp.clip_window if clip_window is None else clip_window)
             except TracekitError:
                 continue  # this item will report its own error
             key = (hp.mom2_n_samples, hp.mom2_sample_tokens, hp.mom2_dtype, hp.corpus)

@@ -26,6 +26,7 @@ from tracekit.adapters.blocks import BlockDriver
 from tracekit.editing.delta import Edit
 from tracekit.editing.logprobs import Query, text_query, token_logprobs
 from tracekit.editing.request import EditRequest
+from tracekit.editing.windows import edit_window
 from tracekit.errors import TracekitError, check
 
 
@@ -38,6 +39,7 @@ class FTHyperParams:
     weight_decay: float = 0.0
     stop_loss: float | None = 1e-2  # stop once the target NLL is below this (maximising only)
     layer: int | None = None  # this preset's default edit layer (None: the model's middle layer)
+    clip_window: bool = False  # True: cut FT-5's window at the model's edges instead of an error
     source: str = ""  # where the values come from
 
     def __post_init__(self):
@@ -50,20 +52,6 @@ class FTHyperParams:
         check(self.stop_loss is None or self.stop_loss >= 0, f"FT stop_loss must be >= 0, got {self.stop_loss}")
         check(self.layer is None or (isinstance(self.layer, int) and self.layer >= 0),
               f"FT default layer must be >= 0, got {self.layer}")
-
-
-def edit_window(model, layer: int, n_layers: int) -> list[int]:
-    """``n_layers`` consecutive layers centred on ``layer``; an error if they leave the model."""
-    model.adapter.check_layer(model.hf, layer)
-    check(n_layers <= model.n_layers, f"a {n_layers}-layer window needs a model with at least {n_layers} layers; "
-                                      f"this one has {model.n_layers}")
-    first = layer - n_layers // 2
-    layers = list(range(first, first + n_layers))
-    check(layers[0] >= 0 and layers[-1] < model.n_layers,
-          f"a {n_layers}-layer window centred on layer {layer} spans {layers[0]}..{layers[-1]}, "
-          f"past this model's layers 0..{model.n_layers - 1}; pick a layer in "
-          f"{n_layers // 2}..{model.n_layers - 1 - (n_layers - 1 - n_layers // 2)}")
-    return layers
 
 
 def down_proj_name(model, layer: int) -> str:
@@ -82,7 +70,7 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
     The model is left exactly as it was; the returned ``Edit`` is not applied.
     """
     check(isinstance(hparams, FTHyperParams), f"FT needs FTHyperParams, got {type(hparams).__name__}")
-    layers = edit_window(model, layer, hparams.n_layers)
+    layers = edit_window(model, layer, hparams.n_layers, hparams.clip_window, f"FT-{hparams.n_layers}")
     weights = [model.adapter.down_proj_weight(model.hf, l) for l in layers]
     originals = [w.detach().clone() for w in weights]
     query = text_query(model, request.text, request.target, request.subject, request.noise)

@@ -25,21 +25,13 @@ from tracekit.editing.hparams import MEMITHyperParams, memit_preset
 from tracekit.editing.kv_core import ValueObjective, build_rows, optimize_value, param_name, solve_update, subject_states
 from tracekit.editing.request import EditRequest
 from tracekit.editing.rome import resolve_layer
+from tracekit.editing.windows import edit_window
 from tracekit.errors import check
 
 
 def memit_layers(model, layer: int, window: int, clip: bool = False) -> list[int]:
     """``window`` consecutive layers centred on ``layer`` (the tracing window's formula)."""
-    check(clip or window <= model.n_layers, f"MEMIT's window of {window} layers is wider than this model's {model.n_layers} layers")
-    first = layer - window // 2
-    layers = list(range(first, first + window))
-    if clip:
-        return [x for x in layers if 0 <= x < model.n_layers]
-    check(layers[0] >= 0 and layers[-1] < model.n_layers,
-          f"MEMIT's {window}-layer window centred on layer {layer} spans {layers[0]}..{layers[-1]}, past this "
-          f"model's layers 0..{model.n_layers - 1}; pick a layer in {window // 2}..{model.n_layers - 1 - (window - 1 - window // 2)} "
-          "or set clip_window=True")
-    return layers
+    return edit_window(model, layer, window, clip, "MEMIT")
 
 
 def apply_memit(model, request: EditRequest, layer: int | None = None, hparams: MEMITHyperParams | None = None,

@@ -11,6 +11,7 @@ tests and other tools can drive the same sweep with their own functions.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Callable, Sequence
 
@@ -114,9 +115,11 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
     if bad:
         raise TracekitError(f"edit layers {bad} are outside 0..{model.n_layers - 1} for {model.spec}")
     if edit_fn is None:
-        from tracekit.editing.api import edit as edit_fn, warm_key_statistics
+        from tracekit.editing.api import edit, warm_key_statistics
 
-        warm_key_statistics(model, methods, layers, hparams, progress=progress)  # cached: cheap when done
+        # MEMIT's and FT-5's windows are cut at the model's edges, as tracing windows are
+        edit_fn = functools.partial(edit, clip_window=True)
+        warm_key_statistics(model, methods, layers, hparams, progress=progress, clip_window=True)  # cached: cheap when done
     model_id = model_identity(model)
     store.begin("edit", {"model": model_id, "hparams": "presets" if hparams is None else repr(hparams), "seed": seed,
                          "point_seed": "seed + case_id", "default_layer": default_layer}, seed)
