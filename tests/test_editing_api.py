@@ -140,3 +140,13 @@ def test_cli_bad_input_is_one_line(capsys):
     code = main(["edit", "--model", "random:gpt2-tiny", "--prompt", "The mother tongue of {} is", "--subject",
                  "Danielle Darrieux", "--target", " English", "--method", "ft-1", "--layer", "7"])
     assert code == 2 and "out of range" in capsys.readouterr().out
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(capsys, tmp_path):
+    # FT-1: no key statistics to gather, so this stays fast; the bundled model is the README's main job
+    code = main(["demo", "--model", "random:llama-tiny", "--method", "ft-1", "--window", "2", "--samples", "2",
+                 "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "object at 0x" not in out and "rewrite" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"trace-mlp.png", "trace-mlp.json", "summary.json"}

@@ -19,7 +19,7 @@ NEIGHBOURS = ("The mother tongue of Jean Marais is", "The mother tongue of Brigi
 def _demo(args) -> None:
     from tracekit.data.records import FactRecord
     from tracekit.editing.api import edit
-    from tracekit.editing.cli import probability_table, score_table
+    from tracekit.editing.cli import print_edit_tables
     from tracekit.tracing import trace
 
     out = Path(args.out)
@@ -40,8 +40,7 @@ def _demo(args) -> None:
     started = time.perf_counter()
     edited = edit(model, record, method=args.method, problem="error-injection", hparams=_demo_hparams(model, args.method))
     edit_seconds = time.perf_counter() - started
-    console.print(probability_table(edited))
-    console.print(score_table(edited))
+    print_edit_tables(edited, console)
     summary = {
         "model": model.spec, "backend": model.backend.name,
         "trace": {"prompt": TRACE_PROMPT, "answer": result.answer, "p_clean": result.p_clean,

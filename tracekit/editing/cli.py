@@ -96,17 +96,22 @@ def _edit(args) -> None:
     with console.status(f"{args.method} edit ({args.problem}) and evaluation"):
         result = edit(model, record, method=args.method, problem=args.problem, layer=args.layer, seed=args.seed,
                       noise=args.noise, metrics=MetricsConfig(essence=not args.no_essence, seed=args.seed))
-    table, legend = probability_table(result)
-    console.print(table)
-    for line in legend:
-        console.print(f"  {line}", highlight=False)
-    console.print(score_table(result))
+    print_edit_tables(result, console)
     for note in [*notes, *result.scores.notes, f"scoring: {result.scores.scoring}"]:
         console.print(f"[dim]- {note}[/dim]", highlight=False)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(nan_to_none(result.row()), f, indent=2, default=str)
         console.print(f"wrote {args.json}")
+
+
+def print_edit_tables(result, console) -> None:
+    """The per-prompt probabilities with their legend, then the scores."""
+    table, legend = probability_table(result)
+    console.print(table)
+    for line in legend:
+        console.print(f"  {line}", highlight=False)
+    console.print(score_table(result))
 
 
 def probability_table(result) -> tuple[Table, list[str]]:
