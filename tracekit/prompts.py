@@ -34,6 +34,12 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def tokenization_probe(tokenizer) -> bytes:
+    """How a tokenizer encodes a fixed text, special tokens included: part of every cache key,
+    since a prepended document-start token changes every result."""
+    return str(token_ids(tokenizer, "The")).encode()
+
+
 def pad(rows: Sequence[Sequence[int]], pad_id: int) -> Batch:
     check(len(rows) > 0, "no prompts given")
     width = max(len(r) for r in rows)

@@ -137,7 +137,7 @@ def _dispatch(model, method: str, request: EditRequest, layer: int, hparams) -> 
 
 
 def warm_key_statistics(model, methods, layers, hparams=None, progress: bool = True,
-                        clip_window: bool | None = None) -> list[int]:
+                        clip_window: bool | None = None, problems=("error-injection",)) -> list[int]:
     """Compute the key statistics every ROME/MEMIT edit of a sweep will read, in one pass over
     the corpus (one pass per layer costs up to ``len(layers)`` times more). Returns the layers."""
     from tracekit.editing.covariance import second_moments
@@ -145,14 +145,16 @@ def warm_key_statistics(model, methods, layers, hparams=None, progress: bool = T
 
     needed: dict[tuple, set[int]] = {}  # per statistics setting: the layers
     for method in {parse_method(m) for m in methods} & {"rome", "memit"}:
-        hp = hparams if hparams is not None else default_hparams(model, method, Problem.ERROR_INJECTION)
-        for layer in layers:
-            try:
-                span = [layer] if method == "rome" else memit_layers(model, layer, hp.window, hp.clip_window if clip_window is None else clip_window)
-            except TracekitError:
-                continue  # this item will report its own error
-            key = (hp.mom2_n_samples, hp.mom2_sample_tokens, hp.mom2_dtype, hp.corpus)
-            needed.setdefault(key, set()).update(span)
+        for problem in {Problem.parse(p) for p in problems}:
+            hp = hparams if hparams is not None else default_hparams(model, method, problem)
+            for layer in layers:
+                try:
+                    span = [layer] if method == "rome" else memit_layers(
+                        model, layer, hp.window, hp.clip_window if clip_window is None else clip_window)
+                except TracekitError:
+                    continue  # this item will report its own error
+                key = (hp.mom2_n_samples, hp.mom2_sample_tokens, hp.mom2_dtype, hp.corpus)
+                needed.setdefault(key, set()).update(span)
     for (n_samples, sample_tokens, dtype, corpus), wanted in needed.items():
         second_moments(model, sorted(wanted), n_samples=n_samples, sample_tokens=sample_tokens, dtype=dtype,
                        corpus=corpus, progress=progress)

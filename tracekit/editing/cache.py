@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from tracekit import prompts as P
+
 # Elements sampled from each parameter for the fingerprint. A sample is enough: every
 # edit tracekit makes (rank-one, MEMIT, FT) changes nearly every entry of the matrices
 # it touches, and a full hash of a 6B-parameter model would take minutes.
@@ -40,11 +42,6 @@ def _param_sample(param: torch.Tensor) -> bytes:
     return flat[::step][:_FINGERPRINT_SAMPLES].to("cpu", torch.float32).numpy().tobytes()
 
 
-def tokenization_probe(model) -> bytes:
-    """How the model's tokenizer encodes a fixed text, special tokens included."""
-    return str(model.tokenizer("The")["input_ids"]).encode()
-
-
 def weight_fingerprint(model, keep: Callable[[str], bool] | None = None) -> str:
     """A short hash of the config and (a strided sample of) every kept parameter.
 
@@ -52,7 +49,7 @@ def weight_fingerprint(model, keep: Callable[[str], bool] | None = None) -> str:
     weights that feed layer l's keys (see ``key_fingerprint``).
     """
     digest = hashlib.sha256(model.hf.config.to_json_string(use_diff=False).encode())
-    digest.update(tokenization_probe(model))  # a prepended token changes every key and sample
+    digest.update(P.tokenization_probe(model.tokenizer))
     for name, param in model.hf.named_parameters():
         if keep is not None and not keep(name):
             continue

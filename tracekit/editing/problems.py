@@ -126,8 +126,8 @@ def prepare(model, record, problem: str | Problem, seed: int = 0, noise="s3") ->
         return EditSetup(problem, EditRequest(template, subject, o_true, minimize=True), counter=o_false, **common)
     if problem is Problem.FACT_AMPLIFICATION:
         return EditSetup(problem, EditRequest(template, subject, o_true), counter=o_false, **common)
-    scored = [fact.text, *(p for p in fact.paraphrase_prompts if subject in p)]
-    noise_tensor = subject_noise(model, fact.text, subject, seed=seed, noise=noise, also=scored)
+    paraphrases = [p for p in fact.paraphrase_prompts if subject in p]
+    noise_tensor = subject_noise(model, fact.text, subject, seed=seed, noise=noise, also=paraphrases)
     note = f"subject noised (rule {noise}, seed {seed}) in the edit and in every scored prompt that contains it"
     return EditSetup(problem, EditRequest(template, subject, o_true, noise=noise_tensor), counter=o_false,
                      notes=(note,), **common)

@@ -4,6 +4,7 @@ by the same formula as a tracing window (layers l - w//2 .. l - w//2 + w - 1).""
 from __future__ import annotations
 
 from tracekit.errors import check
+from tracekit.tracing.plan import window_layers
 
 
 def edit_window(model, layer: int, n_layers: int, clip: bool = False, method: str = "the edit") -> list[int]:
@@ -16,12 +17,10 @@ def edit_window(model, layer: int, n_layers: int, clip: bool = False, method: st
     check(isinstance(n_layers, int) and n_layers >= 1, f"a window needs at least one layer, got {n_layers!r}")
     check(clip or n_layers <= model.n_layers,
           f"a {n_layers}-layer window needs a model with at least {n_layers} layers; this one has {model.n_layers}")
+    layers = list(window_layers(layer, n_layers, model.n_layers))  # already cut at the edges
     first = layer - n_layers // 2
-    layers = list(range(first, first + n_layers))
-    if clip:
-        return [x for x in layers if 0 <= x < model.n_layers]
-    check(layers[0] >= 0 and layers[-1] < model.n_layers,
-          f"{method}'s {n_layers}-layer window centred on layer {layer} spans {layers[0]}..{layers[-1]}, past this "
+    check(clip or len(layers) == n_layers,
+          f"{method}'s {n_layers}-layer window centred on layer {layer} spans {first}..{first + n_layers - 1}, past this "
           f"model's layers 0..{model.n_layers - 1}; pick a layer in "
           f"{n_layers // 2}..{model.n_layers - 1 - (n_layers - 1 - n_layers // 2)} or set clip_window=True")
     return layers

@@ -9,6 +9,8 @@ import platform
 import sys
 from importlib import metadata
 
+from tracekit.prompts import tokenization_probe
+
 
 def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
@@ -45,8 +47,8 @@ def model_identity(model) -> str:
         return str(spec)
     digest = hashlib.sha256()
     tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None:  # a prepended document-start token changes every result
-        digest.update(str(tokenizer("The")["input_ids"]).encode())
+    if tokenizer is not None:
+        digest.update(tokenization_probe(tokenizer))
     for name, param in module.named_parameters():
         head = param.detach().reshape(-1)[:64].float().cpu().numpy().tobytes()
         digest.update(name.encode() + str(tuple(param.shape)).encode() + head)

@@ -119,7 +119,8 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
 
         # MEMIT's and FT-5's windows are cut at the model's edges, as tracing windows are
         edit_fn = functools.partial(edit, clip_window=True)
-        warm_key_statistics(model, methods, layers, hparams, progress=progress, clip_window=True)  # cached: cheap when done
+        warm_key_statistics(model, methods, layers, hparams, progress=progress, clip_window=True,
+                            problems=problems)  # cached: cheap when done
     model_id = model_identity(model)
     store.begin("edit", {"model": model_id, "hparams": "presets" if hparams is None else repr(hparams), "seed": seed,
                          "point_seed": "seed + case_id", "default_layer": default_layer}, seed)
