@@ -8,6 +8,7 @@ from scipy import stats as sps
 from tracekit import TracekitError
 from tracekit.analysis import (concentrated_cases, correlations, effect_by_layer, fit_r2, join_edits, pearson, r2_grid,
                                select, tracing_effects)
+from tracekit.analysis.stats import point_permutation_p
 
 LAYER_MEANS = np.linspace(0.0, 1.0, 8)
 
@@ -83,6 +84,41 @@ def test_grid_over_problems_and_methods():
         fit_r2(cells[0].iloc[::20], "rewrite")  # 16 results over 8 layers
     constant = cells[0].assign(rewrite=0.9)
     assert np.isnan(fit_r2(constant, "rewrite").r2_layer)
+
+
+def edited_at_every_layer(n_points, beta, seed, point_sd=0.3):
+    """Each point edited at all 8 layers, as in a sweep: its tracing effect is about the same at
+    every layer, and a point-level term (how editable the fact is) is shared by its rows."""
+    rng = np.random.default_rng(seed)
+    point = np.repeat(np.arange(n_points), len(LAYER_MEANS))
+    layer = np.tile(np.arange(len(LAYER_MEANS)), n_points)
+    tracing = rng.uniform(0, 1, n_points)[point] + rng.normal(0, 0.05, len(point))
+    rewrite = (LAYER_MEANS[layer] + beta * tracing + rng.normal(0, point_sd, n_points)[point]
+               + rng.normal(0, 0.1, len(point)))
+    return pd.DataFrame({"case_id": point, "layer": layer, "tracing_effect": tracing, "rewrite": rewrite})
+
+
+def test_point_permutation_test_holds_its_level_where_the_row_f_test_does_not():
+    fits = [fit_r2(edited_at_every_layer(60, beta=0.0, seed=seed), "rewrite") for seed in range(60)]
+    rows_p = np.array([fit.f_p for fit in fits])
+    points_p = np.array([fit.f_p_permuted for fit in fits])
+    # Rows of one point are not independent, so the row-wise F-test rejects too often ...
+    assert sps.kstest(rows_p, "uniform").pvalue < 1e-6 and np.mean(rows_p < 0.05) >= 0.1
+    # ... while shuffling whole points keeps p uniform under no effect.
+    assert sps.kstest(points_p, "uniform").pvalue > 0.01 and np.mean(points_p < 0.05) <= 0.1
+    effect = fit_r2(edited_at_every_layer(60, beta=0.6, seed=0), "rewrite")
+    assert effect.f_p_permuted < 0.01
+
+
+def test_point_permutation_p_edge_cases():
+    data = edited_at_every_layer(30, beta=0.0, seed=1)
+    assert point_permutation_p(data, permutations=99) == point_permutation_p(data, permutations=99)  # seeded
+    assert np.isnan(point_permutation_p(data[data["case_id"] < 9]))  # fewer than 10 complete points
+    partial = data[~((data["case_id"] < 25) & (data["layer"] == 3))]  # only 5 points have every layer
+    assert np.isnan(point_permutation_p(partial))
+    assert np.isnan(fit_r2(data.drop(columns="case_id"), "rewrite").f_p_permuted)
+    flat = data.assign(tracing_effect=data["layer"] / 10.0)  # no variation among points: nothing to test
+    assert point_permutation_p(flat, permutations=99) == 1.0
 
 
 def test_pearson_and_correlations():

@@ -86,9 +86,12 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
     table1 = pd.DataFrame([{"model": m, "R2": v} for m, v in
                            (("tracing only", fit.r2_tracing), ("layer", fit.r2_layer),
                             ("layer x tracing", fit.r2_layer_x_tracing))])
-    table(table1, "table1_r2", f"R² for rewrite score, {method} / {problem} (n={fit.n}; F-test p={fit.f_p:.2g})")
+    table(table1, "table1_r2", f"R² for rewrite score, {method} / {problem} (n={fit.n}; F-test p={fit.f_p:.2g}, "
+                               f"points permuted p={fit.f_p_permuted:.2g})")
     summary.headline[f"table 1 ({method}, {problem})"] = (f"tracing {fit.r2_tracing:.3f}, layer {fit.r2_layer:.3f}, "
                                                           f"layer x tracing {fit.r2_layer_x_tracing:.3f}")
+    summary.headline[f"F-test p ({method}, {problem})"] = (f"rows independent {fit.f_p:.2g}, "
+                                                           f"points permuted {fit.f_p_permuted:.2g}")
     for outcome, name in OUTCOMES.items():
         if outcome not in joined.columns:
             summary.notes.append(f"no {outcome} scores: {name} skipped")

@@ -6,6 +6,11 @@ Models (Hase et al. 2023, Table 1), with edit layer as a categorical variable:
     layer x tracing     y ~ C(layer) * tracing_effect      (both terms, interacted)
 The F-test compares the layer-only model with the layer x tracing model (nested): does the
 tracing effect explain variance in edit success beyond the choice of layer?
+
+The F-test, like the paper's, treats each (point, layer) row as independent, but a point is
+edited at every layer, so its rows share whatever makes that fact easy or hard to edit.
+``f_p_permuted`` asks the same question with points as the unit: it shuffles whole points'
+tracing profiles among points and refits (a permutation test that respects that dependence).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class R2Fit:
     f_p: float  # p-value of the nested F-test (layer vs layer x tracing)
     df_num: float
     df_den: float
+    f_p_permuted: float = float("nan")  # the same test with points exchangeable (NaN: no case_id, too few points)
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -48,7 +54,7 @@ class R2Fit:
 def _clean(df: pd.DataFrame, outcome: str) -> pd.DataFrame:
     if outcome not in df.columns:
         raise TracekitError(f"no {outcome!r} scores in the results (have: {', '.join(map(str, df.columns))})")
-    data = df[[outcome, "tracing_effect", "layer"]].dropna()
+    data = df[[outcome, "tracing_effect", "layer"] + (["case_id"] if "case_id" in df.columns else [])].dropna()
     if data.empty:
         raise TracekitError(f"no results with both a {outcome} score and a tracing effect")
     return data
@@ -71,9 +77,48 @@ def fit_r2(df: pd.DataFrame, outcome: str = "rewrite") -> R2Fit:
     test = anova_lm(fits["layer"], fits["layer_x_tracing"])  # with one layer this is y ~ 1 vs y ~ tracing
     f, p, df_num = float(test["F"].iloc[1]), float(test["Pr(>F)"].iloc[1]), float(test["df_diff"].iloc[1])
     r2 = {name: float(fit.rsquared) for name, fit in fits.items()}
+    permuted = point_permutation_p(data, outcome) if "case_id" in data.columns else float("nan")
     return R2Fit(n=len(data), r2_tracing=r2["tracing"], r2_layer=r2["layer"], r2_layer_x_tracing=r2["layer_x_tracing"],
                  added=r2["layer_x_tracing"] - r2["layer"], f=f, f_p=p, df_num=df_num,
-                 df_den=float(fits["layer_x_tracing"].df_resid))
+                 df_den=float(fits["layer_x_tracing"].df_resid), f_p_permuted=permuted)
+
+
+def point_permutation_p(data: pd.DataFrame, outcome: str = "rewrite", permutations: int = 1999, seed: int = 0,
+                        min_points: int = 10) -> float:
+    """p-value of the layer vs layer x tracing test when points, not rows, are exchangeable.
+
+    Uses the points edited at every layer of ``data``. Under the null, which point a tracing
+    profile (its effects at all layers) belongs to does not matter, so the profiles are shuffled
+    among points, keeping each profile whole. The layer x tracing model is a separate line per
+    layer, so its residual sum of squares is a sum of per-layer simple regressions, computed for
+    every permutation at once. The layer-only model does not involve tracing, so a smaller
+    residual sum of squares is a larger F. NaN with fewer than ``min_points`` complete points.
+    """
+    wide_y = data.pivot_table(index="case_id", columns="layer", values=outcome, aggfunc="first").dropna()
+    wide_t = data.pivot_table(index="case_id", columns="layer", values="tracing_effect",
+                              aggfunc="first").loc[wide_y.index].dropna()
+    y = wide_y.loc[wide_t.index].to_numpy()  # (points, layers)
+    t = wide_t.to_numpy()
+    if len(y) < min_points:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    orders = np.stack([np.arange(len(t))] + [rng.permutation(len(t)) for _ in range(permutations)])
+    ssr = _per_layer_line_ssr(y, t[orders])  # (1 + permutations,)
+    # Ties within float round-off count as "as extreme", so a profile-free outcome gives p = 1.
+    return float((ssr[1:] <= ssr[0] * (1 + 1e-12)).sum() + 1) / (permutations + 1)
+
+
+def _per_layer_line_ssr(y: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Residual sum of squares of y ~ a_l + b_l t, summed over layers, for each t in a batch.
+
+    y: (points, layers); t: (batch, points, layers). A layer with constant t keeps its intercept
+    only, as least squares with the pseudo-inverse does."""
+    yc = y - y.mean(axis=0)
+    tc = t - t.mean(axis=1, keepdims=True)
+    sxx = (tc ** 2).sum(axis=1)
+    sxy = (tc * yc).sum(axis=1)
+    explained = np.divide(sxy ** 2, sxx, out=np.zeros_like(sxx), where=sxx > 1e-12 * (1 + sxx.max()))
+    return (yc ** 2).sum() - explained.sum(axis=1)
 
 
 def r2_grid(df: pd.DataFrame, outcome: str = "rewrite", by: tuple[str, ...] = ("problem", "method")) -> pd.DataFrame:
