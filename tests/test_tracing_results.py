@@ -71,6 +71,7 @@ def test_plot_and_table(result, tmp_path):
     console.print(result)
     text = console.export_text()
     assert "p_clean" in text and "'The'*" in text
+    assert text.count("\u2588") >= 1  # the largest value is a full bar, readable without colour
 
 
 def test_zero_result_methods(tmp_path):

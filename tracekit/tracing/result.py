@@ -18,6 +18,8 @@ from tracekit.tracing.plan import indistinguishable, tracing_effect
 # ROME's colours per kind: effects fade from white to this.
 _COLOURS = {"mlp": (0, 128, 0), "attn": (200, 0, 0), "resid": (110, 50, 160)}
 _CMAPS = {"mlp": "Greens", "attn": "Reds", "resid": "Purples"}
+# Bar heights carry the value where colour is lost (a log file, a plain terminal).
+_BARS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
 
 
 @dataclass
@@ -110,7 +112,7 @@ class _LayerMap:
             for value in row.tolist():
                 a = max(0.0, min(1.0, value / top))
                 mix = (int(255 + (r - 255) * a), int(255 + (g - 255) * a), int(255 + (b - 255) * a))
-                cells.append("\u2588", style=f"rgb({mix[0]},{mix[1]},{mix[2]})")
+                cells.append(_BARS[round(a * (len(_BARS) - 1))], style=f"rgb({mix[0]},{mix[1]},{mix[2]})")
             table.add_row(str(i), label, cells, f"{float(row.max()):.3f}", str(int(row.argmax())))
         return Group(Text(title, style="bold"), table)
 
