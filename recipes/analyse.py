@@ -6,7 +6,8 @@
 Writes: tracing effect by layer (Fig. 1/2), edit scores by layer (Fig. 7), rewrite score vs
 tracing effect at the default layer with Pearson rho and p (Fig. 4), R^2 of tracing-only /
 layer-only / layer x tracing models (Table 1) for every problem x method with nested F-tests
-(Fig. 6, Table 3), paraphrase / neighborhood / overall outcomes (Tables 4-6), per-layer
+(Fig. 6, Table 3; beside each F-test's p, f_p_permuted is the p-value when whole points, not
+(point, layer) rows, are exchangeable), paraphrase / neighborhood / overall outcomes (Tables 4-6), per-layer
 correlations (Fig. 15), the concentrated-effects subset (Table 2), and robustness variants
 (window 10, last subject token, representation zeroing) where the store has those traces.
 """
