@@ -10,6 +10,7 @@ layer-only / layer x tracing models (Table 1) for every problem x method with ne
 (point, layer) rows, are exchangeable), paraphrase / neighborhood / overall outcomes (Tables 4-6), per-layer
 correlations (Fig. 15), the concentrated-effects subset (Table 2), and robustness variants
 (window 10, last subject token, representation zeroing) where the store has those traces.
+With --by-relation, Fig. 4 and Table 3 are also split by the facts' relation.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import argparse
 import sys
 
 from tracekit.analysis import paper_analyses
+from tracekit.analysis.frames import relations_frame
 from tracekit.cli import console
+from tracekit.data.loaders import load_dataset
 from tracekit.store import ResultStore
 from tracekit.store.cli import run_recipe
 
@@ -35,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default-layer", type=int, default=None,
                         help="layer for Fig. 4 (default: from the edit sweep's manifest, else ROME's best layer)")
     parser.add_argument("--no-robustness", dest="robustness", action="store_false", help="skip robustness tables")
+    parser.add_argument("--by-relation", action="store_true",
+                        help="also split Fig. 4 and Table 3 by the facts' relation (loads each stored dataset)")
+    parser.add_argument("--data", metavar="PATH", default=None,
+                        help="with --by-relation: dataset file or folder (default: $TRACEKIT_DATA, then ../shared/data)")
     return parser
 
 
@@ -52,9 +59,12 @@ def run(args) -> None:
     # A point stored in two of the given stores (a shard and its merge) counts once.
     traces = pd.concat(traces, ignore_index=True).drop_duplicates(["model", "dataset", "case_id", "kind", "window", "layer"])
     edits = pd.concat(edits, ignore_index=True).drop_duplicates(["model", "dataset", "case_id", "method", "problem", "layer"])
+    relations = None
+    if args.by_relation:
+        relations = relations_frame({name: load_dataset(name, args.data) for name in sorted(set(edits["dataset"]))})
     summary = paper_analyses(traces, edits, args.out,
                              kind=args.kind, window=args.window, reduce=args.reduce, default_layer=default_layer,
-                             robustness=args.robustness, console=console)
+                             robustness=args.robustness, relations=relations, console=console)
     console.print(summary.markdown(), highlight=False)
 
 

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from tracekit import TracekitError
-from tracekit.analysis import fit_r2, join_edits, paper_analyses, select, to_markdown, tracing_effects
+from tracekit.analysis import fit_r2, join_edits, paper_analyses, relations_frame, select, to_markdown, tracing_effects
+from tracekit.data import FactRecord
 from tracekit.store import ResultStore
 
 N_LAYERS, EDIT_LAYERS = 10, (0, 3, 6, 9)
@@ -96,3 +97,22 @@ def test_markdown_format():
     df = pd.DataFrame({"method": ["rome"], "r2": [0.94712], "p": [3.2e-7], "n": [652]})
     assert to_markdown(df).splitlines() == ["| method | r2 | p | n |", "| --- | ---: | ---: | ---: |",
                                             "| rome | 0.947 | 3.20e-07 | 652 |"]
+
+
+def test_split_by_relation(frames, tmp_path):
+    traces, edits = frames
+    records = [FactRecord(case_id=case, prompt="{} is in", subject="s", target_true=" a", target_new=" b",
+                          relation_id="P17" if case % 2 else "P37") for case in range(40)]
+    relations = relations_frame({"counterfact": records})
+    paper_analyses(traces, edits, tmp_path, default_layer=3, robustness=False, relations=relations)
+    grid = pd.read_csv(tmp_path / "table3_r2_rewrite_by_relation.csv")
+    assert set(zip(grid["relation"], grid["problem"], grid["method"])) == {
+        (r, p, m) for r in ("P17", "P37") for p in ("error-injection", "fact-forcing") for m in ("rome", "ft-1")}
+    assert (grid["n"] == 20 * len(EDIT_LAYERS)).all()
+    joined = join_edits(edits, tracing_effects(traces, kind="mlp", window=5))
+    odd = select(joined[joined["case_id"] % 2 == 1], problem="fact-forcing", method="ft-1", layer=3)
+    corr = pd.read_csv(tmp_path / "fig4_correlation_by_relation.csv").set_index(["relation", "problem", "method"])
+    assert corr.loc[("P17", "fact-forcing", "ft-1"), "rho"] == pytest.approx(
+        np.corrcoef(odd["tracing_effect"], odd["rewrite"])[0, 1])
+    with pytest.raises(TracekitError, match=r"20 stored points have no record .*case 0\b"):
+        paper_analyses(traces, edits, tmp_path, robustness=False, relations=relations[relations["case_id"] % 2 == 1])

@@ -112,7 +112,9 @@ def test_trace_edit_analyse_with_stand_ins(data, tmp_path, capsys):
         assert result.manifests()["edit"]["config"]["default_layer"] == 1
 
     out = tmp_path / "analysis"
-    assert recipe("analyse").main(["--store", str(store), "--out", str(out), "--window", "3"]) == 0
+    assert recipe("analyse").main(["--store", str(store), "--out", str(out), "--window", "3", "--by-relation",
+                                   "--data", str(data)]) == 0
+    assert (out / "table3_r2_rewrite_by_relation.csv").exists()
     table1 = pd.read_csv(out / "table1_r2.csv")
     assert table1["R2"].iloc[1] > 0.9  # rewrite is set by the layer in the stand-in
     assert (out / "fig4_rome_error-injection.png").exists() and (out / "robustness_zeroing.csv").exists()

@@ -5,12 +5,13 @@
     fit_r2(joined[joined.method == "rome"], "rewrite")   # R^2: tracing / layer / layer x tracing, F-test
 """
 
-from tracekit.analysis.frames import concentrated_cases, join_edits, only_points, select, tracing_effects
+from tracekit.analysis.frames import (concentrated_cases, join_edits, only_points, relations_frame, select,
+                                      tracing_effects, with_relation)
 from tracekit.analysis.paper import Summary, paper_analyses
 from tracekit.analysis.report import save_table, to_markdown
 from tracekit.analysis.stats import (R2Fit, correlations, effect_by_layer, fit_r2, mean_scores_by_layer, pearson,
                                      r2_grid)
 
 __all__ = ["R2Fit", "Summary", "concentrated_cases", "correlations", "effect_by_layer", "fit_r2", "join_edits",
-           "mean_scores_by_layer", "only_points", "paper_analyses", "pearson", "r2_grid", "save_table", "select",
-           "to_markdown", "tracing_effects"]
+           "mean_scores_by_layer", "only_points", "paper_analyses", "pearson", "r2_grid", "relations_frame", "save_table",
+           "select", "to_markdown", "tracing_effects", "with_relation"]

@@ -74,5 +74,26 @@ def concentrated_cases(effects: pd.DataFrame, *, fraction: float = 0.5, max_othe
     return table[table["concentrated"]].drop(columns="concentrated").reset_index(drop=True)
 
 
+def relations_frame(records_by_dataset) -> pd.DataFrame:
+    """(dataset, case_id, relation) for ``{dataset name: [FactRecord, ...]}``, to split analyses by relation."""
+    rows = [(dataset, record.case_id, record.relation_id or "(none)")
+            for dataset, records in records_by_dataset.items() for record in records]
+    if not rows:
+        raise TracekitError("no records to take relations from")
+    return pd.DataFrame(rows, columns=["dataset", "case_id", "relation"])
+
+
+def with_relation(df: pd.DataFrame, relations: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with each point's ``relation``; a point missing from ``relations`` is an error, not dropped."""
+    out = df.merge(relations, on=["dataset", "case_id"], how="left")
+    missing = out[out["relation"].isna()]
+    if not missing.empty:
+        first = missing.iloc[0]
+        raise TracekitError(f"{missing['case_id'].nunique()} stored points have no record to take a relation from "
+                            f"(first: dataset {first['dataset']!r}, case {first['case_id']}); "
+                            f"load the dataset the store was made from")
+    return out
+
+
 def only_points(df: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:
     return df.merge(points[POINT], on=POINT, how="inner")

@@ -45,7 +45,9 @@ def default_layer_of(joined: pd.DataFrame) -> int:
 
 def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Path, *, kind: str = "mlp",
                    window: int = 5, reduce: str = "max", default_layer: int | None = None,
-                   robustness: bool = True, console: Console | None = None) -> Summary:
+                   robustness: bool = True, relations: pd.DataFrame | None = None,
+                   console: Console | None = None) -> Summary:
+    """``relations`` (``frames.relations_frame``): also split Fig. 4 and Table 3 by the facts' relation."""
     out = Path(out_dir)
     summary = Summary()
 
@@ -101,6 +103,13 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
         if outcome == "rewrite":
             summary.outputs.append(figures.r2_bars(grid, out / "fig6_r2_rewrite.png"))
             summary.headline["max R² added by tracing (rewrite)"] = f"{grid['added'].max():.3f}"
+
+    if relations is not None:  # a pooled correlation can come from relations that differ in both variables
+        split = F.with_relation(joined, relations)
+        table(S.r2_grid(split, "rewrite", by=("relation", "problem", "method")), "table3_r2_rewrite_by_relation",
+              f"R² for rewrite score by relation, problem and method ({localisation})")
+        table(S.correlations(F.select(split, layer=layer), "rewrite", by=("relation", "problem", "method")),
+              "fig4_correlation_by_relation", f"rewrite score vs tracing effect at layer {layer}, by relation")
 
     # Fig. 15: per-layer correlations.
     per_layer = S.correlations(joined, "rewrite", by=("problem", "method", "layer"))
