@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Why ROME rewrites subject-first prompts badly on SmolLM2: the key follows the subject's tokens.
+
+ROME averages the subject's key k* over context templates. 20 of its 21 templates end in ". {}",
+so there the subject follows a space. In "Seville is a city in the country of" it follows the
+document-start token and has no leading space. "Seville" and " Seville" are different tokens,
+so the edit is made for a key that the edited prompt never produces.
+
+This script re-edits, at one layer, the facts of a replication store with the lowest stored
+ROME rewrite scores, with three template sets:
+    space    ROME's templates ("<prefix>. {}")
+    newline  the same prefixes ending in ".\\n{}", where the subject keeps its bare tokens
+    mixed    half of each
+and prints rewrite / paraphrase / neighbourhood scores (the paraphrases put a space before the
+subject).
+
+    python docs/replication/subject_tokenisation.py --store docs/replication/store.sqlite --n 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.table import Table
+
+import tracekit
+from tracekit.cli import console
+from tracekit.data.loaders import load_dataset
+from tracekit.editing.context import context_templates
+from tracekit.editing.hparams import rome_preset
+from tracekit.editing.metrics import evaluate_edit
+from tracekit.editing.problems import prepare
+from tracekit.editing.rome import apply_rome
+from tracekit.store import ResultStore
+
+SCORES = ("rewrite", "paraphrase", "neighborhood")
+
+
+def template_sets(space: list[str]) -> dict[str, list[str]]:
+    newline = [t.replace(". {}", ".\n{}") for t in space]  # "{}" (the bare prompt) is unchanged
+    mixed = [n if i % 2 == 0 else s for i, (s, n) in enumerate(zip(space, newline))]
+    return {"space": space, "newline": newline, "mixed": mixed}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", required=True, help="replication store with ROME Error Injection edits")
+    parser.add_argument("--n", type=int, default=10, help="facts, lowest stored rewrite first; default: %(default)s")
+    parser.add_argument("--layer", type=int, default=3, help="edit layer; default: %(default)s")
+    parser.add_argument("--out", default=None, help="JSON file for the scores (default: beside this script)")
+    args = parser.parse_args(argv)
+
+    with ResultStore(args.store, readonly=True) as store:
+        edits = store.edits_frame()
+    rows = edits[(edits["method"] == "rome") & (edits["problem"] == "error-injection") & (edits["layer"] == args.layer)]
+    if rows.empty:
+        parser.error(f"{args.store} has no ROME Error Injection edits at layer {args.layer}")
+    rows = rows.sort_values("rewrite").head(args.n)
+    model = tracekit.load_model(rows["model"].iloc[0].split("#")[0])
+    facts = {f.case_id: f for f in load_dataset(rows["dataset"].iloc[0])}
+    hparams = rome_preset(model, "error-injection")
+    sets = template_sets(context_templates(model, hparams.context_lengths, hparams.context_seed))
+
+    results = []
+    for row in rows.itertuples():
+        fact = facts[row.case_id]
+        setup = prepare(model, fact, "error-injection", seed=0, noise="s3")
+        scores = {}
+        for name, templates in sets.items():
+            edit = apply_rome(model, setup.request, args.layer, hparams, templates=templates, progress=False)
+            got = evaluate_edit(model, setup, edit).scores
+            scores[name] = {k: float(got[k]) for k in SCORES}
+        results.append({"case_id": int(row.case_id), "prompt": fact.text, "scores": scores})
+        console.print(f"{fact.text!r}: " + "; ".join(
+            f"{name} " + "/".join(f"{s[k]:.2f}" for k in SCORES) for name, s in scores.items()))
+
+    table = Table(title=f"ROME at layer {args.layer}, {len(results)} facts with the lowest stored rewrite: mean scores")
+    table.add_column("templates")
+    for k in SCORES:
+        table.add_column(k, justify="right")
+    for name in sets:
+        table.add_row(name, *(f"{sum(r['scores'][name][k] for r in results) / len(results):.3f}" for k in SCORES))
+    console.print(table)
+    out = Path(args.out) if args.out else Path(__file__).with_suffix(".json")
+    out.write_text(json.dumps({"layer": args.layer, "facts": results}, indent=1) + "\n")
+    console.print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
