@@ -8,6 +8,7 @@ import torch
 
 from conftest import TINY_SPECS, tiny
 from tracekit.editing.hparams import MEMITHyperParams, ROMEHyperParams, memit_preset, rome_preset
+from tracekit.editing.kv_core import build_rows, weights_by_tokenisation
 from tracekit.editing.memit import apply_memit
 from tracekit.editing.request import EditRequest
 from tracekit.editing.rome import apply_rome
@@ -98,6 +99,37 @@ def test_rome_raises_p_target_with_a_rank_one_change(spec, corpus):
     assert edit.info["final_nll"] < edit.info["loss_trace"][0]["nll"]
 
 
+# "Paris" opening a prompt is Par|is in the offline tokenizer; after a space it is one token.
+SUBJECT_FIRST = EditRequest("{} is the capital of", "Paris", " Rome")
+TWO_FORMS = ["{}", "I went there. {}", "We saw it. {}"]
+
+
+def test_key_per_tokenisation_maps_each_subject_form_onto_v_star(corpus):
+    model = tiny("random:gpt2-tiny")
+    rows = build_rows(model, SUBJECT_FIRST, TWO_FORMS, None)
+    assert len(set(rows.subject_tokens)) == 2 and rows.subject_tokens[1] == rows.subject_tokens[2]
+    assert weights_by_tokenisation(rows).tolist() == [0.5, 0.25, 0.25]  # each form weighs half in v*'s NLL
+    edit = apply_rome(model, SUBJECT_FIRST, 2, rome_hp(corpus, key_per_tokenisation=True), templates=TWO_FORMS,
+                      progress=False)
+    (name,) = edit.parameter_names
+    change = model.adapter.as_out_in(edit.delta(name)).double()
+    singular = torch.linalg.svdvals(change)
+    assert singular[1] > 1e-3 * singular[0] and singular[2] < 1e-6 * singular[0]  # rank two: one per form
+    keys, residuals = edit.info["keys"], edit.info["residuals"]
+    assert keys.shape[0] == 2
+    torch.testing.assert_close(change.float() @ keys.T, residuals.T, rtol=1e-3, atol=1e-4)  # W' k_g = v*
+
+
+def test_key_per_tokenisation_is_rome_when_the_subject_tokenises_one_way(corpus):
+    model = tiny("random:gpt2-tiny")
+    templates = TWO_FORMS[1:]  # the subject follows a space in both
+    plain = apply_rome(model, SUBJECT_FIRST, 2, rome_hp(corpus), templates=templates, progress=False)
+    grouped = apply_rome(model, SUBJECT_FIRST, 2, rome_hp(corpus, key_per_tokenisation=True), templates=templates,
+                         progress=False)
+    (name,) = plain.parameter_names
+    torch.testing.assert_close(grouped.delta(name), plain.delta(name), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("method", ["rome", "memit"])
 @pytest.mark.parametrize("spec", TINY_SPECS)
 def test_undo_restores_every_parameter_bit_for_bit(spec, method, corpus):
@@ -131,8 +163,9 @@ def test_memit_with_one_layer_reduces_to_rome(spec, corpus):
     """One layer, lambda = 0 and the delta clamped relative to the MLP output: ROME exactly."""
     model = tiny(spec)
     rome = apply_rome(model, REQUEST, 2, rome_hp(corpus, clamp_norm_factor=0.5), progress=False)
+    shared = {f.name for f in dataclasses.fields(MEMITHyperParams)}
     fields = {f.name: getattr(rome_hp(corpus, clamp_norm_factor=0.5), f.name)
-              for f in dataclasses.fields(ROMEHyperParams) if f.name != "stats_file"}
+              for f in dataclasses.fields(ROMEHyperParams) if f.name in shared}
     memit = apply_memit(model, REQUEST, 2, MEMITHyperParams(**fields, window=1, mom2_update_weight=0.0, clamp_to="mlp"),
                         progress=False)
     assert rome.parameter_names == memit.parameter_names and memit.info["layers"] == [2]

@@ -11,8 +11,9 @@ ROME rewrite scores, with three template sets:
     space    ROME's templates ("<prefix>. {}")
     newline  the same prefixes ending in ".\\n{}", where the subject keeps its bare tokens
     mixed    half of each
-and prints rewrite / paraphrase / neighbourhood scores (the paraphrases put a space before the
-subject).
+and, fourth, ROME's templates with ``key_per_tokenisation`` (tracekit's extension: the update maps
+the key of each subject tokenisation onto v*, instead of their average). It prints rewrite /
+paraphrase / neighbourhood scores (the paraphrases put a space before the subject).
 
     python docs/replication/subject_tokenisation.py --store docs/replication/store.sqlite --n 10
 """
@@ -20,6 +21,7 @@ subject).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -42,7 +44,7 @@ SCORES = ("rewrite", "paraphrase", "neighborhood")
 def template_sets(space: list[str]) -> dict[str, list[str]]:
     newline = [t.replace(". {}", ".\n{}") for t in space]  # "{}" (the bare prompt) is unchanged
     mixed = [n if i % 2 == 0 else s for i, (s, n) in enumerate(zip(space, newline))]
-    return {"space": space, "newline": newline, "mixed": mixed}
+    return {"space": space, "newline": newline, "mixed": mixed, "two keys": space}
 
 
 def main(argv=None) -> int:
@@ -62,6 +64,7 @@ def main(argv=None) -> int:
     model = tracekit.load_model(rows["model"].iloc[0].split("#")[0])
     facts = {f.case_id: f for f in load_dataset(rows["dataset"].iloc[0])}
     hparams = rome_preset(model, "error-injection")
+    per_form = dataclasses.replace(hparams, key_per_tokenisation=True)
     sets = template_sets(context_templates(model, hparams.context_lengths, hparams.context_seed))
 
     results = []
@@ -70,7 +73,8 @@ def main(argv=None) -> int:
         setup = prepare(model, fact, "error-injection", seed=0, noise="s3")
         scores = {}
         for name, templates in sets.items():
-            edit = apply_rome(model, setup.request, args.layer, hparams, templates=templates, progress=False)
+            chosen = per_form if name == "two keys" else hparams
+            edit = apply_rome(model, setup.request, args.layer, chosen, templates=templates, progress=False)
             got = evaluate_edit(model, setup, edit).scores
             scores[name] = {k: float(got[k]) for k in SCORES}
         results.append({"case_id": int(row.case_id), "prompt": fact.text, "scores": scores})

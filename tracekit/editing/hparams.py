@@ -54,6 +54,11 @@ class ROMEHyperParams(KeyValueHyperParams):
     """ROME: one rank-one update of one down-projection."""
 
     stats_file: str | None = None  # use this statistics file for C (must match the model and layer)
+    # tracekit's extension, off in every preset: map the key of each distinct subject tokenisation
+    # among the templates to v* (a rank-g update), instead of their average (ROME), and weigh the
+    # tokenisations equally in v*'s objective. It helps prompts that open with the subject, which
+    # tokenises differently there (docs/replication/README.md).
+    key_per_tokenisation: bool = False
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class EditRows:
     target_pos: torch.Tensor  # [n_templates, m] positions whose logits score the target tokens
     n_templates: int
     noise: torch.Tensor | None  # [R, T, d] added to the token embeddings (Fact Forcing), or None
+    subject_tokens: tuple[tuple[int, ...], ...] = ()  # each template row's subject token ids
 
     @property
     def has_kl(self) -> bool:
@@ -66,7 +67,7 @@ def _subject_span(tokenizer, text: str, subject: str, after: int) -> tuple[int, 
 def build_rows(model, request: EditRequest, templates: list[str], kl_prompt: str | None) -> EditRows:
     tok = model.tokenizer
     target = model.target_ids(request.target)
-    rows, last, starts, ends, target_pos = [], [], [], [], []
+    rows, last, starts, ends, target_pos, subject_tokens = [], [], [], [], [], []
     for template in templates:
         check("{}" in template, f"context template {template!r} has no '{{}}'")
         at = template.index("{}")
@@ -75,6 +76,7 @@ def build_rows(model, request: EditRequest, templates: list[str], kl_prompt: str
         prompt_ids = P.token_ids(tok, text)
         rows.append(prompt_ids + target[:-1])
         starts.append(start), ends.append(end), last.append(end - 1)
+        subject_tokens.append(tuple(prompt_ids[start:end]))
         target_pos.append([len(prompt_ids) - 1 + j for j in range(len(target))])
     n_templates = len(rows)
     if kl_prompt is not None:
@@ -95,7 +97,33 @@ def build_rows(model, request: EditRequest, templates: list[str], kl_prompt: str
             k = min(n, end - start)
             noise[row, end - k:end] = request.noise[n - k:].float()
     return EditRows(batch.input_ids, batch.lengths, torch.tensor(last), torch.tensor(target),
-                    torch.tensor(target_pos), n_templates, noise)
+                    torch.tensor(target_pos), n_templates, noise, tuple(subject_tokens))
+
+
+def tokenisation_groups(rows: EditRows) -> list[list[int]]:
+    """Template rows grouped by the subject's token ids, in order of first appearance.
+
+    The subject after a space and at a prompt's start can be different tokens (" Kyoto" vs
+    "K|y|oto"), with different keys; the bare "{}" template's group comes first."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for row, tokens in enumerate(rows.subject_tokens):
+        groups.setdefault(tokens, []).append(row)
+    return list(groups.values())
+
+
+def keys_by_tokenisation(rows: EditRows, keys: torch.Tensor, mlp_out: torch.Tensor):
+    """Mean key [g, d_in] and MLP output [g, d_model] of each ``tokenisation_groups`` group."""
+    index = tokenisation_groups(rows)
+    return (torch.stack([keys[i].mean(0) for i in index]), torch.stack([mlp_out[i].mean(0) for i in index]))
+
+
+def weights_by_tokenisation(rows: EditRows) -> torch.Tensor:
+    """Template weights [n_templates] giving each tokenisation group an equal share of the NLL."""
+    groups = tokenisation_groups(rows)
+    weights = torch.zeros(rows.n_templates)
+    for group in groups:
+        weights[group] = 1.0 / (len(groups) * len(group))
+    return weights
 
 
 def _noise_edits(rows: EditRows, dtype, n_rows: int | None = None) -> dict:
@@ -160,8 +188,11 @@ def ragged_positions(driver: BlockDriver, starts: torch.Tensor, width: int, pref
 class ValueObjective:
     """NLL of the target and KL on the KL prompt as functions of the delta at block ``layer``."""
 
-    def __init__(self, model, rows: EditRows, layer: int, engine: str = "auto"):
+    def __init__(self, model, rows: EditRows, layer: int, engine: str = "auto",
+                 template_weights: torch.Tensor | None = None):
+        """``template_weights`` [n_templates], summing to 1: weigh the templates' NLL (default: equally)."""
         self.model, self.rows, self.layer = model, rows, layer
+        self.template_weights = template_weights
         self.driver = BlockDriver(model.hf, model.adapter)
         if engine == "auto":
             engine = "blocks" if self.driver.unsupported_reason() is None else "hooks"
@@ -245,12 +276,17 @@ class ValueObjective:
         return self._blocks_logits(delta) if self.engine == "blocks" else self._hooks_logits(delta)
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean NLL of the target tokens per template, averaged over templates; KL(new || original))."""
+        """(mean NLL of the target tokens per template, averaged over templates (or weighted by
+        ``template_weights``); KL(new || original))."""
         logits, kl_logits = self._logits(delta)
         logp = torch.log_softmax(logits.float(), -1)
         target = self.rows.target_ids.to(logp.device)
         token_logp = logp.gather(-1, target.expand(logp.shape[0], -1)[..., None])[..., 0]
-        nll = -token_logp.mean()
+        per_template = -token_logp.mean(-1)
+        if self.template_weights is None:
+            nll = per_template.mean()
+        else:
+            nll = (per_template * self.template_weights.to(per_template.device)).sum()
         kl = torch.zeros((), device=logp.device)
         if kl_logits is not None:
             new = torch.log_softmax(kl_logits.float(), -1)

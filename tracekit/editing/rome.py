@@ -5,6 +5,12 @@ adapter (GPT-2's Conv1D stores W transposed), where k* is the key averaged over 
 templates, C = E[k k^T] over a corpus, and v* = W k* + b + delta with the delta found by
 ``kv_core.optimize_value`` at the MLP output. As W k* + b is the templates' mean MLP output,
 v* - (W k* + b) is the delta itself: W' k* = v* exactly.
+
+With ``key_per_tokenisation`` (off in every preset), the templates' keys are averaged per
+distinct subject tokenisation instead, and the same solve makes W' k_g = v* for each group
+(a rank-g update); v*'s objective weighs the groups equally. A subject that opens a prompt
+often tokenises differently from one after a space, and ROME's average key then fits mostly
+the majority form (docs/replication/README.md).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from tracekit.editing.context import context_templates
 from tracekit.editing.covariance import second_moments
 from tracekit.editing.delta import Edit
 from tracekit.editing.hparams import ROMEHyperParams, rome_preset
-from tracekit.editing.kv_core import ValueObjective, build_rows, optimize_value, param_name, solve_update
+from tracekit.editing.kv_core import (ValueObjective, build_rows, keys_by_tokenisation, optimize_value, param_name,
+                                      solve_update, weights_by_tokenisation)
 from tracekit.editing.request import EditRequest
 from tracekit.errors import check
 
@@ -52,13 +59,22 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
                            progress=progress)[layer]
     lap("stats")
     rows = build_rows(model, request, templates, hparams.kl_prompt if hparams.kl_factor > 0 else None)
-    objective = ValueObjective(model, rows, layer, engine)
+    # With one key per tokenisation, each tokenisation gets an equal share of v*'s objective too:
+    # ROME's templates hold the bare prompt once and the subject after a space twenty times.
+    weights = weights_by_tokenisation(rows) if hparams.key_per_tokenisation else None
+    objective = ValueObjective(model, rows, layer, engine, template_weights=weights)
     lap("prefix")
     key = objective.keys.mean(0)
     value = objective.mlp_out.mean(0)  # W k* + b
     found = optimize_value(objective, value, hparams, request.minimize)
     lap("v_star")
-    update = solve_update(stats.matrix, key[:, None], found.delta[:, None], 0.0, hparams.mom2_ridge)
+    if hparams.key_per_tokenisation:  # W' k_g = v* for every tokenisation's key k_g
+        keys, outputs = keys_by_tokenisation(rows, objective.keys, objective.mlp_out)
+        residuals = (value + found.delta)[:, None] - outputs.T  # v* - (W k_g + b)
+        update = solve_update(stats.matrix, keys.T, residuals, 0.0, hparams.mom2_ridge)
+    else:
+        keys, residuals = key[None], found.delta[:, None]
+        update = solve_update(stats.matrix, key[:, None], residuals, 0.0, hparams.mom2_ridge)
     weight = model.adapter.down_proj_weight(model.hf, layer)
     adapter = model.adapter
     new = adapter.from_out_in(adapter.as_out_in(weight.detach()).float() + update.to(weight.device))
@@ -71,6 +87,7 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
         "v_star_norm": float((value + found.delta).norm()), "key_norm": float(key.norm()),
         "update_norm": float(update.norm()), "stats": {"path": str(stats.path), "tokens": stats.tokens},
         "key": key, "delta": found.delta,  # k* and v* - (W k* + b), for checks
+        "keys": keys, "residuals": residuals.T,  # each key the update maps onto v*, and v* - (W k + b)
         "seconds": seconds,
     }
     return Edit(model.hf, {param_name(model, weight): new}, info)
