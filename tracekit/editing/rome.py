@@ -71,10 +71,9 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
     if hparams.key_per_tokenisation:  # W' k_g = v* for every tokenisation's key k_g
         keys, outputs = keys_by_tokenisation(rows, objective.keys, objective.mlp_out)
         residuals = (value + found.delta)[:, None] - outputs.T  # v* - (W k_g + b)
-        update = solve_update(stats.matrix, keys.T, residuals, 0.0, hparams.mom2_ridge)
     else:
         keys, residuals = key[None], found.delta[:, None]
-        update = solve_update(stats.matrix, key[:, None], residuals, 0.0, hparams.mom2_ridge)
+    update = solve_update(stats.matrix, keys.T, residuals, 0.0, hparams.mom2_ridge)
     weight = model.adapter.down_proj_weight(model.hf, layer)
     adapter = model.adapter
     new = adapter.from_out_in(adapter.as_out_in(weight.detach()).float() + update.to(weight.device))
