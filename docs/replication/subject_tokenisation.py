@@ -7,15 +7,18 @@ document-start token and has no leading space. "Seville" and " Seville" are diff
 so the edit is made for a key that the edited prompt never produces.
 
 This script re-edits, at one layer, the facts of a replication store with the lowest stored
-ROME rewrite scores, with three template sets:
-    space    ROME's templates ("<prefix>. {}")
-    newline  the same prefixes ending in ".\\n{}", where the subject keeps its bare tokens
-    mixed    half of each
-and, fourth, ROME's templates with ``key_per_tokenisation`` (tracekit's extension: the update maps
-the key of each subject tokenisation onto v*, instead of their average). It prints rewrite /
-paraphrase / neighbourhood scores (the paraphrases put a space before the subject).
+ROME rewrite scores, with four template sets:
+    space     ROME's templates ("<prefix>. {}")
+    newline   the same prefixes ending in ".\\n{}", where the subject keeps its bare tokens
+    mixed     half of each
+    two-keys  ROME's templates with ``key_per_tokenisation`` (tracekit's extension: the update
+              maps the key of each subject tokenisation onto v*, instead of their average)
+and prints rewrite / paraphrase / neighbourhood scores (the paraphrases put a space before the
+subject).
 
     python docs/replication/subject_tokenisation.py --store docs/replication/store.sqlite --n 10
+    python docs/replication/subject_tokenisation.py --store docs/replication/store.sqlite \\
+        --n 66 --relation city-country --variants space two-keys --out city_country.json
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ SCORES = ("rewrite", "paraphrase", "neighborhood")
 def template_sets(space: list[str]) -> dict[str, list[str]]:
     newline = [t.replace(". {}", ".\n{}") for t in space]  # "{}" (the bare prompt) is unchanged
     mixed = [n if i % 2 == 0 else s for i, (s, n) in enumerate(zip(space, newline))]
-    return {"space": space, "newline": newline, "mixed": mixed, "two keys": space}
+    return {"space": space, "newline": newline, "mixed": mixed, "two-keys": space}
 
 
 def main(argv=None) -> int:
@@ -52,6 +55,9 @@ def main(argv=None) -> int:
     parser.add_argument("--store", required=True, help="replication store with ROME Error Injection edits")
     parser.add_argument("--n", type=int, default=10, help="facts, lowest stored rewrite first; default: %(default)s")
     parser.add_argument("--layer", type=int, default=3, help="edit layer; default: %(default)s")
+    parser.add_argument("--relation", default=None, help="only facts of this relation (e.g. city-country)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="template sets to run: space, newline, mixed, two-keys (default: all)")
     parser.add_argument("--out", default=None, help="JSON file for the scores (default: beside this script)")
     args = parser.parse_args(argv)
 
@@ -60,12 +66,20 @@ def main(argv=None) -> int:
     rows = edits[(edits["method"] == "rome") & (edits["problem"] == "error-injection") & (edits["layer"] == args.layer)]
     if rows.empty:
         parser.error(f"{args.store} has no ROME Error Injection edits at layer {args.layer}")
+    facts = {f.case_id: f for f in load_dataset(rows["dataset"].iloc[0])}
+    if args.relation is not None:
+        rows = rows[[facts[c].relation_id == args.relation for c in rows["case_id"]]]
+        if rows.empty:
+            parser.error(f"no edited facts of relation {args.relation!r}")
     rows = rows.sort_values("rewrite").head(args.n)
     model = tracekit.load_model(rows["model"].iloc[0].split("#")[0])
-    facts = {f.case_id: f for f in load_dataset(rows["dataset"].iloc[0])}
     hparams = rome_preset(model, "error-injection")
     per_form = dataclasses.replace(hparams, key_per_tokenisation=True)
     sets = template_sets(context_templates(model, hparams.context_lengths, hparams.context_seed))
+    unknown = set(args.variants or ()) - set(sets)
+    if unknown:
+        parser.error(f"unknown template sets {sorted(unknown)}; choose from {', '.join(sets)}")
+    sets = {name: sets[name] for name in (args.variants or sets)}
 
     results = []
     for row in rows.itertuples():
@@ -73,7 +87,7 @@ def main(argv=None) -> int:
         setup = prepare(model, fact, "error-injection", seed=0, noise="s3")
         scores = {}
         for name, templates in sets.items():
-            chosen = per_form if name == "two keys" else hparams
+            chosen = per_form if name == "two-keys" else hparams
             edit = apply_rome(model, setup.request, args.layer, chosen, templates=templates, progress=False)
             got = evaluate_edit(model, setup, edit).scores
             scores[name] = {k: float(got[k]) for k in SCORES}
@@ -81,7 +95,8 @@ def main(argv=None) -> int:
         console.print(f"{fact.text!r}: " + "; ".join(
             f"{name} " + "/".join(f"{s[k]:.2f}" for k in SCORES) for name, s in scores.items()))
 
-    table = Table(title=f"ROME at layer {args.layer}, {len(results)} facts with the lowest stored rewrite: mean scores")
+    table = Table(title=f"ROME at layer {args.layer}, {len(results)} facts with the lowest stored rewrite"
+                        f"{'' if args.relation is None else f' ({args.relation})'}: mean scores")
     table.add_column("templates")
     for k in SCORES:
         table.add_column(k, justify="right")
