@@ -94,11 +94,9 @@ def point_permutation_p(data: pd.DataFrame, outcome: str = "rewrite", permutatio
     every permutation at once. The layer-only model does not involve tracing, so a smaller
     residual sum of squares is a larger F. NaN with fewer than ``min_points`` complete points.
     """
-    wide_y = data.pivot_table(index="case_id", columns="layer", values=outcome, aggfunc="first").dropna()
-    wide_t = data.pivot_table(index="case_id", columns="layer", values="tracing_effect",
-                              aggfunc="first").loc[wide_y.index].dropna()
-    y = wide_y.loc[wide_t.index].to_numpy()  # (points, layers)
-    t = wide_t.to_numpy()
+    wide = data.pivot_table(index="case_id", columns="layer", values=[outcome, "tracing_effect"],
+                            aggfunc="first").dropna()  # only points with every layer
+    y, t = wide[outcome].to_numpy(), wide["tracing_effect"].to_numpy()  # (points, layers) each
     if len(y) < min_points:
         return float("nan")
     rng = np.random.default_rng(seed)
