@@ -164,6 +164,8 @@ def test_download_only_when_asked(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("TRACEKIT_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
+    # ../shared/data beside the checkout may hold a real known_1000.json: look only inside tmp_path
+    monkeypatch.setattr(locate, "repo_root", lambda: tmp_path / "checkout")
     calls = []
 
     class Response:
