@@ -2,7 +2,7 @@
 prompt (36 tokens) contains o_true (Hase et al. 2023, appendix A: GPT-J keeps 32.6%).
 
 Generation (``Model.generate``, batched) is the slow part, so the verdicts are cached per
-model identity (spec + weight fingerprint, see ``tracekit.store.manifest.model_identity``)
+model identity (spec + weight fingerprint, see ``tracekit.identity.model_identity``)
 in any object with ``get_known`` / ``put_known`` (a ``ResultStore`` is one).
 """
 
@@ -14,6 +14,7 @@ from rich.progress import Progress
 
 from tracekit.data.records import FactRecord
 from tracekit.errors import check
+from tracekit.identity import model_identity
 
 KNOWN_NEW_TOKENS = 36
 
@@ -31,8 +32,6 @@ def is_known(continuation: str, target_true: str) -> bool:
 def known_flags(model, records: Sequence[FactRecord], *, cache: KnownCache | None = None,
                 new_tokens: int = KNOWN_NEW_TOKENS, batch_size: int = 32, progress: bool = True) -> list[bool]:
     """For each record, whether the model knows it; cached verdicts are reused, new ones cached."""
-    from tracekit.store.manifest import model_identity
-
     check(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
     model_id = model_identity(model)
     flags: dict[int, bool] = dict(cache.get_known(model_id, records, new_tokens)) if cache is not None else {}
