@@ -8,6 +8,7 @@ import pytest
 from tracekit import TracekitError
 from tracekit.data import FactRecord, find_data_file, load_dataset
 from tracekit.data import locate
+from tracekit.editing.request import EditRequest
 
 
 def counterfact(i, subject="Danielle Darrieux"):
@@ -72,7 +73,7 @@ def test_counterfact_record_is_normalised(tmp_path):
     assert r.text == "The mother tongue of Toko Yasuda is"
     assert len(r.paraphrase_prompts) == 1 and len(r.neighborhood_prompts) == 2
     assert r.neighborhood_answer == " French"
-    request = r.request()
+    request = EditRequest.from_record(r)
     assert (request.text, request.target) == ("The mother tongue of Toko Yasuda is", " English")
 
 

@@ -131,7 +131,7 @@ def test_cli_models_and_errors(capsys):
 
     assert main(["models"]) == 0
     assert "smollm2-135m" in capsys.readouterr().out
-    assert main(["predict", "--model", "nope", "hi"]) == 2
+    assert main(["predict", "--model", "nope", "--prompt", "hi"]) == 2
     assert "unknown model spec" in capsys.readouterr().out
 
 
