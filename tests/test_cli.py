@@ -73,3 +73,26 @@ def test_prompt_options_read_the_same(capsys, argv):
         main(argv)
     text = " ".join(capsys.readouterr().out.split())
     assert "--prompt PROMPT the prompt, e.g." in text
+
+
+QUIET = """
+import tracekit
+from tracekit.editing.api import edit
+from tracekit.editing.metrics import MetricsConfig
+for backend in ("hf", "nnsight"):
+    model = tracekit.load_model("random:gpt2-tiny", backend=backend, device="cpu")
+    model.top_tokens("The Eiffel Tower is")
+model = tracekit.load_model("random:llama-tiny", device="cpu")
+record = {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+          "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux speaks",
+          "locality_prompt": "Michel Rocard speaks", "locality_ground_truth": "French"}
+edit(model, record, method="ft-1", layer=1,  # scoring runs padded batches
+     metrics=MetricsConfig(essence_samples=2, essence_new_tokens=4))
+"""
+
+
+def test_stderr_stays_quiet(tmp_path):
+    """No transformers bos/eos or attention-mask warnings, no nnsight deprecation warning."""
+    env = {**__import__("os").environ, "TRACEKIT_CACHE": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-W", "default", "-c", QUIET], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and run.stderr == "", run.stderr

@@ -107,10 +107,25 @@ def _parse_dtype(dtype) -> torch.dtype:
     return names[dtype]
 
 
+class _PaddingAdviceFilter(logging.Filter):
+    """Drops transformers' advice to pass an ``attention_mask`` with padded input_ids: tracekit
+    right-pads and reads each row at or before its last real token, so under causal attention
+    padding never reaches what is read (``tracekit.adapters.backends.Backend.run``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask" not in record.getMessage()
+
+
+def _quiet_padding_advice() -> None:
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _PaddingAdviceFilter) for f in logger.filters):
+        logger.addFilter(_PaddingAdviceFilter())
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
-    """transformers' own warnings and progress bars off while it loads (the CLI shows one status
-    line; GGUF loading alone would draw two bars)."""
+    """transformers' warnings and its weight-loading bar off while it loads: a GGUF load shows one
+    bar (dequantising), not two."""
     from transformers.utils import logging as hf_logging
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -244,6 +259,7 @@ def load_model(spec: str, backend: str = "hf", device: str | None = None, dtype=
         raise TracekitError("empty model spec; try `tracekit models` for the list")
     torch_dtype = _parse_dtype(dtype)
     device = parse_device(device)
+    _quiet_padding_advice()
     hf_model, tokenizer = _resolve(spec.strip(), torch_dtype, device, seed)
     hf_model = hf_model.to(device=device, dtype=torch_dtype).eval()
     for param in hf_model.parameters():
