@@ -151,10 +151,10 @@ def self_sampled_corpus(model, n_texts: int, length: int, seed: int = 0, cache_r
     length = min(length, model.n_ctx - starter_tokens)  # starter + sample must fit the model's context
     folder = cache_dir(cache_root) / "corpus" / f"{slug(model.spec)}-{weight_fingerprint(model)}"
     path = folder / f"self-{length}tok-s{seed}.jsonl"
-    if _whole_batches(path) >= n_texts:
+    if _whole_batches(path, repair=False) >= n_texts:
         return path
     with locked(path):  # a second process waits here, then finds the batches written
-        have = _whole_batches(path)
+        have = _whole_batches(path, repair=True)
         if have >= n_texts:
             return path
         want = -(-n_texts // SELF_CHUNK) * SELF_CHUNK
@@ -171,19 +171,24 @@ def self_sampled_corpus(model, n_texts: int, length: int, seed: int = 0, cache_r
     return path
 
 
-def _whole_batches(path: Path) -> int:
-    """Texts in a self-sampled corpus, cut back to whole valid batches (after a crash mid-write)."""
+def _whole_batches(path: Path, repair: bool) -> int:
+    """Texts in whole valid batches of a self-sampled corpus; with ``repair`` (only under the
+    corpus lock: another process may be appending), the file is cut back to them (after a crash
+    mid-write)."""
     if not path.is_file():
         return 0
+    text = path.read_text(encoding="utf-8")
     lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines(keepends=True):
         try:
             json.loads(line)["text"]
         except (ValueError, KeyError, TypeError):
             break
-        lines.append(line)
+        if not line.endswith("\n"):
+            break  # a line still being written
+        lines.append(line.rstrip("\n"))
     keep = len(lines) - len(lines) % SELF_CHUNK
-    if keep != len(path.read_text(encoding="utf-8").splitlines()):
+    if repair and keep != len(text.splitlines()):
         write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in lines[:keep]), encoding="utf-8"))
     return keep
 
