@@ -18,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # for annotations only: no import cycle, no early torch
+    from tracekit.models import Model
 
 # Elements sampled from each parameter. A sample is enough: every edit tracekit makes
 # (rank-one, MEMIT, FT) changes nearly every entry of the matrices it touches, and a full
@@ -43,7 +46,7 @@ def _param_sample(param) -> bytes:
     return flat[::step][:FINGERPRINT_SAMPLES].to("cpu", torch.float32).numpy().tobytes()
 
 
-def weight_fingerprint(model, keep: Callable[[str], bool] | None = None) -> str:
+def weight_fingerprint(model: Model, keep: Callable[[str], bool] | None = None) -> str:
     """A short hash of the config, the tokenization probe and (a strided sample of) every kept
     parameter; ``keep(name)`` selects parameters (see ``key_fingerprint``)."""
     from tracekit.prompts import tokenization_probe
@@ -58,14 +61,14 @@ def weight_fingerprint(model, keep: Callable[[str], bool] | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
-def _layer_of(model, name: str) -> int | None:
+def _layer_of(model: Model, name: str) -> int | None:
     """The block index a parameter name belongs to (works for renamed trees too)."""
     prefix = model.adapter.layers.split(".")[-1]
     match = re.search(rf"(?:^|\.){re.escape(prefix)}\.(\d+)\.", name)
     return int(match.group(1)) if match else None
 
 
-def key_fingerprint(model, layer: int) -> str:
+def key_fingerprint(model: Model, layer: int) -> str:
     """Fingerprint of the weights that determine layer ``layer``'s MLP keys.
 
     Blocks above ``layer``, the final norm, the unembedding and layer ``layer``'s own
@@ -85,7 +88,7 @@ def key_fingerprint(model, layer: int) -> str:
     return weight_fingerprint(model, keep)
 
 
-def model_identity(model) -> str:
+def model_identity(model: Model) -> str:
     """``spec#fingerprint`` (12 hex digits); an object without weights is known by its spec."""
     spec = getattr(model, "spec", None) or type(model).__name__
     if not hasattr(getattr(model, "hf", None), "named_parameters"):
@@ -93,7 +96,7 @@ def model_identity(model) -> str:
     return f"{spec}#{weight_fingerprint(model)[:12]}"
 
 
-def cache_identity(model, layer: int | None = None) -> dict[str, str]:
+def cache_identity(model: Model, layer: int | None = None) -> dict[str, str]:
     """What a cache entry records about the model it was computed on."""
     fingerprint = weight_fingerprint(model) if layer is None else key_fingerprint(model, layer)
     return {"spec": str(model.spec), "arch": model.adapter.name, "fingerprint": fingerprint}

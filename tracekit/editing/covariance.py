@@ -31,7 +31,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -41,6 +41,9 @@ from tracekit.adapters.blocks import BlockDriver
 from tracekit.cache import cache_dir, locked, slug, write_atomic
 from tracekit.errors import TracekitError, check
 from tracekit.identity import cache_identity, weight_fingerprint
+
+if TYPE_CHECKING:  # for annotations only: no import cycle, no early torch
+    from tracekit.models import Model
 
 FORMAT_VERSION = "2"  # 2: sha256 of the matrix and the corpus source in the metadata
 # Looked for, in this order, in each data folder ($TRACEKIT_DATA, ../shared/data, ...).
@@ -139,7 +142,7 @@ def _unescape_wikitext(doc: str) -> str:
 SELF_CHUNK = 32  # texts sampled per seeded batch; the corpus grows by whole batches
 
 
-def self_sampled_corpus(model, n_texts: int, length: int, seed: int = 0, cache_root=None, progress: bool = True) -> Path:
+def self_sampled_corpus(model: Model, n_texts: int, length: int, seed: int = 0, cache_root=None, progress: bool = True) -> Path:
     """At least ``n_texts`` texts of ``length`` tokens sampled from the model (top-k 40), cached as jsonl.
 
     Batch i of ``SELF_CHUNK`` texts is sampled with seed ``seed + i x SELF_CHUNK``, so a corpus only ever
@@ -193,7 +196,7 @@ def _whole_batches(path: Path, repair: bool) -> int:
     return keep
 
 
-def _samples(model, path: Path, n_samples: int, sample_tokens: int) -> Iterator[list[int]]:
+def _samples(model: Model, path: Path, n_samples: int, sample_tokens: int) -> Iterator[list[int]]:
     """Token samples of exactly ``sample_tokens`` tokens from the documents, in order."""
     buffer: list[int] = []
     produced = 0
@@ -219,7 +222,7 @@ def _progress(enabled: bool) -> Progress:
 
 
 @torch.no_grad()
-def accumulate(model, layers: Sequence[int], batches: Iterator[torch.Tensor], total_tokens: int,
+def accumulate(model: Model, layers: Sequence[int], batches: Iterator[torch.Tensor], total_tokens: int,
                dtype: torch.dtype, progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
     """Sum of k k^T per layer over the keys of every position of every batch [B, T]."""
     layers = sorted(set(layers))
@@ -257,7 +260,7 @@ def accumulate(model, layers: Sequence[int], batches: Iterator[torch.Tensor], to
 
 
 # ---- cache and entry point ------------------------------------------------------------
-def _expected(model, layer: int, n_samples: int, sample_tokens: int, dtype: str, corpus_key: str) -> dict[str, str]:
+def _expected(model: Model, layer: int, n_samples: int, sample_tokens: int, dtype: str, corpus_key: str) -> dict[str, str]:
     identity = cache_identity(model, layer)
     return {"format": FORMAT_VERSION, "spec": identity["spec"], "arch": identity["arch"],
             "fingerprint": identity["fingerprint"], "layer": str(layer), "n_samples": str(n_samples),
@@ -274,7 +277,7 @@ def matrix_sha256(matrix: torch.Tensor) -> str:
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def key_dim(model, layer: int) -> int:
+def key_dim(model: Model, layer: int) -> int:
     """d_mlp: the size of layer ``layer``'s MLP keys (the down-projection's input)."""
     return int(model.adapter.as_out_in(model.adapter.down_proj_weight(model.hf, layer)).shape[1])
 
@@ -311,7 +314,7 @@ def load_stats_file(path: Path, expected: dict[str, str] | None = None,
     return matrix, metadata
 
 
-def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_tokens: int = 128, dtype: str = "float32",
+def second_moments(model: Model, layers: Sequence[int], *, n_samples: int, sample_tokens: int = 128, dtype: str = "float32",
                    corpus: str | os.PathLike | None = None, corpus_seed: int = 0, batch_size: int = 16,
                    cache: bool = True, cache_root=None, stats_file: str | os.PathLike | None = None,
                    progress: bool = True) -> dict[int, SecondMoment]:
@@ -384,7 +387,7 @@ def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_token
     return found
 
 
-def _cache_path(model, expected: dict[str, str], cache_root) -> Path:
+def _cache_path(model: Model, expected: dict[str, str], cache_root) -> Path:
     corpus = hashlib.sha256(expected["corpus"].encode()).hexdigest()[:10]
     name = (f"layer{expected['layer']}-{expected['fingerprint']}-{corpus}-"
             f"{expected['n_samples']}x{expected['sample_tokens']}-{expected['dtype']}.safetensors")
