@@ -39,3 +39,15 @@ def smollm():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_shared_data(tmp_path, monkeypatch):
+    """A machine without the data folder: $TRACEKIT_DATA empty, and no ../shared/data next to the
+    checkout or the working directory (CI's clone may sit beside one)."""
+    from tracekit.data import locate
+
+    monkeypatch.setenv("TRACEKIT_DATA", str(tmp_path / "no-data"))
+    monkeypatch.setattr(locate, "repo_root", lambda: tmp_path / "checkout")
+    (tmp_path / "cwd").mkdir(exist_ok=True)
+    monkeypatch.chdir(tmp_path / "cwd")

@@ -10,9 +10,8 @@ from tracekit.cli import main
 from tracekit.editing import covariance
 
 
-def test_the_demo_runs_rome_on_a_tiny_model_from_a_cold_cache(tmp_path, monkeypatch, capsys):
+def test_the_demo_runs_rome_on_a_tiny_model_from_a_cold_cache(tmp_path, monkeypatch, capsys, no_shared_data):
     monkeypatch.setenv("TRACEKIT_CACHE", str(tmp_path / "cold-cache"))
-    monkeypatch.setenv("TRACEKIT_DATA", str(tmp_path / "no-data"))
     monkeypatch.setattr(covariance, "self_sampled_corpus",
                         lambda *a, **k: pytest.fail("sampled a corpus from the model"))
     with pytest.warns(UserWarning, match="shipped with tracekit"):

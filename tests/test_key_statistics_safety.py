@@ -88,14 +88,14 @@ def test_nan_keys_are_refused_not_cached(corpus, monkeypatch):
     assert not list(Path(os.environ["TRACEKIT_CACHE"]).rglob("*.safetensors"))
 
 
-def test_the_metadata_says_which_text_the_statistics_came_from(corpus):
+def test_the_metadata_says_which_text_the_statistics_came_from(corpus, no_shared_data):
     assert _stats(corpus).source == corpus
     with pytest.warns(UserWarning, match="shipped with tracekit"):
         shipped = _stats(None)
     assert shipped.source == cov.SHIPPED_DESCRIPTION and "Sherlock Holmes" in shipped.source
 
 
-def test_without_any_corpus_the_shipped_text_is_read_in_seconds(monkeypatch):
+def test_without_any_corpus_the_shipped_text_is_read_in_seconds(monkeypatch, no_shared_data):
     model = tiny(SPEC)
     monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("sampled text from the model"))
     with pytest.warns(UserWarning, match="shipped with tracekit"):
