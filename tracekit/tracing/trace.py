@@ -8,27 +8,23 @@ from typing import Iterable, Iterator
 import torch
 
 from tracekit.adapters import Site
-from tracekit.errors import TracekitError
+from tracekit.errors import TracekitError, check
 from tracekit.tracing import engine as E
 from tracekit.tracing.noise import noise_scale, scaled_noise, subject_noise_hook
-from tracekit.tracing.plan import Settings, record_fields, prepare_prompt, window_layers
+from tracekit.tracing.plan import Prompt, Settings, prepare_prompt, record_fields, window_layers
 from tracekit.tracing.result import TraceResult, ZeroResult
 
 
 def _engine(model, requested: str) -> str:
-    reason = E.fast_unsupported_reason(model)
-    if requested == "fast" and reason is not None:
-        raise TracekitError(f"engine='fast' cannot run this model: {reason}; use engine='generic' or 'auto'")
-    if requested == "auto":
-        return "fast" if reason is None else "generic"
-    return requested
+    """"fast" runs on every backend now (the partial forward decides how); "auto" picks it."""
+    return "fast" if requested == "auto" else requested
 
 
-def _run(model, job: E.Job, engine: str, batch_tokens: int | None):
+def _run(model, jobs: list[E.Job], engine: str, batch_tokens: int | None, shapes: str | None):
     with torch.no_grad():
         if engine == "fast":
-            return E.run_fast(model, job, batch_tokens)
-        return E.run_generic(model, job, batch_tokens)
+            return E.run_jobs(model, jobs, batch_tokens=batch_tokens, shapes=shapes)
+        return [E.run_generic(model, job, batch_tokens) for job in jobs]
 
 
 def _clean(model, prompt, kind: str) -> tuple[float, list[torch.Tensor]]:
@@ -50,19 +46,22 @@ def _trace_rows(positions: list[int], n_layers: int, window: int, samples: int, 
     return E.Rows(torch.arange(samples).repeat(len(cells)), each(lo), each(hi), each(edit_pos))
 
 
-def trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
-          samples: int = 10, noise="s3", tokens="all", seed: int = 0, noise_draws=None,
-          batch_tokens: int | None = None, engine: str = "auto") -> TraceResult:
-    """Causal tracing of one prompt (method-notes "Causal tracing").
+@dataclass
+class _Prepared:
+    """One prompt's work, ready for the engine, and what its result needs besides."""
 
-    Noise the subject's token embeddings (``samples`` seeded draws, the same for every
-    restoration, or ``noise_draws`` [samples, subject tokens, d_model], scaled by the
-    ``noise`` rule), then for every token in ``tokens`` and every window centre l,
-    restore the clean ``kind`` state at that token in layers ``window_layers(l)``.
-    ``target=None`` traces the model's own top prediction. ``engine``: "fast" (hf
-    backend), "generic" (any backend) or "auto"; ``batch_tokens`` caps rows x positions
-    per forward pass (default: from a memory budget).
-    """
+    prompt: Prompt
+    settings: Settings
+    positions: list[int]
+    p_clean: float
+    job: E.Job
+    engine: str
+    target: str | None
+    noise_given: bool = False
+
+
+def _prepare_trace(model, prompt, subject, target=None, kind="mlp", window=10, samples=10, noise="s3", tokens="all",
+                   seed=0, noise_draws=None, engine="auto") -> _Prepared:
     if noise_draws is not None:
         noise_draws = torch.as_tensor(noise_draws)
         samples = int(noise_draws.shape[0]) if noise_draws.ndim == 3 else samples
@@ -76,18 +75,23 @@ def trace(model, prompt: str, subject: str, target: str | None = None, kind: str
     p_clean, clean = _clean(model, p, kind)
     rows = _trace_rows(positions, model.n_layers, window, samples, p.length)
     job = E.Job(p.input_ids, p.answer_id, kind, rows, clean, draws, start)
-    p_rows, p_base = _run(model, job, chosen, batch_tokens)
-    p_restore = p_rows.view(len(positions), model.n_layers, samples).mean(-1)
-    result = TraceResult.build(model, p, settings, positions, p_clean, float(p_base.mean()), p_restore,
-                               engine=chosen, noise_scale=noise_scale(model, noise), target=target)
-    result.config["noise_draws"] = "seeded" if noise_draws is None else "given"
+    return _Prepared(p, settings, positions, p_clean, job, chosen, target, noise_draws is not None)
+
+
+def _finish_trace(model, prep: _Prepared, p_rows: torch.Tensor, p_base: torch.Tensor) -> TraceResult:
+    settings = prep.settings
+    p_restore = p_rows.view(len(prep.positions), model.n_layers, settings.samples).mean(-1)
+    result = TraceResult.build(model, prep.prompt, settings, prep.positions, prep.p_clean, float(p_base.mean()),
+                               p_restore, engine=prep.engine, noise_scale=noise_scale(model, settings.noise),
+                               target=prep.target)
+    result.config["noise_draws"] = "given" if prep.noise_given else "seeded"
+    if prep.engine == "fast":
+        result.config["forward"] = model.forward_path
     return result
 
 
-def zero_trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
-               tokens="subject", batch_tokens: int | None = None, engine: str = "auto") -> ZeroResult:
-    """Representation zeroing: on the clean run, zero ``kind`` at the subject tokens (or
-    ``tokens``) in the window around each layer; effect = fraction of p_clean removed."""
+def _prepare_zero(model, prompt, subject, target=None, kind="mlp", window=10, tokens="subject",
+                  engine="auto") -> _Prepared:
     settings = Settings.make(model.n_layers, kind=kind, window=window, tokens=tokens, engine=engine, zeroing=True)
     p = prepare_prompt(model, prompt, subject, target)
     positions = p.positions(settings.tokens)
@@ -99,44 +103,109 @@ def zero_trace(model, prompt: str, subject: str, target: str | None = None, kind
     edit_pos[:, positions] = True
     rows = E.Rows(torch.zeros(L, dtype=torch.long), torch.tensor([w.start for w in windows]),
                   torch.tensor([w.stop for w in windows]), edit_pos)
-    p_zero, _ = _run(model, E.Job(p.input_ids, p.answer_id, kind, rows, None, None), chosen, batch_tokens)
-    config = {**settings.as_dict(), "engine": chosen, "backend": model.backend.name, "n_layers": L}
+    job = E.Job(p.input_ids, p.answer_id, kind, rows, None, None)
+    return _Prepared(p, settings, positions, p_clean, job, chosen, target)
+
+
+def _finish_zero(model, prep: _Prepared, p_zero: torch.Tensor, p_base: torch.Tensor) -> ZeroResult:
+    p = prep.prompt
+    config = {**prep.settings.as_dict(), "engine": prep.engine, "backend": model.backend.name,
+              "n_layers": model.n_layers}
     for unused in ("samples", "noise", "seed"):
         config.pop(unused)
+    if prep.engine == "fast":
+        config["forward"] = model.forward_path
     return ZeroResult(model=model.spec, prompt=p.text, subject=p.subject, tokens=list(p.tokens),
-                      subject_span=tuple(p.span), answer=p.answer, answer_id=p.answer_id, target=target,
-                      p_clean=p_clean, config=config, positions=positions, p_zero=p_zero)
+                      subject_span=tuple(p.span), answer=p.answer, answer_id=p.answer_id, target=prep.target,
+                      p_clean=prep.p_clean, config=config, positions=prep.positions, p_zero=p_zero)
 
 
-def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: bool = True,
-               errors: str = "raise", **kwargs) -> Iterator[tuple[object, TraceResult | ZeroResult | TracekitError]]:
-    """Trace (or zero, ``zeroing=True``) each record, yielding (record, result) as each finishes.
+def trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
+          samples: int = 10, noise="s3", tokens="all", seed: int = 0, noise_draws=None,
+          batch_tokens: int | None = None, engine: str = "auto", shapes: str | None = None) -> TraceResult:
+    """Causal tracing of one prompt (method-notes "Causal tracing").
+
+    Noise the subject's token embeddings (``samples`` seeded draws, the same for every
+    restoration, or ``noise_draws`` [samples, subject tokens, d_model], scaled by the
+    ``noise`` rule), then for every token in ``tokens`` and every window centre l,
+    restore the clean ``kind`` state at that token in layers ``window_layers(l)``.
+    ``target=None`` traces the model's own top prediction. ``engine``: "fast" (the
+    partial forward, any backend), "generic" (whole passes with masks) or "auto" (fast);
+    ``batch_tokens`` caps rows x positions per forward pass (default: from a memory
+    budget); ``shapes``: "exact" or "bucketed" passes (default: bucketed on CUDA).
+    """
+    prep = _prepare_trace(model, prompt, subject, target, kind, window, samples, noise, tokens, seed, noise_draws,
+                          engine)
+    ((p_rows, p_base),) = _run(model, [prep.job], prep.engine, batch_tokens, shapes)
+    return _finish_trace(model, prep, p_rows, p_base)
+
+
+def zero_trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
+               tokens="subject", batch_tokens: int | None = None, engine: str = "auto",
+               shapes: str | None = None) -> ZeroResult:
+    """Representation zeroing: on the clean run, zero ``kind`` at the subject tokens (or
+    ``tokens``) in the window around each layer; effect = fraction of p_clean removed."""
+    prep = _prepare_zero(model, prompt, subject, target, kind, window, tokens, engine)
+    ((p_zero, p_base),) = _run(model, [prep.job], prep.engine, batch_tokens, shapes)
+    return _finish_zero(model, prep, p_zero, p_base)
+
+
+def default_prompt_batch(model, samples: int = 10, length: int = 32) -> int:
+    """Prompts traced together by ``trace_many``: 1 where passes keep exact shapes (a CPU: packing
+    would only add padding), else as many as a quarter of free GPU memory holds (base runs
+    of ``length`` tokens: every block's input and keys/values, and the clean states), up to 64."""
+    if model.device.type != "cuda":
+        return 1
+    free, _ = torch.cuda.mem_get_info(model.device)
+    size = next(model.hf.parameters()).element_size()
+    per_prompt = (samples + 1) * 3 * model.d_model * length * model.n_layers * size
+    return int(max(1, min(64, free // 4 // per_prompt)))
+
+
+def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: bool = True, errors: str = "raise",
+               batch: int | None = None, **kwargs) -> Iterator[tuple[object, TraceResult | ZeroResult | TracekitError]]:
+    """Trace (or zero, ``zeroing=True``) each record, yielding (record, result) in order.
 
     A record is a dict with prompt/subject[/target], a (prompt, subject[, target])
     tuple, a known_1000 record or a CounterFact record (traces target_true).
     ``errors="yield"`` yields (record, TracekitError) for a bad record instead of raising.
+    ``batch``: prompts traced together, their rows packed into shared passes by the fast
+    engine (default ``default_prompt_batch``: 1 on a CPU); results come a batch at a time.
+    Other keyword arguments go to ``trace`` / ``zero_trace``.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     if errors not in ("raise", "yield"):
         raise TracekitError(f"errors must be 'raise' or 'yield', got {errors!r}")
     records = list(records)
-    run = zero_trace if zeroing else trace
     if zeroing:  # the noise settings of a tracing sweep mean nothing to zeroing
         kwargs = {k: v for k, v in kwargs.items() if k not in ("samples", "noise", "seed", "noise_draws")}
+    run_kw = {k: kwargs.pop(k) for k in ("batch_tokens", "shapes") if k in kwargs}
+    check(batch is None or (isinstance(batch, int) and batch >= 1), f"batch must be an integer >= 1, got {batch!r}")
+    batch = batch or default_prompt_batch(model, kwargs.get("samples", 10))
+    prepare, finish = (_prepare_zero, _finish_zero) if zeroing else (_prepare_trace, _finish_trace)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("zeroing" if zeroing else "tracing", total=len(records))
-        for record in records:
-            try:
-                prompt, subject, target = record_fields(record)
-                result = run(model, prompt, subject, target, **kwargs)
-            except TracekitError as err:
-                if errors == "raise":
-                    raise
-                result = err
-            bar.advance(task)
-            yield record, result
+        for first in range(0, len(records), batch):
+            chunk, failure = [], None
+            for record in records[first:first + batch]:
+                try:
+                    chunk.append((record, prepare(model, *record_fields(record), **kwargs)))
+                except TracekitError as err:
+                    if errors == "raise":
+                        failure = err
+                        break
+                    chunk.append((record, err))
+            ready = [prep for _, prep in chunk if isinstance(prep, _Prepared)]
+            outputs = iter(_run(model, [p.job for p in ready], ready[0].engine, run_kw.get("batch_tokens"),
+                                run_kw.get("shapes")) if ready else [])
+            for record, prep in chunk:
+                result = prep if isinstance(prep, TracekitError) else finish(model, prep, *next(outputs))
+                bar.advance(task)
+                yield record, result
+            if failure is not None:
+                raise failure
 
 
 @dataclass(frozen=True)
