@@ -33,8 +33,8 @@ from torch import nn
 
 from tracekit.adapters.architectures import INPUT_SITES, ArchAdapter, Site, _get
 from tracekit.adapters.partial import (
-    ForwardStats, Pass, Recording, Request, ShapePolicy, apply_to_output, attention_kernels, gather_columns,
-    pick_logits,
+    ForwardStats, Pass, Recording, Request, ShapePolicy, apply_to_output, attention_kernels, collecting,
+    gather_columns, pick_logits,
 )
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
@@ -178,18 +178,18 @@ class _BlockPass:
     """One partial forward over the blocks: rows padded to ``policy``'s grid, joined by layer."""
 
     def __init__(self, driver: BlockDriver, req: Request, policy: ShapePolicy, stats: ForwardStats | None):
-        self.d, self.req, self.policy, self.stats = driver, req, policy, stats
+        self.d, self.req, self.policy, self.stats = driver, req, policy, stats or collecting()
         self.n_rows, self.width = req.n_rows, req.width
-        self.cols = min(policy.fit(self.width), max(self.width, driver.n_ctx)) if req.ids is not None \
-            else policy.fit(self.width)
+        self.cols = min(policy.cols(self.width), max(self.width, driver.n_ctx)) if req.ids is not None \
+            else policy.cols(self.width)
         starts = req.starts
-        self.keys = policy.fit(int(starts.max())) if req.branch is not None and int(starts.max()) > 0 else 0
+        self.keys = policy.cols(int(starts.max())) if req.branch is not None and int(starts.max()) > 0 else 0
         self.live = (self.n_rows, self.width)  # rows and columns the hooks' functions see now
         self.captured: dict[Site, torch.Tensor] = {}
 
     # -- padding ----------------------------------------------------------------------------
     def _rows_for(self, n: int) -> int:
-        return self.policy.fit(n)
+        return self.policy.rows(n)
 
     def _padded_meta(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Starts and sources for ``total`` rows: padding rows copy row 0's (any valid row will do)."""

@@ -148,31 +148,58 @@ class ForwardStats:
         return 1 - self.tokens / self.computed if self.computed else 0.0
 
 
+_COLLECTING: list[ForwardStats] = []
+
+
+@contextlib.contextmanager
+def collect_stats():
+    """``with collect_stats() as stats:`` counts every blocks-path call inside (benchmarks, tests)."""
+    stats = ForwardStats()
+    _COLLECTING.append(stats)
+    try:
+        yield stats
+    finally:
+        _COLLECTING.remove(stats)
+
+
+def collecting() -> ForwardStats | None:
+    return _COLLECTING[-1] if _COLLECTING else None
+
+
 # ---- shapes ---------------------------------------------------------------------------------
-def bucket(n: int) -> int:
-    """The smallest grid value >= n: 1..8, then four steps per octave (10, 12, 14, 16, 20, 24, 28,
-    32, 40, ...), so padding adds at most 25% and a range 1..N holds about 8 + 4 log2(N / 8) values."""
-    if n <= 8:
-        return max(int(n), 1)
-    step = 1 << ((int(n) - 1).bit_length() - 3)
-    return -(-int(n) // step) * step
+def bucket(n: int, steps: int = 4) -> int:
+    """The smallest grid value >= n: 1..2*steps, then ``steps`` values per octave (steps=4: 10, 12,
+    14, 16, 20, 24, 28, 32, 40, ...), so padding adds at most 1/steps and a range 1..N holds
+    about steps * (1 + log2(N / steps)) values."""
+    n = max(int(n), 1)
+    if n <= 2 * steps:
+        return n
+    step = 1 << ((n - 1).bit_length() - steps.bit_length())
+    return -(-n // step) * step
 
 
-def bucket_grid(limit: int) -> list[int]:
-    """Every grid value up to ``bucket(limit)``."""
+def bucket_grid(limit: int, steps: int = 4) -> list[int]:
+    """Every grid value up to ``bucket(limit, steps)``."""
     out, n = [], 1
-    while n <= bucket(limit):
+    while n <= bucket(limit, steps):
         out.append(n)
-        n = bucket(n + 1)
+        n = bucket(n + 1, steps)
     return out
+
+
+ROW_STEPS, COLUMN_STEPS = 8, 4  # rows run to thousands: a finer grid keeps their padding under 1/8
 
 
 @dataclass(frozen=True)
 class ShapePolicy:
     name: str
 
-    def fit(self, n: int) -> int:
-        return n if self.name == "exact" else bucket(n)
+    def rows(self, n: int) -> int:
+        return n if self.name == "exact" else bucket(n, ROW_STEPS)
+
+    def cols(self, n: int) -> int:
+        """Columns and prefix keys."""
+        return n if self.name == "exact" else bucket(n, COLUMN_STEPS)
 
 
 def shape_policy(shapes: str | None, device: torch.device) -> ShapePolicy:

@@ -165,7 +165,6 @@ def run_jobs(model, jobs: list[Job], *, batch_tokens: int | None = None, shapes:
     base runs in one pass and mixes their rows and start positions in passes by width bucket."""
     policy = shape_policy(shapes, model.device)
     pack = policy.name == "bucketed" if pack is None else pack
-    batch_tokens = batch_tokens or default_batch_tokens(model)
     groups = [jobs] if pack else [[job] for job in jobs]
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
@@ -188,7 +187,7 @@ class _Flat:
     answer: torch.Tensor  # [R]
 
 
-def _run_group(model, jobs: list[Job], batch_tokens: int, shapes: str, pack: bool, stats):
+def _run_group(model, jobs: list[Job], batch_tokens: int | None, shapes: str, pack: bool, stats):
     length = max(job.input_ids.shape[1] for job in jobs)
     base_rows = torch.tensor([job.n_base for job in jobs])
     offsets = torch.cumsum(base_rows, 0) - base_rows
@@ -198,6 +197,7 @@ def _run_group(model, jobs: list[Job], batch_tokens: int, shapes: str, pack: boo
     edits = _base_noise(jobs, length)
     base = model.forward(ids, edits=edits, record=True, logits=lengths - 1, shapes=shapes, stats=stats)
     p_base = _answer_probs_per_row(base.logits, answers)
+    batch_tokens = batch_tokens or default_batch_tokens(model)  # from the memory the recording left
     flat = _flatten(jobs, offsets, length)
     probs = torch.empty(len(flat.source))
     done = flat.start >= flat.length  # rows that edit nothing equal their base run

@@ -11,7 +11,7 @@ from tracekit.adapters import Site
 from tracekit.errors import TracekitError, check
 from tracekit.tracing import engine as E
 from tracekit.tracing.noise import noise_scale, scaled_noise, subject_noise_hook
-from tracekit.tracing.plan import Prompt, Settings, prepare_prompt, record_fields, window_layers
+from tracekit.tracing.plan import Prompt, Settings, Unanswered, record_fields, tokenise_prompt, window_layers
 from tracekit.tracing.result import TraceResult, ZeroResult
 
 
@@ -27,13 +27,21 @@ def _run(model, jobs: list[E.Job], engine: str, batch_tokens: int | None, shapes
         return [E.run_generic(model, job, batch_tokens) for job in jobs]
 
 
-def _clean(model, prompt, kind: str) -> tuple[float, list[torch.Tensor]]:
+def _clean_runs(model, prompts: list[Unanswered], kind: str | None, shapes: str | None):
+    """One clean pass for every prompt: its last-position logits [V] and (``kind`` given) the clean
+    value of the traced site at every layer, [1, T, d] per layer."""
+    lengths = torch.tensor([p.input_ids.shape[1] for p in prompts])
+    ids = torch.cat([E._pad_ids(p.input_ids, int(lengths.max())) for p in prompts])
+    sites = [] if kind is None else [Site(kind, layer) for layer in range(model.n_layers)]
+    out = model.forward(ids, capture=sites, logits=lengths - 1, shapes=shapes)
+    return [(out.logits[i], [out.captured[s][i:i + 1, :n].detach() for s in sites])
+            for i, n in enumerate(lengths.tolist())]
+
+
+def _clean(model, prompt, kind: str, shapes: str | None = None) -> tuple[float, list[torch.Tensor]]:
     """p_clean and the clean value of the traced site at every layer [1, T, d]."""
-    sites = [Site(kind, layer) for layer in range(model.n_layers)]
-    last = torch.tensor([prompt.length - 1])
-    out = model.run(prompt.input_ids, capture=sites, positions=last)
-    p_clean = float(torch.softmax(out.logits.float(), -1)[0, prompt.answer_id])
-    return p_clean, [out.captured[s].detach() for s in sites]
+    ((logits, states),) = _clean_runs(model, [prompt], kind, shapes)
+    return float(torch.softmax(logits.float(), -1)[prompt.answer_id]), states
 
 
 def _trace_rows(positions: list[int], n_layers: int, window: int, samples: int, length: int) -> E.Rows:
@@ -47,6 +55,16 @@ def _trace_rows(positions: list[int], n_layers: int, window: int, samples: int, 
 
 
 @dataclass
+class _Checked:
+    """One record's checked arguments and tokenised prompt: no forward pass run yet."""
+
+    prompt: Unanswered
+    settings: Settings
+    zeroing: bool
+    noise_draws: torch.Tensor | None = None
+
+
+@dataclass
 class _Prepared:
     """One prompt's work, ready for the engine, and what its result needs besides."""
 
@@ -57,29 +75,73 @@ class _Prepared:
     job: E.Job
     engine: str
     target: str | None
+    zeroing: bool
     noise_given: bool = False
 
 
-def _prepare_trace(model, prompt, subject, target=None, kind="mlp", window=10, samples=10, noise="s3", tokens="all",
-                   seed=0, noise_draws=None, engine="auto") -> _Prepared:
+def _check_trace(model, prompt, subject, target=None, kind="mlp", window=10, samples=10, noise="s3", tokens="all",
+                 seed=0, noise_draws=None, engine="auto", shapes=None) -> _Checked:
     if noise_draws is not None:
         noise_draws = torch.as_tensor(noise_draws)
         samples = int(noise_draws.shape[0]) if noise_draws.ndim == 3 else samples
     settings = Settings.make(model.n_layers, kind=kind, window=window, samples=samples, noise=noise, seed=seed,
                              tokens=tokens, engine=engine)
-    p = prepare_prompt(model, prompt, subject, target)
-    start, end = p.span
-    draws = scaled_noise(model, samples, end - start, noise, seed, draws=noise_draws)
+    return _Checked(tokenise_prompt(model, prompt, subject, target), settings, False, noise_draws)
+
+
+def _check_zero(model, prompt, subject, target=None, kind="mlp", window=10, tokens="subject", engine="auto",
+                shapes=None) -> _Checked:
+    settings = Settings.make(model.n_layers, kind=kind, window=window, tokens=tokens, engine=engine, zeroing=True)
+    return _Checked(tokenise_prompt(model, prompt, subject, target), settings, True)
+
+
+def _prepare(model, checked: list[_Checked], shapes: str | None) -> list[_Prepared | TracekitError]:
+    """Clean runs of every checked prompt in one pass, then each prompt's rows and noise."""
+    kind = None if checked[0].zeroing else checked[0].settings.kind
+    out: list[_Prepared | TracekitError] = []
+    for item, (logits, clean) in zip(checked, _clean_runs(model, [c.prompt for c in checked], kind, shapes)):
+        try:
+            out.append(_prepare_one(model, item, logits, clean))
+        except TracekitError as err:
+            out.append(err)
+    return out
+
+
+def _prepare_one(model, item: _Checked, logits: torch.Tensor, clean: list[torch.Tensor]) -> _Prepared:
+    settings, p = item.settings, item.prompt.answered(model, logits)
+    p_clean = float(torch.softmax(logits.float(), -1)[p.answer_id])
     positions = p.positions(settings.tokens)
     chosen = _engine(model, settings.engine)
-    p_clean, clean = _clean(model, p, kind)
-    rows = _trace_rows(positions, model.n_layers, window, samples, p.length)
-    job = E.Job(p.input_ids, p.answer_id, kind, rows, clean, draws, start)
-    return _Prepared(p, settings, positions, p_clean, job, chosen, target, noise_draws is not None)
+    L = model.n_layers
+    if item.zeroing:
+        windows = [window_layers(layer, settings.window, L) for layer in range(L)]
+        edit_pos = torch.zeros(L, p.length, dtype=torch.bool)
+        edit_pos[:, positions] = True
+        rows = E.Rows(torch.zeros(L, dtype=torch.long), torch.tensor([w.start for w in windows]),
+                      torch.tensor([w.stop for w in windows]), edit_pos)
+        job = E.Job(p.input_ids, p.answer_id, settings.kind, rows, None, None)
+        return _Prepared(p, settings, positions, p_clean, job, chosen, item.prompt.target, True)
+    start, end = p.span
+    draws = scaled_noise(model, settings.samples, end - start, settings.noise, settings.seed, draws=item.noise_draws)
+    rows = _trace_rows(positions, L, settings.window, settings.samples, p.length)
+    job = E.Job(p.input_ids, p.answer_id, settings.kind, rows, clean, draws, start)
+    return _Prepared(p, settings, positions, p_clean, job, chosen, item.prompt.target, False,
+                     item.noise_draws is not None)
 
 
-def _finish_trace(model, prep: _Prepared, p_rows: torch.Tensor, p_base: torch.Tensor) -> TraceResult:
+def _finish(model, prep: _Prepared, p_rows: torch.Tensor, p_base: torch.Tensor) -> TraceResult | ZeroResult:
     settings = prep.settings
+    if prep.zeroing:
+        p = prep.prompt
+        config = {**settings.as_dict(), "engine": prep.engine, "backend": model.backend.name,
+                  "n_layers": model.n_layers}
+        for unused in ("samples", "noise", "seed"):
+            config.pop(unused)
+        if prep.engine == "fast":
+            config["forward"] = model.forward_path
+        return ZeroResult(model=model.spec, prompt=p.text, subject=p.subject, tokens=list(p.tokens),
+                          subject_span=tuple(p.span), answer=p.answer, answer_id=p.answer_id, target=prep.target,
+                          p_clean=prep.p_clean, config=config, positions=prep.positions, p_zero=p_rows)
     p_restore = p_rows.view(len(prep.positions), model.n_layers, settings.samples).mean(-1)
     result = TraceResult.build(model, prep.prompt, settings, prep.positions, prep.p_clean, float(p_base.mean()),
                                p_restore, engine=prep.engine, noise_scale=noise_scale(model, settings.noise),
@@ -90,34 +152,12 @@ def _finish_trace(model, prep: _Prepared, p_rows: torch.Tensor, p_base: torch.Te
     return result
 
 
-def _prepare_zero(model, prompt, subject, target=None, kind="mlp", window=10, tokens="subject",
-                  engine="auto") -> _Prepared:
-    settings = Settings.make(model.n_layers, kind=kind, window=window, tokens=tokens, engine=engine, zeroing=True)
-    p = prepare_prompt(model, prompt, subject, target)
-    positions = p.positions(settings.tokens)
-    chosen = _engine(model, settings.engine)
-    p_clean, _ = _clean(model, p, kind)
-    L = model.n_layers
-    windows = [window_layers(layer, window, L) for layer in range(L)]
-    edit_pos = torch.zeros(L, p.length, dtype=torch.bool)
-    edit_pos[:, positions] = True
-    rows = E.Rows(torch.zeros(L, dtype=torch.long), torch.tensor([w.start for w in windows]),
-                  torch.tensor([w.stop for w in windows]), edit_pos)
-    job = E.Job(p.input_ids, p.answer_id, kind, rows, None, None)
-    return _Prepared(p, settings, positions, p_clean, job, chosen, target)
-
-
-def _finish_zero(model, prep: _Prepared, p_zero: torch.Tensor, p_base: torch.Tensor) -> ZeroResult:
-    p = prep.prompt
-    config = {**prep.settings.as_dict(), "engine": prep.engine, "backend": model.backend.name,
-              "n_layers": model.n_layers}
-    for unused in ("samples", "noise", "seed"):
-        config.pop(unused)
-    if prep.engine == "fast":
-        config["forward"] = model.forward_path
-    return ZeroResult(model=model.spec, prompt=p.text, subject=p.subject, tokens=list(p.tokens),
-                      subject_span=tuple(p.span), answer=p.answer, answer_id=p.answer_id, target=prep.target,
-                      p_clean=prep.p_clean, config=config, positions=prep.positions, p_zero=p_zero)
+def _one(model, checked: _Checked, batch_tokens, shapes):
+    (prep,) = _prepare(model, [checked], shapes)
+    if isinstance(prep, TracekitError):
+        raise prep
+    ((p_rows, p_base),) = _run(model, [prep.job], prep.engine, batch_tokens, shapes)
+    return _finish(model, prep, p_rows, p_base)
 
 
 def trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
@@ -134,10 +174,9 @@ def trace(model, prompt: str, subject: str, target: str | None = None, kind: str
     ``batch_tokens`` caps rows x positions per forward pass (default: from a memory
     budget); ``shapes``: "exact" or "bucketed" passes (default: bucketed on CUDA).
     """
-    prep = _prepare_trace(model, prompt, subject, target, kind, window, samples, noise, tokens, seed, noise_draws,
-                          engine)
-    ((p_rows, p_base),) = _run(model, [prep.job], prep.engine, batch_tokens, shapes)
-    return _finish_trace(model, prep, p_rows, p_base)
+    checked = _check_trace(model, prompt, subject, target, kind, window, samples, noise, tokens, seed, noise_draws,
+                           engine)
+    return _one(model, checked, batch_tokens, shapes)
 
 
 def zero_trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
@@ -145,9 +184,7 @@ def zero_trace(model, prompt: str, subject: str, target: str | None = None, kind
                shapes: str | None = None) -> ZeroResult:
     """Representation zeroing: on the clean run, zero ``kind`` at the subject tokens (or
     ``tokens``) in the window around each layer; effect = fraction of p_clean removed."""
-    prep = _prepare_zero(model, prompt, subject, target, kind, window, tokens, engine)
-    ((p_zero, p_base),) = _run(model, [prep.job], prep.engine, batch_tokens, shapes)
-    return _finish_zero(model, prep, p_zero, p_base)
+    return _one(model, _check_zero(model, prompt, subject, target, kind, window, tokens, engine), batch_tokens, shapes)
 
 
 def default_prompt_batch(model, samples: int = 10, length: int = 32) -> int:
@@ -180,10 +217,11 @@ def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: boo
     records = list(records)
     if zeroing:  # the noise settings of a tracing sweep mean nothing to zeroing
         kwargs = {k: v for k, v in kwargs.items() if k not in ("samples", "noise", "seed", "noise_draws")}
-    run_kw = {k: kwargs.pop(k) for k in ("batch_tokens", "shapes") if k in kwargs}
+    batch_tokens = kwargs.pop("batch_tokens", None)
     check(batch is None or (isinstance(batch, int) and batch >= 1), f"batch must be an integer >= 1, got {batch!r}")
     batch = batch or default_prompt_batch(model, kwargs.get("samples", 10))
-    prepare, finish = (_prepare_zero, _finish_zero) if zeroing else (_prepare_trace, _finish_trace)
+    check_record = _check_zero if zeroing else _check_trace
+    shapes = kwargs.get("shapes")
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("zeroing" if zeroing else "tracing", total=len(records))
@@ -191,17 +229,23 @@ def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: boo
             chunk, failure = [], None
             for record in records[first:first + batch]:
                 try:
-                    chunk.append((record, prepare(model, *record_fields(record), **kwargs)))
+                    chunk.append((record, check_record(model, *record_fields(record), **kwargs)))
                 except TracekitError as err:
                     if errors == "raise":
                         failure = err
                         break
                     chunk.append((record, err))
-            ready = [prep for _, prep in chunk if isinstance(prep, _Prepared)]
-            outputs = iter(_run(model, [p.job for p in ready], ready[0].engine, run_kw.get("batch_tokens"),
-                                run_kw.get("shapes")) if ready else [])
-            for record, prep in chunk:
-                result = prep if isinstance(prep, TracekitError) else finish(model, prep, *next(outputs))
+            checked = [item for _, item in chunk if isinstance(item, _Checked)]
+            prepared = iter(_prepare(model, checked, shapes) if checked else [])
+            chunk = [(record, item if isinstance(item, TracekitError) else next(prepared)) for record, item in chunk]
+            ready = [item for _, item in chunk if isinstance(item, _Prepared)]
+            if errors == "raise" and len(ready) < len(chunk):  # a prompt failed only once its clean run was known
+                failure = next(item for _, item in chunk if isinstance(item, TracekitError))
+                chunk = chunk[:next(i for i, (_, item) in enumerate(chunk) if isinstance(item, TracekitError))]
+                ready = [item for _, item in chunk]
+            outputs = iter(_run(model, [p.job for p in ready], ready[0].engine, batch_tokens, shapes) if ready else [])
+            for record, item in chunk:
+                result = item if isinstance(item, TracekitError) else _finish(model, item, *next(outputs))
                 bar.advance(task)
                 yield record, result
             if failure is not None:
