@@ -124,7 +124,7 @@ def clocked(fn):
 
 # ---- stages -----------------------------------------------------------------------------------
 def stage_device(args) -> dict:
-    optional = {name: importlib.util.find_spec(name) is not None for name in ("transformer_lens", "nnsight", "gguf")}
+    optional = {name: _importable(name) for name in ("transformer_lens", "nnsight", "gguf")}
     import transformers
 
     out = {"device": device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -136,6 +136,13 @@ def stage_device(args) -> dict:
         out["cudnn_sdp_enabled"] = torch.backends.cuda.cudnn_sdp_enabled()
         out["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
     return out
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 def distinct_length_prompts(model, n: int) -> list[tuple[str, str]]:

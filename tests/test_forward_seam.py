@@ -11,7 +11,7 @@ import torch
 from tracekit import TracekitError
 from tracekit.adapters import Site
 from tracekit.adapters.partial import Branch, ForwardStats, bucket, bucket_grid
-from tracing_models import deep, one_thread, sharp  # noqa: F401
+from tracing_models import BLOCK_OPTIONAL_PACKAGES, deep, one_thread, sharp  # noqa: F401
 
 ARCHS = ("gpt2", "gptj", "llama")
 BACKENDS = ("hf", "transformer_lens", "nnsight")
@@ -196,20 +196,10 @@ def test_one_place_decides_the_path():
         driver.implementation = before
 
 
-BLOCKER = """
-import importlib.abc, sys
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in ('transformer_lens', 'nnsight', 'gguf'):
-            raise ImportError(f'{name} is blocked (the GPU machine has no such package)')
-sys.meta_path.insert(0, Block())
-"""
-
-
 def test_the_hf_path_needs_no_transformer_lens_nnsight_or_gguf(tmp_path):
     """The GPU machine has torch and transformers but none of these: tracing (and the partial
     forward) on the hf backend must not import them."""
-    script = BLOCKER + """
+    script = BLOCK_OPTIONAL_PACKAGES + """
 import torch, tracekit
 from tracekit.tracing import trace, trace_many
 model = tracekit.load_model('random:gptj-tiny', device='cpu')

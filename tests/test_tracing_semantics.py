@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from tracekit import TracekitError
-from tracekit.adapters import Site
 from tracekit.adapters.architectures import _get
 from tracekit.tracing import (
     draw_noise, noise_scale, noised_prediction, scaled_noise, subject_noise_hook, trace, window_layers, zero_trace,

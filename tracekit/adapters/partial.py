@@ -45,6 +45,19 @@ included) and the distinct attention shapes, for benchmarks and tests.
 Row joins: a branch's rows are sorted by layer, and at layer l a pass holds rows
 0..n(l)-1 with n(l) = #(layer[i] <= l); an edit or capture at a site of layer l sees (and
 returns) exactly those n(l) rows and ``width`` columns.
+
+Who runs the network through it: causal tracing and zeroing (``tracekit.tracing``: clean
+runs, recorded base runs, branches). The naive loop keeps ``Model.run`` on purpose (it is
+the reference). Meant to move onto it next, each a few lines: v* (``editing.kv_core``:
+``_run_prefix`` = ``forward(ids, stop_layer=l + 1, capture=...)``; ``_prepare_suffix`` and
+``_blocks_logits`` = a recording of the edit rows and ``Branch.make(rec, subject_last,
+l + 1, width=W)`` with ``hidden`` = recorded state + delta, ``grad=True``), key statistics
+(``editing.covariance.accumulate`` = ``forward(ids, stop_layer=top + 1, edits={mlp_in:
+fold the keys, return them unchanged})``), fine-tuning (``editing.finetune._scorer`` =
+``forward(ids, stop_layer=lowest)`` once, then ``forward(hidden=..., start_layer=lowest,
+logits=columns, grad=True)``) and ``editing.logprobs.token_logprobs`` (``logits`` [B, k]
+columns). Activation patching composes edits on any site (``resid_pre`` included); heads
+need one more input site (the attention output projection's input) in the adapters.
 """
 
 from __future__ import annotations
@@ -57,7 +70,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from tracekit.adapters.architectures import Site
-from tracekit.errors import TracekitError, check
+from tracekit.errors import check
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
 PATHS = ("blocks", "whole passes")
