@@ -161,10 +161,12 @@ def run_fast(model, job: Job, batch_tokens: int | None = None, shapes: str | Non
 
 def run_jobs(model, jobs: list[Job], *, batch_tokens: int | None = None, shapes: str | None = None,
              pack: bool | None = None, stats: ForwardStats | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(p_rows [R], p_base [S]) per job. ``pack`` (default: with bucketed shapes) records the jobs'
-    base runs in one pass and mixes their rows and start positions in passes by width bucket."""
+    """(p_rows [R], p_base [S]) per job. ``pack`` (default: with bucketed shapes on the blocks path;
+    whole passes would compute every row's full length) records the jobs' base runs in one pass
+    and mixes their rows and start positions in passes by width bucket."""
     policy = shape_policy(shapes, model.device)
-    pack = policy.name == "bucketed" if pack is None else pack
+    if pack is None:
+        pack = policy.name == "bucketed" and model.forward_path == "blocks"
     groups = [jobs] if pack else [[job] for job in jobs]
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
