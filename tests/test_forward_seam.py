@@ -64,7 +64,7 @@ def test_branches_without_edits_reproduce_the_recorded_pass(arch, backend, shape
     last = model.forward(branch=branch, logits=torch.tensor([6, 1, 6, 5]), shapes=shapes)
     assert close(last.logits, whole[torch.tensor(source), torch.tensor([10, 10, 8, 10])])
     if backend == "hf":  # rows join by layer: 1 row at layers 0..2, 3 at 3..10, 4 at 11
-        keys = 9 if shapes == "exact" else 10  # the largest start, 9, padded to the grid
+        keys = 9  # the largest start (on the grid: 1..16 are all grid values)
         assert stats.attention == {(1, 7, keys + 7): 3, (3, 7, keys + 7): 8, (4, 7, keys + 7): 1}
         assert stats.tokens == stats.computed == (1 * 3 + 3 * 8 + 4 * 1) * 7
 
@@ -135,14 +135,14 @@ def test_gradients_flow_through_a_partial_pass(backend):
 
 def test_bucketed_shapes_pad_rows_columns_and_keys_to_the_grid():
     model = deep("gptj")
-    recorded = model.forward(ids(rows=3, length=13), record=True).recording
-    branch = Branch.make(recorded, [9, 10, 11], [2, 2, 6], width=4)
+    recorded = model.forward(ids(rows=3, length=24), record=True).recording
+    branch = Branch.make(recorded, [17, 18, 19], [2, 2, 6], width=4)
     exact, bucketed = ForwardStats(), ForwardStats()
     a = model.forward(branch=branch, logits="all", shapes="exact", stats=exact)
     b = model.forward(branch=branch, logits="all", shapes="bucketed", stats=bucketed)
     assert close(a.logits, b.logits, 1e-6)
-    assert set(exact.attention) == {(2, 4, 11 + 4), (3, 4, 11 + 4)}
-    assert set(bucketed.attention) == {(2, 4, 12 + 4), (3, 4, 12 + 4)}  # 11 prefix keys -> 12
+    assert set(exact.attention) == {(2, 4, 19 + 4), (3, 4, 19 + 4)}
+    assert set(bucketed.attention) == {(2, 4, 20 + 4), (3, 4, 20 + 4)}  # 19 prefix keys -> 20
     assert bucketed.tokens == exact.tokens == exact.computed
 
 

@@ -4,7 +4,7 @@ with the number of prompts or their lengths; packing mixes prompts without chang
 import pytest
 import torch
 
-from tracekit.adapters.partial import ROW_STEPS, bucket, bucket_grid, collect_stats
+from tracekit.adapters.partial import COLUMN_STEPS, ROW_STEPS, bucket, bucket_grid, collect_stats
 from tracekit.tracing import trace, trace_many
 from tracing_models import deep, one_thread  # noqa: F401
 
@@ -35,7 +35,7 @@ def attention_shapes(monkeypatch):
 
 
 def widths(length: int) -> set[int]:
-    return {bucket(w) for w in range(1, length + 1)}
+    return {bucket(w, COLUMN_STEPS) for w in range(1, length + 1)}
 
 
 def warm(model):
@@ -52,7 +52,8 @@ def test_attention_shapes_per_prompt_are_bounded_by_the_buckets(attention_shapes
         T, rows = len(result.tokens), len(result.tokens) * model.n_layers * KW["samples"]
         shapes = set(attention_shapes)
         for b, q, k in shapes:  # every dimension on the grid
-            assert b == bucket(b, ROW_STEPS) and q == bucket(q) and (k == q or k - q == bucket(k - q))
+            assert b == bucket(b, ROW_STEPS) and q == bucket(q, COLUMN_STEPS)
+            assert k == q or k - q == bucket(k - q, COLUMN_STEPS)
         # one (queries, keys) per width bucket (+ the base run); one row count per grid value
         assert len({(q, k) for _, q, k in shapes}) <= len(widths(T)) + 1
         assert len({b for b, _, _ in shapes}) <= len(bucket_grid(rows, ROW_STEPS))

@@ -200,7 +200,9 @@ def bucket_grid(limit: int, steps: int = 4) -> list[int]:
     return out
 
 
-ROW_STEPS, COLUMN_STEPS = 8, 4  # rows run to thousands: a finer grid keeps their padding under 1/8
+# Eight grid values per octave: padding adds at most 1/8 (about 6% of a GPT-J study's packed
+# passes, against 10% with four), and a few dozen values cover 1..10^4.
+ROW_STEPS = COLUMN_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,10 @@ class ShapePolicy:
     def cols(self, n: int) -> int:
         """Columns and prefix keys."""
         return n if self.name == "exact" else bucket(n, COLUMN_STEPS)
+
+    def key(self, n: int) -> int:
+        """What packs rows of width ``n`` together: their column bucket."""
+        return bucket(n, COLUMN_STEPS)
 
 
 def shape_policy(shapes: str | None, device: torch.device) -> ShapePolicy:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from tracekit.adapters import Site
-from tracekit.adapters.partial import Branch, ForwardStats, bucket, shape_policy
+from tracekit.adapters.partial import Branch, ForwardStats, ShapePolicy, shape_policy
 from tracekit.interventions import restore, zero
 from tracekit.tracing.noise import subject_noise_hook
 
@@ -171,7 +171,7 @@ def run_jobs(model, jobs: list[Job], *, batch_tokens: int | None = None, shapes:
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for group in groups:
-            out += _run_group(model, group, batch_tokens, policy.name, pack, stats)
+            out += _run_group(model, group, batch_tokens, policy, pack, stats)
     return out
 
 
@@ -189,7 +189,7 @@ class _Flat:
     answer: torch.Tensor  # [R]
 
 
-def _run_group(model, jobs: list[Job], batch_tokens: int | None, shapes: str, pack: bool, stats):
+def _run_group(model, jobs: list[Job], batch_tokens: int | None, policy: ShapePolicy, pack: bool, stats):
     length = max(job.input_ids.shape[1] for job in jobs)
     base_rows = torch.tensor([job.n_base for job in jobs])
     offsets = torch.cumsum(base_rows, 0) - base_rows
@@ -197,7 +197,7 @@ def _run_group(model, jobs: list[Job], batch_tokens: int | None, shapes: str, pa
     lengths = torch.cat([torch.full((job.n_base,), job.input_ids.shape[1]) for job in jobs])
     answers = torch.cat([torch.full((job.n_base,), job.answer_id) for job in jobs])
     edits = _base_noise(jobs, length)
-    base = model.forward(ids, edits=edits, record=True, logits=lengths - 1, shapes=shapes, stats=stats)
+    base = model.forward(ids, edits=edits, record=True, logits=lengths - 1, shapes=policy.name, stats=stats)
     p_base = _answer_probs_per_row(base.logits, answers)
     batch_tokens = batch_tokens or default_batch_tokens(model)  # from the memory the recording left
     flat = _flatten(jobs, offsets, length)
@@ -205,10 +205,10 @@ def _run_group(model, jobs: list[Job], batch_tokens: int | None, shapes: str, pa
     done = flat.start >= flat.length  # rows that edit nothing equal their base run
     probs[done] = p_base[flat.source[done]]
     clean = _clean_stack(jobs, length, model.n_layers)
-    for index, width in _passes(flat, ~done, shapes, pack, batch_tokens):
+    for index, width in _passes(flat, ~done, policy, pack, batch_tokens):
         branch = Branch.make(base.recording, flat.start[index], flat.lo[index], flat.source[index], width)
         run = model.forward(branch=branch, edits=_restore_edits(jobs[0].kind, flat, index, width, clean, model),
-                            logits=flat.length[index] - 1 - flat.start[index], shapes=shapes, stats=stats)
+                            logits=flat.length[index] - 1 - flat.start[index], shapes=policy.name, stats=stats)
         probs[index] = _answer_probs_per_row(run.logits, flat.answer[index])
     out = []
     row = 0
@@ -260,23 +260,21 @@ def _clean_stack(jobs: list[Job], length: int, n_layers: int) -> list[torch.Tens
                        for job in jobs]) for layer in range(n_layers)]
 
 
-def _passes(flat: _Flat, todo: torch.Tensor, shapes: str, pack: bool, batch_tokens: int):
+def _passes(flat: _Flat, todo: torch.Tensor, policy: ShapePolicy, pack: bool, batch_tokens: int):
     """(row indices sorted by lo, width) per pass: rows grouped by (job, start), or with ``pack``
     by the bucket of their width, then cut to ``batch_tokens`` rows x columns (plus a quarter
     of a column per prefix key: the recorded keys/values each row gathers)."""
     width = flat.length - flat.start
     if pack:
-        key = torch.tensor([bucket(int(w)) for w in width])
+        buckets = {w: policy.key(w) for w in set(width.tolist())}
+        key = torch.tensor([buckets[w] for w in width.tolist()])
     else:
         key = flat.job * (int(flat.length.max()) + 1) + flat.start
     for value in sorted(set(key[todo].tolist())):
         group = torch.nonzero(todo & (key == value)).flatten()
         group = group[torch.sort(flat.lo[group], stable=True).indices]
-        cols = int(width[group].max())
-        if shapes == "bucketed":
-            cols = bucket(cols)
-        prefix = int(flat.start[group].max())
-        cost = cols + ((bucket(prefix) if shapes == "bucketed" else prefix) // 4 if pack else 0)
+        cols = policy.cols(int(width[group].max()))
+        cost = cols + (policy.cols(int(flat.start[group].max())) // 4 if pack else 0)
         per_pass = max(1, batch_tokens // cost)
         for i in range(0, len(group), per_pass):
             index = group[i:i + per_pass]
