@@ -125,8 +125,9 @@ def timed(fn, device):
 
 
 def executed_flops(fm: dict, stats) -> float:
-    """Block FLOPs the blocks path ran: padded rows x columns, attention over every key column."""
-    total = 0.0
+    """FLOPs the blocks path ran: padded rows x columns, attention over every key column, and the
+    unembedding of every position whose logits were asked for."""
+    total = 2.0 * fm["d_model"] * fm["vocab"] * stats.logits
     for (rows, cols, keys), calls in stats.attention.items():
         total += calls * (2 * fm["block_params"] * rows * cols + 4 * fm["d_model"] * rows * cols * keys)
     return total

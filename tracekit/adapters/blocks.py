@@ -313,7 +313,10 @@ class _BlockPass:
         if req.record:
             recording = Recording(tuple(self.captured.pop(s) for s in recorded), tuple(kv))
         captured = {s: self.captured[s] for s in req.capture}
-        return Pass(pick_logits(req, hidden, d.norm, d.unembed), hidden, captured, recording, "blocks")
+        logits = pick_logits(req, hidden, d.norm, d.unembed)
+        if self.stats is not None and logits is not None:
+            self.stats.logits += logits.numel() // logits.shape[-1]
+        return Pass(logits, hidden, captured, recording, "blocks")
 
     def _like(self) -> torch.Tensor:
         req = self.req

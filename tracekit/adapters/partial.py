@@ -148,6 +148,7 @@ class ForwardStats:
     tokens: int = 0  # rows x positions asked for
     computed: int = 0  # rows x positions run, padding included
     attention: Counter = field(default_factory=Counter)  # (rows, queries, keys) -> block calls
+    logits: int = 0  # positions unembedded
 
     def add(self, rows: int, cols: int, keys: int, real: int) -> None:
         self.block_calls += 1
