@@ -193,7 +193,7 @@ def _run_group(model, jobs: list[Job], batch_tokens: int | None, policy: ShapePo
     length = max(job.input_ids.shape[1] for job in jobs)
     base_rows = torch.tensor([job.n_base for job in jobs])
     offsets = torch.cumsum(base_rows, 0) - base_rows
-    ids = torch.cat([_pad_ids(job.input_ids.expand(job.n_base, -1), length) for job in jobs])
+    ids = torch.cat([pad_ids(job.input_ids.expand(job.n_base, -1), length) for job in jobs])
     lengths = torch.cat([torch.full((job.n_base,), job.input_ids.shape[1]) for job in jobs])
     answers = torch.cat([torch.full((job.n_base,), job.answer_id) for job in jobs])
     edits = _base_noise(jobs, length)
@@ -219,7 +219,7 @@ def _run_group(model, jobs: list[Job], batch_tokens: int | None, policy: ShapePo
     return out
 
 
-def _pad_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
+def pad_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
     """Right-pad with token 0: causal attention keeps padding out of every real position."""
     return torch.nn.functional.pad(ids, (0, length - ids.shape[1]))
 

@@ -31,7 +31,7 @@ def _clean_runs(model, prompts: list[Unanswered], kind: str | None, shapes: str 
     """One clean pass for every prompt: its last-position logits [V] and (``kind`` given) the clean
     value of the traced site at every layer, [1, T, d] per layer."""
     lengths = torch.tensor([p.input_ids.shape[1] for p in prompts])
-    ids = torch.cat([E._pad_ids(p.input_ids, int(lengths.max())) for p in prompts])
+    ids = torch.cat([E.pad_ids(p.input_ids, int(lengths.max())) for p in prompts])
     sites = [] if kind is None else [Site(kind, layer) for layer in range(model.n_layers)]
     out = model.forward(ids, capture=sites, logits=lengths - 1, shapes=shapes)
     return [(out.logits[i], [out.captured[s][i:i + 1, :n].detach() for s in sites])
@@ -238,11 +238,11 @@ def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: boo
             checked = [item for _, item in chunk if isinstance(item, _Checked)]
             prepared = iter(_prepare(model, checked, shapes) if checked else [])
             chunk = [(record, item if isinstance(item, TracekitError) else next(prepared)) for record, item in chunk]
+            if errors == "raise":  # some checks need the clean run: yield what came before, then raise
+                bad = next((i for i, (_, item) in enumerate(chunk) if isinstance(item, TracekitError)), None)
+                if bad is not None:
+                    failure, chunk = chunk[bad][1], chunk[:bad]
             ready = [item for _, item in chunk if isinstance(item, _Prepared)]
-            if errors == "raise" and len(ready) < len(chunk):  # a prompt failed only once its clean run was known
-                failure = next(item for _, item in chunk if isinstance(item, TracekitError))
-                chunk = chunk[:next(i for i, (_, item) in enumerate(chunk) if isinstance(item, TracekitError))]
-                ready = [item for _, item in chunk]
             outputs = iter(_run(model, [p.job for p in ready], ready[0].engine, batch_tokens, shapes) if ready else [])
             for record, item in chunk:
                 result = item if isinstance(item, TracekitError) else _finish(model, item, *next(outputs))
