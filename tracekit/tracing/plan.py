@@ -90,9 +90,11 @@ class Prompt:
         return out
 
 
-def prepare_prompt(model, prompt: str, subject: str, target: str | None, shapes: str | None = None) -> Prompt:
-    """Tokenise, find the subject and pick the answer (the model's own top token if no target)."""
-    unanswered = tokenise_prompt(model, prompt, subject, target)
+def prepare_prompt(model, prompt: str, subject: str, target: str | None, occurrence: int | None = None,
+                   shapes: str | None = None) -> Prompt:
+    """Tokenise, find the subject (``occurrence``: see ``prompts.subject_span``) and pick the
+    answer (the model's own top token if no target)."""
+    unanswered = tokenise_prompt(model, prompt, subject, target, occurrence)
     logits = None
     if target is None:
         ids = unanswered.input_ids
@@ -118,11 +120,12 @@ class Unanswered:
                       model.tokenizer.decode([answer_id]))
 
 
-def tokenise_prompt(model, prompt: str, subject: str, target: str | None) -> Unanswered:
+def tokenise_prompt(model, prompt: str, subject: str, target: str | None,
+                    occurrence: int | None = None) -> Unanswered:
     """Every check of a prompt, subject and target that needs no forward pass."""
     check(isinstance(prompt, str) and prompt.strip() != "", "empty prompt: give some text")
     batch = model.encode([prompt])
-    span = model.subject_span(prompt, subject)
+    span = model.subject_span(prompt, subject, occurrence)
     target_id = None if target is None else model.target_ids(target)[0]
     return Unanswered(prompt, subject, batch.input_ids, span, target, target_id)
 

@@ -80,19 +80,19 @@ class _Prepared:
 
 
 def _check_trace(model, prompt, subject, target=None, kind="mlp", window=10, samples=10, noise="s3", tokens="all",
-                 seed=0, noise_draws=None, engine="auto", shapes=None) -> _Checked:
+                 seed=0, noise_draws=None, engine="auto", shapes=None, occurrence=None) -> _Checked:
     if noise_draws is not None:
         noise_draws = torch.as_tensor(noise_draws)
         samples = int(noise_draws.shape[0]) if noise_draws.ndim == 3 else samples
     settings = Settings.make(model.n_layers, kind=kind, window=window, samples=samples, noise=noise, seed=seed,
                              tokens=tokens, engine=engine)
-    return _Checked(tokenise_prompt(model, prompt, subject, target), settings, False, noise_draws)
+    return _Checked(tokenise_prompt(model, prompt, subject, target, occurrence), settings, False, noise_draws)
 
 
 def _check_zero(model, prompt, subject, target=None, kind="mlp", window=10, tokens="subject", engine="auto",
-                shapes=None) -> _Checked:
+                shapes=None, occurrence=None) -> _Checked:
     settings = Settings.make(model.n_layers, kind=kind, window=window, tokens=tokens, engine=engine, zeroing=True)
-    return _Checked(tokenise_prompt(model, prompt, subject, target), settings, True)
+    return _Checked(tokenise_prompt(model, prompt, subject, target, occurrence), settings, True)
 
 
 def _prepare(model, checked: list[_Checked], shapes: str | None) -> list[_Prepared | TracekitError]:
@@ -162,7 +162,8 @@ def _one(model, checked: _Checked, batch_tokens, shapes):
 
 def trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
           samples: int = 10, noise="s3", tokens="all", seed: int = 0, noise_draws=None,
-          batch_tokens: int | None = None, engine: str = "auto", shapes: str | None = None) -> TraceResult:
+          batch_tokens: int | None = None, engine: str = "auto", shapes: str | None = None,
+          occurrence: int | None = None) -> TraceResult:
     """Causal tracing of one prompt (method-notes "Causal tracing").
 
     Noise the subject's token embeddings (``samples`` seeded draws, the same for every
@@ -173,18 +174,22 @@ def trace(model, prompt: str, subject: str, target: str | None = None, kind: str
     partial forward, any backend), "generic" (whole passes with masks) or "auto" (fast);
     ``batch_tokens`` caps rows x positions per forward pass (default: from a memory
     budget); ``shapes``: "exact" or "bucketed" passes (default: bucketed on CUDA).
+    ``occurrence``: which appearance of a repeated subject to noise (0 = first, -1 = last;
+    None: the first, with a warning).
     """
     checked = _check_trace(model, prompt, subject, target, kind, window, samples, noise, tokens, seed, noise_draws,
-                           engine)
+                           engine, occurrence=occurrence)
     return _one(model, checked, batch_tokens, shapes)
 
 
 def zero_trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
                tokens="subject", batch_tokens: int | None = None, engine: str = "auto",
-               shapes: str | None = None) -> ZeroResult:
+               shapes: str | None = None, occurrence: int | None = None) -> ZeroResult:
     """Representation zeroing: on the clean run, zero ``kind`` at the subject tokens (or
-    ``tokens``) in the window around each layer; effect = fraction of p_clean removed."""
-    return _one(model, _check_zero(model, prompt, subject, target, kind, window, tokens, engine), batch_tokens, shapes)
+    ``tokens``) in the window around each layer; effect = fraction of p_clean removed.
+    ``occurrence``: as for ``trace``."""
+    checked = _check_zero(model, prompt, subject, target, kind, window, tokens, engine, occurrence=occurrence)
+    return _one(model, checked, batch_tokens, shapes)
 
 
 def default_prompt_batch(model, samples: int = 10, length: int = 32) -> int:
@@ -260,13 +265,13 @@ class NoisedPrediction:
 
 
 def noised_prediction(model, prompt: str, subject: str, noise="s3", samples: int = 10, seed: int = 0,
-                      noise_draws=None) -> NoisedPrediction:
+                      noise_draws=None, occurrence: int | None = None) -> NoisedPrediction:
     """o_noise: the top next token of the corrupted run (probabilities averaged over samples),
     with the same noise ``trace`` uses for these arguments (Tracing Reversal's target)."""
     if noise_draws is not None:
         noise_draws = torch.as_tensor(noise_draws)
         samples = int(noise_draws.shape[0]) if noise_draws.ndim == 3 else samples
-    start, end = model.subject_span(prompt, subject)
+    start, end = model.subject_span(prompt, subject, occurrence)
     draws = scaled_noise(model, samples, end - start, noise, seed, draws=noise_draws)
     batch = model.encode([prompt])
     ids = batch.input_ids.expand(samples, -1)
