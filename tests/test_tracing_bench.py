@@ -2,11 +2,14 @@
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
-from tracing_models import one_thread  # noqa: F401
+from tracing_models import BLOCK_OPTIONAL_PACKAGES, one_thread  # noqa: F401
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tracing.py"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_tracing.py"
 
 
 def _bench():
@@ -38,4 +41,29 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
         assert case["max_abs_diff"] <= 1e-5
         assert case["work_bound"] > 1.5
         assert case["efficiency"] == case["time_ratio"] / case["work_bound"]
+        assert case["batched_gflops_per_s"] > 0 and case["naive_gflops_per_s"] > 0
+        assert case["batched_fraction_of_measured_peak"] > 0 and case["batched_fraction_of_peak"] is None  # a CPU
     assert "| random:gpt2-tiny (float32) | one prompt |" in out.with_suffix(".md").read_text()
+
+
+def test_gpu_quick_smoke_runs_without_transformer_lens_nnsight_or_gguf(tmp_path):
+    """The GPU machine lacks these packages: the whole quick check (tracing, editing, sweep) must run
+    without them. On a CPU it runs the smoke mode: a tiny model, every stage, the same code."""
+    script = BLOCK_OPTIONAL_PACKAGES + f"""
+import runpy
+sys.argv = ['gpu_quick.py', '--smoke', '--out-dir', {str(tmp_path)!r}]
+runpy.run_path({str(ROOT / "benchmarks" / "gpu_quick.py")!r}, run_name='__main__')
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    stages = report["stages"]
+    assert set(stages) == {"device", "load", "tracing", "editing", "sweep"}
+    assert not [name for name, stage in stages.items() if "error" in stage or "skipped" in stage]
+    assert not any(stages["device"]["optional_packages_present"].values())
+    tracing = stages["tracing"]
+    assert len(set(tracing["prompt_lengths"])) == len(tracing["prompt_lengths"]) == 4  # distinct lengths
+    assert tracing["max_abs_diff"] <= 1e-5 and tracing["cold"]["ratio"] > 0 and tracing["study_estimate_minutes"] > 0
+    assert {"rome", "memit", "ft-1"} <= set(stages["editing"]["methods"])
+    assert stages["sweep"]["methods"]["rome"]["study_sweep_hours"] > 0
+    assert "GPU quick check" in (tmp_path / "report.md").read_text()

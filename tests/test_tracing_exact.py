@@ -1,9 +1,10 @@
-"""The batched engines give the naive loop's numbers (max |p_restore difference| <= 1e-5)."""
+"""The batched engines give the naive loop's numbers (max |p_restore difference| <= 1e-5),
+on every backend's partial forward and with exact or bucketed (padded, packed) shapes."""
 
 import pytest
 import torch
 
-from tracekit.tracing import naive_trace, trace
+from tracekit.tracing import naive_trace, trace, trace_many
 from tracing_models import PROMPT, SUBJECT, deep, one_thread, sharp  # noqa: F401
 
 TOL = 1e-5
@@ -35,22 +36,25 @@ def assert_same(result, ref):
 @pytest.mark.parametrize("spec", TINY)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("window", (1, 3, 4))
-@pytest.mark.parametrize("engine", ("fast", "generic"))
-def test_hf_engines_match_naive_on_tiny_models(spec, kind, window, engine):
+@pytest.mark.parametrize("engine, shapes", [("fast", "exact"), ("fast", "bucketed"), ("generic", None)])
+def test_hf_engines_match_naive_on_tiny_models(spec, kind, window, engine, shapes):
     model = sharp(spec)
     ref = reference(model, kind, window)
-    result = trace(model, PROMPT, SUBJECT, kind=kind, window=window, samples=2, seed=3, engine=engine)
+    result = trace(model, PROMPT, SUBJECT, kind=kind, window=window, samples=2, seed=3, engine=engine, shapes=shapes)
     assert result.config["engine"] == engine
     assert_same(result, ref)
 
 
 @pytest.mark.parametrize("arch", ("gpt2", "gptj", "llama"))
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("window", (5, 10))
-def test_fast_engine_matches_naive_on_deeper_models(arch, kind, window):
+@pytest.mark.parametrize("window", (1, 3, 5, 10))
+@pytest.mark.parametrize("shapes", ("exact", "bucketed"))
+def test_fast_engine_matches_naive_on_deeper_models(arch, kind, window, shapes):
     model = deep(arch)
     ref = reference(model, kind, window, DEEP_TOKENS)
-    result = trace(model, PROMPT, SUBJECT, kind=kind, window=window, samples=2, seed=3, engine="fast", tokens=DEEP_TOKENS)
+    result = trace(model, PROMPT, SUBJECT, kind=kind, window=window, samples=2, seed=3, engine="fast",
+                   tokens=DEEP_TOKENS, shapes=shapes)
+    assert result.config["forward"] == "blocks"
     assert_same(result, ref)
 
 
@@ -58,19 +62,46 @@ def test_fast_engine_matches_naive_on_deeper_models(arch, kind, window):
 @pytest.mark.parametrize("spec", TINY)
 @pytest.mark.parametrize("kind", KINDS)
 def test_other_backends_match_naive(backend, spec, kind):
-    """The generic engine through TransformerLens / nnsight equals the naive loop on hf."""
+    """The fast engine through TransformerLens / nnsight (whole passes) equals the naive loop on hf."""
     ref = reference(sharp(spec), kind, 3)
     result = trace(sharp(spec, backend), PROMPT, SUBJECT, kind=kind, window=3, samples=2, seed=3)
-    assert result.config["engine"] == "generic"
+    assert result.config["engine"] == "fast" and result.config["forward"] == "whole passes"
     assert_same(result, ref)
+    generic = trace(sharp(spec, backend), PROMPT, SUBJECT, kind=kind, window=3, samples=2, seed=3, engine="generic")
+    assert_same(generic, ref)
 
 
 @pytest.mark.parametrize("backend", ("transformer_lens", "nnsight"))
-@pytest.mark.parametrize("window", (5, 10))
-def test_other_backends_match_naive_with_wide_windows(backend, window):
-    ref = reference(deep("llama"), "mlp", window, DEEP_TOKENS)
-    assert_same(trace(deep("llama", backend), PROMPT, SUBJECT, kind="mlp", window=window, samples=2, seed=3,
+@pytest.mark.parametrize("arch", ("gpt2", "gptj", "llama"))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("window", (1, 3, 10))
+def test_other_backends_match_naive_on_deeper_models(backend, arch, kind, window):
+    ref = reference(deep(arch), kind, window, DEEP_TOKENS)
+    assert_same(trace(deep(arch, backend), PROMPT, SUBJECT, kind=kind, window=window, samples=2, seed=3,
                       tokens=DEEP_TOKENS), ref)
+
+
+PROMPTS = [  # distinct lengths, the subject at different positions
+    (PROMPT, SUBJECT),
+    ("Where is it? The Eiffel Tower is located in the city of", SUBJECT),
+    ("The Colosseum is in Rome", "The Colosseum"),
+    ("Steve Jobs was the founder of", "Steve Jobs"),
+    ("The capital of France is the city of", "France"),
+]
+
+
+@pytest.mark.parametrize("arch", ("gpt2", "gptj", "llama"))
+@pytest.mark.parametrize("kind", ("mlp", "resid"))
+def test_packed_prompts_match_naive(arch, kind):
+    """trace_many with bucketed shapes records every prompt's base runs in one pass and mixes rows of
+    different prompts and start positions in one pass: each result still equals its own naive loop."""
+    model = deep(arch)
+    out = list(trace_many(model, PROMPTS, batch=len(PROMPTS), progress=False, kind=kind, window=3, samples=2,
+                          seed=3, shapes="bucketed"))
+    for (prompt, subject), (_, result) in zip(PROMPTS, out):
+        ref = naive_trace(model, prompt, subject, kind=kind, window=3, samples=2, seed=3)
+        assert (result.p_restore - ref.p_restore).abs().max() <= TOL
+        assert abs(result.p_noise - ref.p_noise) <= TOL and abs(result.p_clean - ref.p_clean) <= TOL
 
 
 def test_naive_on_other_backend_matches_naive_on_hf():
@@ -79,12 +110,13 @@ def test_naive_on_other_backend_matches_naive_on_hf():
     assert_same(other, ref)
 
 
-@pytest.mark.parametrize("engine", ("fast", "generic"))
-def test_small_batches_give_the_same_numbers(engine):
+@pytest.mark.parametrize("engine, shapes", [("fast", "exact"), ("fast", "bucketed"), ("generic", None)])
+def test_small_batches_give_the_same_numbers(engine, shapes):
     """batch_tokens forces many small passes; chunk boundaries must not change anything."""
     model = deep("gpt2")
-    big = trace(model, PROMPT, SUBJECT, window=5, samples=2, engine=engine, tokens=DEEP_TOKENS)
-    small = trace(model, PROMPT, SUBJECT, window=5, samples=2, engine=engine, tokens=DEEP_TOKENS, batch_tokens=20)
+    kw = dict(window=5, samples=2, engine=engine, tokens=DEEP_TOKENS, shapes=shapes)
+    big = trace(model, PROMPT, SUBJECT, **kw)
+    small = trace(model, PROMPT, SUBJECT, batch_tokens=20, **kw)
     assert (big.p_restore - small.p_restore).abs().max() <= 1e-6
 
 

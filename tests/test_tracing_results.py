@@ -130,3 +130,19 @@ def test_cli_bad_subject_is_one_line(capsys):
     assert code == 2
     err = capsys.readouterr().out.strip()
     assert "is not in the prompt" in err and "Traceback" not in err
+
+
+def test_trace_many_in_batches_yields_in_order_and_stops_at_a_bad_record():
+    model = sharp("random:gpt2-tiny")
+    good = (PROMPT, SUBJECT)
+    records = [good, ("The Colosseum is in the city of", "The Colosseum"), (PROMPT, "Big Ben"), good]
+    out = []
+    with pytest.raises(TracekitError, match="is not in the prompt"):
+        for item in trace_many(model, records, batch=4, window=2, samples=2, progress=False, shapes="bucketed"):
+            out.append(item)
+    assert [r for r, _ in out] == records[:2]
+    yielded = list(trace_many(model, records, batch=3, window=2, samples=2, progress=False, errors="yield"))
+    assert [r for r, _ in yielded] == records and isinstance(yielded[2][1], TracekitError)
+    single = trace(model, *good, window=2, samples=2)
+    for result in (yielded[0][1], yielded[3][1], out[0][1]):
+        assert (result.p_restore - single.p_restore).abs().max() <= 1e-6

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from tracekit import TracekitError
-from tracekit.adapters import Site
 from tracekit.adapters.architectures import _get
 from tracekit.tracing import (
     draw_noise, noise_scale, noised_prediction, scaled_noise, subject_noise_hook, trace, window_layers, zero_trace,
@@ -183,9 +182,10 @@ def test_bad_input_gives_one_line_errors(kwargs, message):
     assert "\n" not in str(err.value)
 
 
-def test_fast_engine_refuses_other_backends():
-    with pytest.raises(TracekitError, match="engine='fast' cannot run"):
-        trace(sharp("random:gpt2-tiny", "nnsight"), PROMPT, SUBJECT, window=3, samples=2, engine="fast")
+def test_fast_engine_runs_other_backends_through_whole_passes():
+    result = trace(sharp("random:gpt2-tiny", "nnsight"), PROMPT, SUBJECT, window=3, samples=2, engine="fast")
+    assert result.config["engine"] == "fast" and result.config["forward"] == "whole passes"
+    assert sharp("random:gpt2-tiny").forward_path == "blocks"
 
 
 def test_equal_clean_and_noised_probabilities_give_zero_effects_with_a_warning():

@@ -23,6 +23,15 @@ from tracekit.models.random_models import offline_tokenizer
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "The Eiffel Tower"
 SHARPNESS = 12.0
+# Python source that makes importing transformer_lens, nnsight or gguf fail (the GPU machine has none)
+BLOCK_OPTIONAL_PACKAGES = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('transformer_lens', 'nnsight', 'gguf'):
+            raise ModuleNotFoundError(f'{name} is blocked (the GPU machine has no such package)')
+sys.meta_path.insert(0, Block())
+"""
 
 _DEEP = {
     "gpt2": (GPT2Config, GPT2LMHeadModel, dict(n_embd=32, n_layer=12, n_head=4, n_positions=64)),

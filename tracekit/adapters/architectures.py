@@ -14,9 +14,12 @@ from torch import nn
 from tracekit.errors import TracekitError, check
 
 # Canonical sites. "resid" is a block's output (the residual stream after layer l),
-# "mlp"/"attn" are the sublayer outputs added into the stream, "mlp_in" is the input
-# of the MLP down-projection (ROME's key), "embed" the token-embedding output.
-SITE_KINDS = ("embed", "resid", "mlp", "attn", "mlp_in")
+# "resid_pre" its input (the stream entering layer l: "resid" of l - 1, or for l = 0 the
+# embeddings with any position embeddings added), "mlp"/"attn" are the sublayer outputs
+# added into the stream, "mlp_in" is the input of the MLP down-projection (ROME's key),
+# "embed" the token-embedding output. "resid_pre" and "mlp_in" are module inputs.
+SITE_KINDS = ("embed", "resid_pre", "resid", "mlp", "attn", "mlp_in")
+INPUT_SITES = ("resid_pre", "mlp_in")
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,10 @@ class ArchAdapter:
 
     # ---- module paths ---------------------------------------------------------------
     def path(self, site: Site) -> str:
-        """The module whose forward output (or, for ``mlp_in``, input) is the site."""
+        """The module whose forward output (or, for ``INPUT_SITES``, input) is the site."""
         template = {
             "embed": self.embed,
+            "resid_pre": self.layers + ".{}",
             "resid": self.layers + ".{}",
             "mlp": self.mlp,
             "attn": self.attn,
@@ -127,6 +131,7 @@ class ArchAdapter:
     def tl_hook(site: Site) -> str:
         return {
             "embed": "embed.hook_out",
+            "resid_pre": "blocks.{}.hook_in",
             "resid": "blocks.{}.hook_out",
             "mlp": "blocks.{}.hook_mlp_out",
             "attn": "blocks.{}.hook_attn_out",

@@ -1,9 +1,14 @@
 """Backends: how hook functions attach to a model, one class per wrapper library.
 
 Every backend runs the same underlying HF modules, so weights edited through
-``Backend.hf`` are seen by all of them. A backend's one job is ``run``: a forward pass
-that applies ``edits`` (site -> pure function of the site's tensor), records ``capture``
-sites, and returns logits (all positions, or one position per row).
+``Backend.hf`` are seen by all of them. A backend has two calls:
+
+- ``run``: a whole forward pass that applies ``edits`` (site -> pure function of the
+  site's tensor), records ``capture`` sites, and returns logits (all positions, or one
+  position per row);
+- ``forward``: the partial forward (a slice of layers and positions, branching off a
+  recorded pass; design in ``tracekit.adapters.partial``). ``forward_path`` decides, for
+  every caller, whether it drives the blocks or runs whole passes through ``run``.
 
 Which savings each backend gets in the tracing kernel is documented in
 ``tracekit/tracing/engine.py``; all three accept batched, masked hook functions.
@@ -18,13 +23,16 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from tracekit.adapters.architectures import ArchAdapter, Site, _get
+from tracekit.adapters.architectures import INPUT_SITES, ArchAdapter, Site, _get
+from tracekit.adapters.partial import (
+    Branch, ForwardStats, Pass, apply_to_output, attention_kernels, first, make_request, shape_policy, whole_pass,
+)
 from tracekit.errors import TracekitError
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Execution order inside one layer; nnsight requires modules to be touched in this order.
-_ORDER = {"embed": 0, "attn": 1, "mlp_in": 2, "mlp": 3, "resid": 4}
+_ORDER = {"embed": 0, "resid_pre": 1, "attn": 2, "mlp_in": 3, "mlp": 4, "resid": 5}
 
 
 def execution_order(sites: Iterable[Site]) -> list[Site]:
@@ -71,8 +79,56 @@ class Backend:
             if site.layer is not None:
                 self.adapter.check_layer(self.hf, site.layer)
         ctx = contextlib.nullcontext() if grad else torch.no_grad()
-        with ctx:
+        with ctx, attention_kernels(self.device):
             return self._forward(input_ids.to(self.device), edits, capture, positions)
+
+    def forward(
+        self,
+        ids: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        branch: Branch | None = None,
+        start_layer: int | None = None,
+        stop_layer: int | None = None,
+        edits: Mapping[Site, HookFn] | None = None,
+        capture: Iterable[Site] = (),
+        logits=None,
+        record: bool = False,
+        grad: bool = False,
+        shapes: str | None = None,
+        stats: ForwardStats | None = None,
+    ) -> Pass:
+        """The partial forward (``tracekit.adapters.partial`` has the design).
+
+        Input: ``ids`` [B, T]; or ``hidden`` [B, P, d], block ``start_layer``'s input at positions
+        0..P-1; or a ``branch`` off a recorded pass (with ``hidden``: its rows' entering state).
+        Runs blocks ``start_layer .. stop_layer - 1`` (default: to the last) with ``edits`` and
+        ``capture`` (sites of those layers; values over the pass's rows and columns only).
+        ``logits``: None, "all", or column indices per row ([B] or [B, k]; needs the last layer).
+        ``record``: keep every block's input (and keys/values) for later branches.
+        ``shapes``: "exact" or "bucketed" (default: bucketed on CUDA); ``stats``: a
+        ``ForwardStats`` to count block calls and shapes in.
+        """
+        request = make_request(self.adapter.n_layers(self.hf), ids, hidden, branch, start_layer, stop_layer,
+                               edits, capture, logits, record, grad)
+        path, _ = self.forward_path()
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx:
+            if path == "blocks":
+                return self.driver.forward(request, shape_policy(shapes, self.device), stats)
+            return whole_pass(self, request)
+
+    def forward_path(self) -> tuple[str, str | None]:
+        """("blocks", None) when ``forward`` drives the HF blocks, else ("whole passes", why not)."""
+        return "whole passes", f"the {self.name} backend runs whole forward passes"
+
+    @property
+    def driver(self):
+        from tracekit.adapters.blocks import BlockDriver
+
+        if getattr(self, "_driver", None) is None:
+            self._driver = BlockDriver(self.hf, self.adapter)
+        return self._driver
 
     @property
     def device(self) -> torch.device:
@@ -82,21 +138,14 @@ class Backend:
         raise NotImplementedError
 
 
-def _apply_to_output(output, fn: HookFn):
-    """Sublayer outputs may be tensors or tuples whose first item is the hidden state."""
-    if isinstance(output, tuple):
-        return (fn(output[0]), *output[1:])
-    return fn(output)
-
-
-def _first(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output
-
-
 class HFBackend(Backend):
     """Plain transformers with torch forward hooks: the thinnest, fastest path."""
 
     name = "hf"
+
+    def forward_path(self) -> tuple[str, str | None]:
+        reason = self.driver.unsupported_reason()
+        return ("blocks", None) if reason is None else ("whole passes", reason)
 
     def _forward(self, input_ids, edits, capture, positions):
         captured: dict[Site, torch.Tensor] = {}
@@ -105,7 +154,7 @@ class HFBackend(Backend):
             for site in execution_order([*edits, *capture]):
                 module = self.adapter.module(self.hf, site)
                 fn, keep = edits.get(site), site in capture
-                if site.kind == "mlp_in":
+                if site.kind in INPUT_SITES:
                     handles.append(module.register_forward_pre_hook(_pre_hook(site, fn, keep, captured)))
                 else:
                     handles.append(module.register_forward_hook(_post_hook(site, fn, keep, captured)))
@@ -132,9 +181,9 @@ def _pre_hook(site, fn, keep, captured):
 def _post_hook(site, fn, keep, captured):
     def hook(module, args, output):
         if fn is not None:
-            output = _apply_to_output(output, fn)
+            output = apply_to_output(output, fn)
         if keep:
-            captured[site] = _first(output)
+            captured[site] = first(output)
         return output
 
     return hook
@@ -194,14 +243,14 @@ class NNsightBackend(Backend):
             for site in execution_order([*edits, *capture]):
                 envoy = _get(self.wrapper, self.adapter.path(site))
                 fn = edits.get(site)
-                if site.kind == "mlp_in":
+                if site.kind in INPUT_SITES:
                     if fn is not None:
                         envoy.input = fn(envoy.input)
                     value = envoy.input
                 else:
                     if fn is not None:
-                        envoy.output = _apply_to_output(envoy.output, fn)
-                    value = _first(envoy.output)
+                        envoy.output = apply_to_output(envoy.output, fn)
+                    value = first(envoy.output)
                 if site in capture:
                     saved[site] = value.save()
             logits = self.wrapper.output.logits.save()

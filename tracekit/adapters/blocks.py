@@ -15,6 +15,10 @@ What differs per architecture is small and read from the modules themselves:
 - the attention mask format: boolean for ``sdpa``, additive float for ``eager``.
 Other attention implementations (flash, flex) are not driven; ``unsupported_reason``
 says why and callers fall back to whole forward passes.
+
+``BlockDriver.forward`` is the "blocks" path of the partial forward (``Model.forward``; the
+design is in ``tracekit.adapters.partial``): row joins, prefix keys/values from a recording,
+padding to a shape grid, edits and captures over the real rows and columns only.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from tracekit.adapters.architectures import ArchAdapter, Site, _get
-from tracekit.adapters.backends import _apply_to_output
+from tracekit.adapters.architectures import INPUT_SITES, ArchAdapter, Site, _get
+from tracekit.adapters.partial import (
+    ForwardStats, Pass, Recording, Request, ShapePolicy, apply_to_output, attention_kernels, collecting,
+    gather_columns, pick_logits,
+)
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
 _CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
@@ -80,6 +87,7 @@ class BlockDriver:
         params = inspect.signature(self.blocks[0].forward).parameters
         self.cache_keyword = next((k for k in _CACHE_KEYWORDS if k in params), None)
         self.implementation = getattr(hf.config, "_attn_implementation", None) or "eager"
+        self.n_ctx = adapter.n_ctx(hf)
 
     def unsupported_reason(self) -> str | None:
         if self.cache_keyword is None:
@@ -98,7 +106,7 @@ class BlockDriver:
             raise _Stop
 
         with self.hooks(edits or {}):
-            handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+            handle = self.blocks[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
             try:
                 self.base(input_ids=input_ids.to(self.device), use_cache=False)
             except _Stop:
@@ -149,7 +157,7 @@ class BlockDriver:
                     raise ValueError("BlockDriver edits module outputs only")
                 module = self.adapter.module(self.hf, site)
                 handles.append(module.register_forward_hook(
-                    lambda m, a, out, fn=fn: _apply_to_output(out, fn)))
+                    lambda m, a, out, fn=fn: apply_to_output(out, fn)))
             yield
         finally:
             for handle in handles:
@@ -158,3 +166,181 @@ class BlockDriver:
     @property
     def device(self) -> torch.device:
         return next(self.hf.parameters()).device
+
+    # ---- the partial forward's "blocks" path ----------------------------------------------
+    def forward(self, req: Request, policy: ShapePolicy, stats: ForwardStats | None = None) -> Pass:
+        """Run ``req`` (validated by ``make_request``) block by block; see ``tracekit.adapters.partial``."""
+        with attention_kernels(self.device):
+            return _BlockPass(self, req, policy, stats).run()
+
+
+class _BlockPass:
+    """One partial forward over the blocks: rows padded to ``policy``'s grid, joined by layer."""
+
+    def __init__(self, driver: BlockDriver, req: Request, policy: ShapePolicy, stats: ForwardStats | None):
+        self.d, self.req, self.policy, self.stats = driver, req, policy, stats or collecting()
+        self.n_rows, self.width = req.n_rows, req.width
+        self.cols = min(policy.cols(self.width), max(self.width, driver.n_ctx)) if req.ids is not None \
+            else policy.cols(self.width)
+        starts = req.starts
+        self.keys = policy.cols(int(starts.max())) if req.branch is not None and int(starts.max()) > 0 else 0
+        self.live = (self.n_rows, self.width)  # rows and columns the hooks' functions see now
+        self.captured: dict[Site, torch.Tensor] = {}
+
+    # -- padding ----------------------------------------------------------------------------
+    def _rows_for(self, n: int) -> int:
+        return self.policy.rows(n)
+
+    def _padded_meta(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Starts and sources for ``total`` rows: padding rows copy row 0's (any valid row will do)."""
+        starts, source = self.req.starts, (self.req.branch.source if self.req.branch is not None else None)
+        pad = total - self.n_rows
+        starts = torch.cat([starts, starts[:1].expand(pad)])
+        if source is not None:
+            source = torch.cat([source, source[:1].expand(pad)])
+        return starts, source
+
+    def _positions(self, starts: torch.Tensor, like: torch.Tensor) -> Positions:
+        """Position ids and masks for every (padded) row: columns start..start+cols-1, keys = the
+        first ``self.keys`` recorded positions (those before the row's start) then the row's own."""
+        device, cols, keys = like.device, self.cols, self.keys
+        col = torch.arange(cols, device=device)
+        causal = col[None, :] <= col[:, None]  # [cols, cols]
+        limit = self.d.n_ctx - 1
+        if bool((starts == starts[0]).all()):  # one mask for every row (broadcast)
+            s = int(starts[0])
+            seen = (torch.arange(keys, device=device) < s)[None].expand(cols, -1)
+            allowed = torch.cat([seen, causal], dim=-1)[None, None]
+            ids = (s + col).clamp(max=limit)[None]
+        else:
+            st = starts.to(device)
+            seen = (torch.arange(keys, device=device)[None, None, :] < st[:, None, None]).expand(-1, cols, -1)
+            allowed = torch.cat([seen, causal[None].expand(len(st), -1, -1)], dim=-1)[:, None]
+            ids = (st[:, None] + col).clamp(max=limit)
+        return self.d.make_positions(ids, allowed, like)
+
+    @staticmethod
+    def _rows_of(pos: Positions, n: int) -> Positions:
+        if pos.ids.shape[0] == 1:
+            return pos
+        rotary = pos.rotary
+        if rotary is not None:
+            rotary = tuple(t[:n] for t in rotary) if isinstance(rotary, tuple) else rotary[:n]
+        return Positions(pos.ids[:n], pos.mask[:n], rotary)
+
+    def _prefix(self, layer: int, source: torch.Tensor, nb: int):
+        if self.keys == 0:
+            return None
+        key, value = self.req.branch.recording.kv[layer]
+        rows = source[:nb].to(key.device)
+        if self.keys <= key.shape[2]:
+            return key[rows, :, : self.keys], value[rows, :, : self.keys]
+        at = torch.arange(self.keys, device=key.device).clamp(max=key.shape[2] - 1)  # masked anyway
+        return key[rows][:, :, at], value[rows][:, :, at]
+
+    # -- edits and captures over the real rows and columns ----------------------------------------
+    def _apply(self, site: Site, x: torch.Tensor) -> torch.Tensor:
+        n, w = self.live
+        fn = self.req.edits.get(site)
+        if fn is not None:
+            if x.shape[0] == n and x.shape[1] == w:
+                x = fn(x)
+            else:
+                out = x.clone()
+                out[:n, :w] = fn(x[:n, :w]).to(x.dtype)
+                x = out
+        if site in self.wanted:
+            self.captured[site] = x[:n, :w]
+        return x
+
+    @contextlib.contextmanager
+    def _hooks(self, sites):
+        handles = []
+        try:
+            for site in sites:
+                module = self.d.adapter.module(self.d.hf, site)
+                if site.kind in INPUT_SITES:
+                    handles.append(module.register_forward_pre_hook(
+                        lambda m, args, site=site: (self._apply(site, args[0]), *args[1:])))
+                else:
+                    handles.append(module.register_forward_hook(
+                        lambda m, args, out, site=site: apply_to_output(out, lambda x: self._apply(site, x))))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- the pass -------------------------------------------------------------------------------
+    def run(self) -> Pass:
+        req, d = self.req, self.d
+        recorded = [Site("resid_pre", layer) for layer in range(req.stop_layer)] if req.record else []
+        self.wanted = {*req.capture, *recorded}
+        sites = {*req.edits, *self.wanted}
+        embed_sites = [s for s in sites if s.kind == "embed"]
+        layer_sites = [s for s in sites if s.kind != "embed"]
+        hidden, rows_now = None, 0
+        if req.ids is not None:
+            total = self._rows_for(self.n_rows)
+            ids = torch.zeros(total, self.cols, dtype=torch.long)
+            ids[: self.n_rows, : self.width] = req.ids
+            with self._hooks(embed_sites):
+                hidden = d.block0_input(ids)
+            rows_now = self.n_rows
+        else:
+            total = self._rows_for(self.n_rows)
+        starts, source = self._padded_meta(total)
+        like = hidden if hidden is not None else self._like()
+        pos_all = self._positions(starts, like)
+        entered = self._entered()
+        kv = []
+        with self._hooks(layer_sites):
+            for layer in range(req.start_layer, req.stop_layer):
+                n = entered[layer]
+                if n > rows_now:
+                    hidden = self._join(hidden, rows_now, n, layer)
+                    rows_now = n
+                nb = self._rows_for(n)
+                if hidden.shape[0] < nb:
+                    hidden = torch.cat([hidden, hidden.new_zeros(nb - hidden.shape[0], *hidden.shape[1:])])
+                self.live = (n, self.width)
+                if self.stats is not None:
+                    self.stats.add(nb, self.cols, self.keys + self.cols, n * self.width)
+                hidden, cache = d.block(layer, hidden, self._rows_of(pos_all, nb), self._prefix(layer, source, nb))
+                if req.record:
+                    kv.append((cache.seen[0][: self.n_rows, :, : self.width], cache.seen[1][: self.n_rows, :, : self.width]))
+        hidden = hidden[: self.n_rows, : self.width]
+        recording = None
+        if req.record:
+            recording = Recording(tuple(self.captured.pop(s) for s in recorded), tuple(kv))
+        captured = {s: self.captured[s] for s in req.capture}
+        logits = pick_logits(req, hidden, d.norm, d.unembed)
+        if self.stats is not None and logits is not None:
+            self.stats.logits += logits.numel() // logits.shape[-1]
+        return Pass(logits, hidden, captured, recording, "blocks")
+
+    def _like(self) -> torch.Tensor:
+        req = self.req
+        if req.hidden is not None:
+            return req.hidden
+        return req.branch.recording.inputs[req.start_layer]
+
+    def _entered(self) -> list[int]:
+        n_layers = len(self.d.blocks)
+        if self.req.branch is None:
+            return [self.n_rows] * n_layers
+        return self.req.branch.entered(n_layers)
+
+    def _join(self, hidden: torch.Tensor | None, have: int, n: int, layer: int) -> torch.Tensor:
+        """Rows have..n-1 enter at ``layer``: their state there, padded to the pass's columns."""
+        req = self.req
+        if req.hidden is not None:
+            joining = req.hidden[have:n].to(self.d.device)
+            if joining.shape[1] < self.cols:
+                joining = torch.nn.functional.pad(joining, (0, 0, 0, self.cols - joining.shape[1]))
+        else:
+            branch = req.branch
+            recorded = branch.recording.inputs[layer]
+            joining = gather_columns(recorded, branch.source[have:n], branch.start[have:n], self.cols)
+        if hidden is None:
+            return joining
+        return torch.cat([hidden[:have], joining.to(hidden.dtype)])

@@ -65,7 +65,21 @@ class Model:
 
     # ---- forward passes ------------------------------------------------------------------
     def run(self, input_ids, **kwargs):
+        """One whole forward pass (``Backend.run``): edits, captures, logits."""
         return self.backend.run(input_ids, **kwargs)
+
+    def forward(self, ids=None, **kwargs):
+        """The partial forward: a slice of layers and positions, or a branch off a recorded pass.
+
+        ``Backend.forward`` documents the arguments and ``tracekit.adapters.partial`` the design;
+        ``forward_path`` says whether this model's calls drive its blocks or run whole passes.
+        """
+        return self.backend.forward(ids, **kwargs)
+
+    @property
+    def forward_path(self) -> str:
+        """"blocks" (the HF blocks are driven: only the work asked for is done) or "whole passes"."""
+        return self.backend.forward_path()[0]
 
     def next_token_probs(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """[batch, vocab] next-token distribution after each prompt."""

@@ -15,13 +15,24 @@ Savings: one pass per chunk of rows instead of one per (token, layer); no clean 
 pass; on hf, logits at the last position only (TransformerLens and nnsight compute all
 positions' logits inside the wrapper and we gather the last one).
 
-``fast`` -- hf backend only (``tracekit.adapters.blocks.BlockDriver`` drives the HF
-blocks). The base run is computed once, keeping each block's input and attention
-keys/values. A row restoring token t with window start l0 then runs only blocks
-l0..L-1 and only positions t..T-1: layers below l0 and positions before t equal the
-base run (causal attention), so their keys/values are handed in as a prefix. Rows that
-share t are batched; rows enter the batch at their own first layer (sorted by l0), so
-no row computes a layer it does not need. Logits at the last position only.
+``fast`` -- through the partial forward (``Model.forward``, design in
+``tracekit.adapters.partial``), so on every backend; what it saves depends on the
+model's forward path. The base runs (one per noise sample) are recorded once. A row
+restoring token t with window start l0 is a *branch* off its base run: it runs only
+blocks l0..L-1 and only positions t..T-1, since layers below l0 and positions before t
+equal the base run (causal attention) and their keys/values come from the recording.
+Rows enter a pass at their own first layer (sorted by l0), so no row computes a layer it
+does not need; logits at the last position only. On the "whole passes" path (TransformerLens,
+nnsight) each pass is one ordinary forward with hooks, as ``generic``.
+
+How rows are grouped into passes follows the shape policy (``tracekit.adapters.partial``):
+- ``exact`` (CPU default): one base run per prompt; a pass holds rows of one prompt that
+  share t (all of width T - t), so nothing is padded;
+- ``bucketed`` (CUDA default) with packing: the prompts given together (``run_jobs``, from
+  ``trace_many``) share one base run, right-padded to a common length; a pass holds the
+  rows of every prompt and start position whose width T - t falls in one bucket, padded to
+  it, so passes are large and the shapes few. Padding never changes a number: it sits after
+  each row's last real position.
 """
 
 from __future__ import annotations
@@ -31,8 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from tracekit.adapters import Site
-from tracekit.adapters.blocks import BlockDriver
-from tracekit.errors import TracekitError
+from tracekit.adapters.partial import Branch, ForwardStats, ShapePolicy, shape_policy
 from tracekit.interventions import restore, zero
 from tracekit.tracing.noise import subject_noise_hook
 
@@ -142,76 +152,172 @@ def _generic_pass(model, job: Job, rows: Rows) -> torch.Tensor:
     return _answer_probs(logits, job.answer_id)
 
 
-# ---- fast engine: drive the HF blocks from the first restored layer and token -----------
-def fast_unsupported_reason(model) -> str | None:
-    if model.backend.name != "hf":
-        return f"the {model.backend.name} backend runs whole forward passes"
-    return BlockDriver(model.hf, model.adapter).unsupported_reason()
+# ---- fast engine: branches off recorded base runs, through the partial forward -----------
+def run_fast(model, job: Job, batch_tokens: int | None = None, shapes: str | None = None,
+             stats: ForwardStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same numbers as ``run_generic``, computing only layers >= lo and positions >= first edit."""
+    return run_jobs(model, [job], batch_tokens=batch_tokens, shapes=shapes, stats=stats)[0]
+
+
+def run_jobs(model, jobs: list[Job], *, batch_tokens: int | None = None, shapes: str | None = None,
+             pack: bool | None = None, stats: ForwardStats | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(p_rows [R], p_base [S]) per job. ``pack`` (default: with bucketed shapes on the blocks path;
+    whole passes would compute every row's full length) records the jobs' base runs in one pass
+    and mixes their rows and start positions in passes by width bucket."""
+    policy = shape_policy(shapes, model.device)
+    if pack is None:
+        pack = policy.name == "bucketed" and model.forward_path == "blocks"
+    groups = [jobs] if pack else [[job] for job in jobs]
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    with torch.no_grad():
+        for group in groups:
+            out += _run_group(model, group, batch_tokens, policy, pack, stats)
+    return out
 
 
 @dataclass
-class BaseRun:
-    inputs: list[torch.Tensor]  # per layer: block input [S, T, d]
-    keys: list[torch.Tensor]  # per layer: [S, kv_heads, T, head_dim]
-    values: list[torch.Tensor]
-    p_answer: torch.Tensor  # [S]
+class _Flat:
+    """Every row of a group of jobs, numbered across jobs."""
+
+    source: torch.Tensor  # [R] row of the shared base recording
+    start: torch.Tensor  # [R] first edited position
+    lo: torch.Tensor
+    hi: torch.Tensor
+    edit_pos: torch.Tensor  # [R, T] (T = the recording's length)
+    job: torch.Tensor  # [R] job index in the group
+    length: torch.Tensor  # [R] the job's prompt length
+    answer: torch.Tensor  # [R]
 
 
-def base_run(driver: BlockDriver, job: Job) -> BaseRun:
-    ids = job.input_ids.expand(job.n_base, -1)
-    edits = {} if job.noise is None else {Site("embed"): subject_noise_hook(job.noise, job.noise_start)}
-    hidden = driver.block0_input(ids, edits)
-    pos = driver.positions(0, ids.shape[1], hidden)
-    inputs, keys, values = [], [], []
-    for layer in range(len(driver.blocks)):
-        inputs.append(hidden)
-        hidden, cache = driver.block(layer, hidden, pos)
-        keys.append(cache.seen[0])
-        values.append(cache.seen[1])
-    return BaseRun(inputs, keys, values, _answer_probs(driver.last_logits(hidden), job.answer_id))
+def _run_group(model, jobs: list[Job], batch_tokens: int | None, policy: ShapePolicy, pack: bool, stats):
+    length = max(job.input_ids.shape[1] for job in jobs)
+    base_rows = torch.tensor([job.n_base for job in jobs])
+    offsets = torch.cumsum(base_rows, 0) - base_rows
+    ids = torch.cat([pad_ids(job.input_ids.expand(job.n_base, -1), length) for job in jobs])
+    lengths = torch.cat([torch.full((job.n_base,), job.input_ids.shape[1]) for job in jobs])
+    answers = torch.cat([torch.full((job.n_base,), job.answer_id) for job in jobs])
+    edits = _base_noise(jobs, length)
+    base = model.forward(ids, edits=edits, record=True, logits=lengths - 1, shapes=policy.name, stats=stats)
+    p_base = _answer_probs_per_row(base.logits, answers)
+    batch_tokens = batch_tokens or default_batch_tokens(model)  # from the memory the recording left
+    flat = _flatten(jobs, offsets, length)
+    probs = torch.empty(len(flat.source))
+    done = flat.start >= flat.length  # rows that edit nothing equal their base run
+    probs[done] = p_base[flat.source[done]]
+    clean = _clean_stack(jobs, length, model.n_layers)
+    for index, width in _passes(flat, ~done, policy, pack, batch_tokens):
+        branch = Branch.make(base.recording, flat.start[index], flat.lo[index], flat.source[index], width)
+        run = model.forward(branch=branch, edits=_restore_edits(jobs[0].kind, flat, index, width, clean, model),
+                            logits=flat.length[index] - 1 - flat.start[index], shapes=policy.name, stats=stats)
+        probs[index] = _answer_probs_per_row(run.logits, flat.answer[index])
+    out = []
+    row = 0
+    for i, job in enumerate(jobs):
+        n = len(job.rows)
+        out.append((probs[row:row + n], p_base[offsets[i]:offsets[i] + job.n_base]))
+        row += n
+    return out
 
 
-def run_fast(model, job: Job, batch_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same numbers as ``run_generic``, computing only layers >= lo and positions >= first edit."""
-    reason = fast_unsupported_reason(model)
-    if reason is not None:
-        raise TracekitError(f"the fast tracing engine cannot run this model: {reason}; use engine='generic'")
-    batch_tokens = batch_tokens or default_batch_tokens(model)
-    driver = BlockDriver(model.hf, model.adapter)
-    with torch.no_grad():
-        base = base_run(driver, job)
-        T = job.input_ids.shape[1]
-        probs = torch.empty(len(job.rows))
-        first = job.rows.first
-        for start in sorted(set(first.tolist())):
-            group = torch.nonzero(first == start).flatten()
-            if start >= T:  # rows that edit nothing equal the base run
-                probs[group] = base.p_answer[job.rows.sample[group]]
-                continue
-            group = group[torch.sort(job.rows.lo[group], stable=True).indices]
-            per_pass = max(1, batch_tokens // (T - start))
-            for i in range(0, len(group), per_pass):
-                index = group[i:i + per_pass]
-                probs[index] = _fast_pass(driver, job, base, job.rows.select(index), start)
-    return probs, base.p_answer
+def pad_ids(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad with token 0: causal attention keeps padding out of every real position."""
+    return torch.nn.functional.pad(ids, (0, length - ids.shape[1]))
 
 
-def _fast_pass(driver: BlockDriver, job: Job, base: BaseRun, rows: Rows, start: int) -> torch.Tensor:
-    """Rows sorted by ``lo`` that all first edit position ``start``."""
-    device = base.inputs[0].device
-    sample = rows.sample.to(device)
-    pos = driver.positions(start, job.input_ids.shape[1], base.inputs[0])
-    entered = torch.searchsorted(rows.lo, torch.arange(len(driver.blocks) + 1), right=True).tolist()
-    hidden = None
-    for layer in range(int(rows.lo[0]), len(driver.blocks)):
-        n = entered[layer]
-        have = 0 if hidden is None else hidden.shape[0]
-        if n > have:  # rows whose window starts here join with the base run's state
-            joining = base.inputs[layer][sample[have:n], start:]
-            hidden = joining if hidden is None else torch.cat([hidden, joining])
-        prefix = None
-        if start > 0:
-            prefix = (base.keys[layer][sample[:n], :, :start], base.values[layer][sample[:n], :, :start])
-        with driver.hooks(_layer_edits(job, rows.select(slice(0, n)), layer, from_pos=start)):
-            hidden, _ = driver.block(layer, hidden, pos, prefix)
-    return _answer_probs(driver.last_logits(hidden), job.answer_id)
+def _base_noise(jobs: list[Job], length: int) -> dict:
+    if all(job.noise is None for job in jobs):
+        return {}
+    if len(jobs) == 1:
+        return {Site("embed"): subject_noise_hook(jobs[0].noise, jobs[0].noise_start)}
+    d = next(job.noise.shape[-1] for job in jobs if job.noise is not None)
+    bump = torch.zeros(sum(job.n_base for job in jobs), length, d)
+    row = 0
+    for job in jobs:
+        if job.noise is not None:
+            n = job.noise.shape[1]
+            bump[row:row + job.n_base, job.noise_start:job.noise_start + n] = job.noise
+        row += job.n_base
+    return {Site("embed"): lambda h: h + bump.to(h.device, h.dtype)}
+
+
+def _flatten(jobs: list[Job], offsets: torch.Tensor, length: int) -> _Flat:
+    parts = []
+    for i, job in enumerate(jobs):
+        rows, n = job.rows, len(job.rows)
+        edit_pos = torch.nn.functional.pad(rows.edit_pos, (0, length - rows.edit_pos.shape[1]))
+        parts.append((offsets[i] + rows.sample, rows.first, rows.lo, rows.hi, edit_pos, torch.full((n,), i),
+                      torch.full((n,), job.input_ids.shape[1]), torch.full((n,), job.answer_id)))
+    return _Flat(*(torch.cat(column) for column in zip(*parts)))
+
+
+def _clean_stack(jobs: list[Job], length: int, n_layers: int) -> list[torch.Tensor] | None:
+    """Per layer, the clean site values of every job [J, T, d] (None when zeroing)."""
+    if jobs[0].clean is None:
+        return None
+    if len(jobs) == 1:
+        return jobs[0].clean
+    return [torch.cat([torch.nn.functional.pad(job.clean[layer], (0, 0, 0, length - job.clean[layer].shape[1]))
+                       for job in jobs]) for layer in range(n_layers)]
+
+
+def _passes(flat: _Flat, todo: torch.Tensor, policy: ShapePolicy, pack: bool, batch_tokens: int):
+    """(row indices sorted by lo, width) per pass: rows grouped by (job, start), or with ``pack``
+    by the bucket of their width, then cut to ``batch_tokens`` rows x columns (plus a quarter
+    of a column per prefix key: the recorded keys/values each row gathers)."""
+    width = flat.length - flat.start
+    if pack:
+        buckets = {w: policy.key(w) for w in set(width.tolist())}
+        key = torch.tensor([buckets[w] for w in width.tolist()])
+    else:
+        key = flat.job * (int(flat.length.max()) + 1) + flat.start
+    for value in sorted(set(key[todo].tolist())):
+        group = torch.nonzero(todo & (key == value)).flatten()
+        group = group[torch.sort(flat.lo[group], stable=True).indices]
+        cols = policy.cols(int(width[group].max()))
+        cost = cols + (policy.cols(int(flat.start[group].max())) // 4 if pack else 0)
+        per_pass = max(1, batch_tokens // cost)
+        for i in range(0, len(group), per_pass):
+            index = group[i:i + per_pass]
+            index = index[torch.sort(flat.lo[index], stable=True).indices]
+            yield index, int(width[index].max())
+
+
+def _restore_edits(kind: str, flat: _Flat, index: torch.Tensor, width: int, clean, model) -> dict:
+    """Per layer, a hook putting the clean value (or zero) at each active row's edited columns.
+
+    The partial forward hands a site of layer l the rows whose window starts at or below l
+    (rows 0..n(l)-1 of this pass, sorted by lo); of those, rows with l < hi are edited."""
+    start = flat.start[index]
+    cols = torch.arange(width)
+    at = (start[:, None] + cols).clamp(max=flat.edit_pos.shape[1] - 1)
+    mask = flat.edit_pos[index[:, None], at] & (start[:, None] + cols < flat.length[index][:, None])
+    rows, columns = torch.nonzero(mask, as_tuple=True)
+    positions, jobs = start[rows] + columns, flat.job[index][rows]
+    lo, hi = flat.lo[index][rows], flat.hi[index][rows]
+    edits = {}
+    for layer in range(int(flat.lo[index].min()), model.n_layers):
+        pick = (lo <= layer) & (layer < hi)
+        if bool(pick.any()):
+            value = None if clean is None else clean[layer]
+            edits[Site(kind, layer)] = _put(value, rows[pick], columns[pick], jobs[pick], positions[pick])
+    return edits
+
+
+def _put(value: torch.Tensor | None, rows, columns, jobs, positions):
+    """h with h[rows, columns] replaced by value[jobs, positions] (or zero). Pure."""
+    def edit(h: torch.Tensor) -> torch.Tensor:
+        device = h.device
+        r, c = rows.to(device), columns.to(device)
+        out = h.clone()
+        if value is None:
+            out[r, c] = 0
+        else:
+            out[r, c] = value[jobs.to(value.device), positions.to(value.device)].to(device, h.dtype)
+        return out
+
+    return edit
+
+
+def _answer_probs_per_row(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    probs = torch.softmax(logits.float(), dim=-1)
+    return probs[torch.arange(len(answers), device=probs.device), answers.to(probs.device)].cpu()

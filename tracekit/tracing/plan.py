@@ -90,19 +90,44 @@ class Prompt:
         return out
 
 
-def prepare_prompt(model, prompt: str, subject: str, target: str | None, occurrence: int | None = None) -> Prompt:
+def prepare_prompt(model, prompt: str, subject: str, target: str | None, occurrence: int | None = None,
+                   shapes: str | None = None) -> Prompt:
     """Tokenise, find the subject (``occurrence``: see ``prompts.subject_span``) and pick the
     answer (the model's own top token if no target)."""
+    unanswered = tokenise_prompt(model, prompt, subject, target, occurrence)
+    logits = None
+    if target is None:
+        ids = unanswered.input_ids
+        logits = model.forward(ids, logits=torch.tensor([ids.shape[1] - 1]), shapes=shapes).logits[0]
+    return unanswered.answered(model, logits)
+
+
+@dataclass(frozen=True)
+class Unanswered:
+    """A checked, tokenised prompt whose answer may still need the clean run's top token."""
+
+    text: str
+    subject: str
+    input_ids: torch.Tensor
+    span: tuple[int, int]
+    target: str | None
+    target_id: int | None
+
+    def answered(self, model, clean_logits: torch.Tensor | None) -> Prompt:
+        """The ``Prompt``, its answer the target or else the top token of ``clean_logits`` [V]."""
+        answer_id = self.target_id if self.target is not None else int(clean_logits.argmax())
+        return Prompt(self.text, self.subject, self.input_ids, model.tokens(self.text), self.span, answer_id,
+                      model.tokenizer.decode([answer_id]))
+
+
+def tokenise_prompt(model, prompt: str, subject: str, target: str | None,
+                    occurrence: int | None = None) -> Unanswered:
+    """Every check of a prompt, subject and target that needs no forward pass."""
     check(isinstance(prompt, str) and prompt.strip() != "", "empty prompt: give some text")
     batch = model.encode([prompt])
     span = model.subject_span(prompt, subject, occurrence)
-    if target is None:
-        logits = model.run(batch.input_ids, positions=batch.last).logits
-        answer_id = int(logits[0].argmax())
-    else:
-        answer_id = model.target_ids(target)[0]
-    return Prompt(prompt, subject, batch.input_ids, model.tokens(prompt), span, answer_id,
-                  model.tokenizer.decode([answer_id]))
+    target_id = None if target is None else model.target_ids(target)[0]
+    return Unanswered(prompt, subject, batch.input_ids, span, target, target_id)
 
 
 def indistinguishable(p_clean: float, p_noise: float) -> bool:

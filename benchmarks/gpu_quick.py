@@ -1,0 +1,450 @@
+"""GPU quick check (issue 11): tracing and editing at the paper's scale, in one time-limited run.
+
+    bash benchmarks/run.sh --gpu-quick              # a CUDA machine: the GPT-J-6B shape in bfloat16
+    python benchmarks/gpu_quick.py --smoke          # a CPU, a tiny model, seconds (what the tests run)
+
+Stages, each skipped (and said so) when the time left is short, each written to the report
+the moment it ends, so a run stopped at its limit keeps what it measured:
+  1. device: name, versions, datasheet and measured matrix-product peaks, which optional
+     packages exist (the hf path needs no transformer-lens, nnsight or gguf);
+  2. load: the model straight onto the device in its dtype;
+  3. tracing: 20 prompts of 20 distinct token lengths through ``trace_many`` (rows of all of
+     them packed into shared passes, bucketed shapes), once cold (every shape first seen)
+     and once warm; the naive loop on 3 of them; ratio, work bound, achieved TFLOP/s and
+     fraction of peak, padding, attention shapes, max |difference|; the 652-prompt estimate;
+  4. editing: ROME, MEMIT, FT-1, FT-5 through today's editors (small key statistics: a
+     benchmark, not a replication), seconds per edit and its parts;
+  5. a small sweep: edit + score per (point, layer), and the 652 x 9 sweep estimates.
+Everything goes to one folder: report.json, report.md (both name the device), log.txt.
+
+Carrying what the GPU machine lacks (it has no internet; torch and transformers are there):
+tracekit itself travels with the working tree. Run from the repository root with
+``PYTHONPATH=.``; ``rich``, ``numpy``, ``safetensors``, ``tokenizers`` are on the image.
+A missing pure-Python package travels as a wheel: here,
+``python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl NAME==VERSION``
+(add ``--platform manylinux_2_28_x86_64`` etc. for compiled ones), carry ``.whl``, and there
+``python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export
+PYTHONPATH=/tmp/site:.`` before this script. ``run.sh --gpu-quick`` needs no wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tracekit  # noqa: E402
+from bench_tracing import PROMPTS, executed_flops, flop_model, work  # noqa: E402
+from device import datasheet_peak, device_name, fraction, measured_peak  # noqa: E402
+from tracekit.adapters.partial import collect_stats  # noqa: E402
+from tracekit.tracing import naive_trace, trace_many  # noqa: E402
+
+STUDY_PROMPTS, STUDY_POINTS, STUDY_LAYERS = 652, 652, 9
+FILLER = ("Here is a short fact about the world worth knowing well , so read it and then tell me about it"
+          " now please , thank you very much my friend").split()
+
+
+class Run:
+    """The report, the log and the clock of one run."""
+
+    def __init__(self, out: Path, limit: float):
+        self.out, self.limit, self.started = out, limit, time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        self.report: dict = {"device": device_name(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "time_limit_s": limit, "stages": {}}
+        self.logfile = open(out / "log.txt", "a")
+
+    def left(self) -> float:
+        return self.limit - (time.perf_counter() - self.started)
+
+    def log(self, text: str) -> None:
+        line = f"[{time.perf_counter() - self.started:7.1f}s] {text}"
+        print(line, flush=True)
+        self.logfile.write(line + "\n")
+        self.logfile.flush()
+
+    def stage(self, name: str, needs: float, fn) -> dict | None:
+        """Run ``fn()`` if at least ``needs`` seconds are left; record its result, error or skip."""
+        if self.left() < needs:
+            self.report["stages"][name] = {"skipped": f"{self.left():.0f} s left, the stage needs ~{needs:.0f} s"}
+            self.log(f"{name}: skipped (time)")
+            self.save()
+            return None
+        self.log(f"{name} ...")
+        started = time.perf_counter()
+        try:
+            result = fn()
+            result["stage_seconds"] = time.perf_counter() - started
+        except Exception as err:  # a benchmark keeps going and says what broke
+            result = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-4000:],
+                      "stage_seconds": time.perf_counter() - started}
+            self.log(f"{name}: FAILED {result['error']}")
+        self.report["stages"][name] = result
+        self.save()
+        return result
+
+    def save(self) -> None:
+        self.report["elapsed_s"] = time.perf_counter() - self.started
+        (self.out / "report.json").write_text(json.dumps(self.report, indent=1, default=_plain))
+        (self.out / "report.md").write_text(markdown(self.report))
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def clocked(fn):
+    sync()
+    started = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - started, result
+
+
+# ---- stages -----------------------------------------------------------------------------------
+def stage_device(args) -> dict:
+    optional = {name: _importable(name) for name in ("transformer_lens", "nnsight", "gguf")}
+    import transformers
+
+    out = {"device": device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": sys.version.split()[0], "optional_packages_present": optional, "dtype": args.dtype,
+           "datasheet_peak_flops": datasheet_peak(args.dtype),
+           "measured_matmul_flops": measured_peak(args.dtype, size=None if torch.cuda.is_available() else 256,
+                                                  repeats=5 if args.smoke else 10)}
+    if torch.cuda.is_available():
+        out["cudnn_sdp_enabled"] = torch.backends.cuda.cudnn_sdp_enabled()
+        out["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
+    return out
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
+
+
+def distinct_length_prompts(model, n: int) -> list[tuple[str, str]]:
+    """``n`` prompts of ``n`` distinct token lengths: the benchmark's facts behind 0..k filler words."""
+    seen, out = set(), []
+    for i in range(n):
+        prompt, subject = PROMPTS[i % len(PROMPTS)]
+        words = 0
+        while True:
+            text = " ".join([*FILLER[:words], prompt]) if words else prompt
+            length = len(model.tokens(text))
+            if length not in seen or words >= len(FILLER):
+                break
+            words += 1
+        seen.add(length)
+        out.append((text, subject))
+    return out
+
+
+def stage_tracing(run: Run, model, args) -> dict:
+    prompts = distinct_length_prompts(model, args.prompts)
+    lengths = [len(model.tokens(p)) for p, _ in prompts]
+    kw = dict(kind="mlp", window=min(args.window, model.n_layers), samples=args.samples, seed=0)
+    fm = flop_model(model)
+    works = [work(fm, T, kw["window"], kw["samples"]) for T in lengths]
+    out: dict = {"settings": kw, "prompt_lengths": lengths, "shapes": args.shapes, "pack": len(prompts)}
+    results = {}
+    for label in ("cold", "warm"):
+        if label == "warm" and run.left() < 1.5 * out["cold"]["seconds"] + 60:
+            out["warm"] = {"skipped": "time"}
+            continue
+        with collect_stats() as stats:
+            seconds, traced = clocked(lambda: [r for _, r in trace_many(
+                model, prompts, batch=len(prompts), progress=False, shapes=args.shapes, **kw)])
+        results[label] = traced
+        useful = sum(m for _, m in works) / seconds
+        executed = executed_flops(fm, stats) / seconds
+        out[label] = {"seconds": seconds, "seconds_per_prompt": seconds / len(prompts),
+                      "useful_tflops": useful / 1e12, "executed_tflops": executed / 1e12,
+                      "padding": stats.padding, "block_calls": stats.block_calls,
+                      "attention_shapes": len(stats.attention)}
+        run.log(f"  tracing {label}: {seconds:.1f} s for {len(prompts)} prompts, {useful / 1e12:.1f} TFLOP/s useful, "
+                f"padding {100 * stats.padding:.0f}%, {len(stats.attention)} attention shapes")
+    # naive loop on 3 prompts of middle lengths (the shortest ones in a smoke run)
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    picks = order[:args.naive] if args.smoke else [order[len(order) * k // (args.naive + 1)]
+                                                   for k in range(1, args.naive + 1)]
+    naive_seconds, naive_flops, diffs = 0.0, 0.0, []
+    for i in picks:
+        if run.left() < 30:
+            break
+        seconds, ref = clocked(lambda: naive_trace(model, *prompts[i], **kw))
+        naive_seconds += seconds
+        naive_flops += works[i][0]
+        diff = float((results["cold"][i].p_restore - ref.p_restore).abs().max())
+        diffs.append({"tokens": lengths[i], "seconds": seconds, "max_abs_diff": diff,
+                      "p_clean": ref.p_clean, "p_noise": ref.p_noise})
+        run.log(f"  naive loop, {lengths[i]} tokens: {seconds:.1f} s, max diff {diff:.1e}")
+    out["naive"] = diffs
+    if diffs:
+        naive_rate = naive_flops / naive_seconds
+        all_naive = sum(n for n, _ in works) / naive_rate
+        bound = sum(n for n, _ in works) / sum(m for _, m in works)
+        out.update(naive_tflops=naive_rate / 1e12, work_bound=bound, naive_seconds_all_estimated=all_naive,
+                   max_abs_diff=max(d["max_abs_diff"] for d in diffs))
+        peak, measured = run.report["stages"].get("device", {}).get("datasheet_peak_flops"), \
+            run.report["stages"].get("device", {}).get("measured_matmul_flops")
+        out["naive_fraction_of_peak"] = fraction(naive_rate, peak)
+        out["naive_fraction_of_measured_peak"] = fraction(naive_rate, measured)
+        for label in ("cold", "warm"):
+            if "seconds" in out.get(label, {}):
+                entry = out[label]
+                entry["ratio"] = all_naive / entry["seconds"]
+                entry["efficiency"] = entry["ratio"] / bound
+                entry["fraction_of_peak"] = fraction(entry["useful_tflops"] * 1e12, peak)
+                entry["fraction_of_measured_peak"] = fraction(entry["useful_tflops"] * 1e12, measured)
+    best = out.get("warm", {}).get("seconds_per_prompt") or out["cold"]["seconds_per_prompt"]
+    out["study_estimate_minutes"] = STUDY_PROMPTS * best / 60
+    return out
+
+
+def edit_hparams(model, args):
+    from tracekit.editing.finetune import ft_preset
+    from tracekit.editing.hparams import memit_preset, rome_preset
+
+    stats = dict(mom2_n_samples=args.mom2_samples, mom2_sample_tokens=args.mom2_tokens, mom2_ridge=1e-2)
+    rome, memit = rome_preset(model), memit_preset(model)
+    ft = {n: ft_preset(model, "error-injection", n) for n in (1, 5)}
+    if args.smoke:  # the code paths, not the numbers: a few steps each
+        stats.update(context_lengths=((3, 2), (5, 2)), v_num_grad_steps=3)
+        memit = dataclasses.replace(memit, window=min(memit.window, 3))
+        ft = {n: dataclasses.replace(hp, steps=3) for n, hp in ft.items()}
+    rome, memit = dataclasses.replace(rome, **stats), dataclasses.replace(memit, **stats)
+    return {"rome": rome, "memit": memit, "ft-1": ft[1], "ft-5": ft[5]}
+
+
+def stage_editing(run: Run, model, args) -> dict:
+    from bench_editing import REQUEST
+    from tracekit.editing.api import warm_key_statistics
+    from tracekit.editing.finetune import apply_ft
+    from tracekit.editing.memit import apply_memit
+    from tracekit.editing.rome import apply_rome
+
+    hparams = edit_hparams(model, args)
+    L = model.n_layers
+    layer = min(hparams["rome"].layer if hparams["rome"].layer is not None else L // 2, L - 3)
+    half = hparams["memit"].window // 2
+    memit_layer = min(max(layer, half), L - 1 - half)
+    ft_layer = {n: min(max(layer, n // 2), L - 1 - (n - 1 - n // 2)) for n in (1, 5)}
+    runs = {
+        "rome": lambda: apply_rome(model, REQUEST, layer, hparams["rome"], progress=False),
+        "memit": lambda: apply_memit(model, REQUEST, memit_layer, hparams["memit"], progress=False),
+        "ft-1": lambda: apply_ft(model, REQUEST, ft_layer[1], hparams["ft-1"]),
+        "ft-5": lambda: apply_ft(model, REQUEST, ft_layer[5], hparams["ft-5"]),
+    }
+    if L < 5:
+        runs.pop("ft-5")
+    out: dict = {"layer": layer, "memit_layer": memit_layer, "mom2_samples": args.mom2_samples,
+                 "mom2_tokens": args.mom2_tokens, "methods": {}}
+    seconds, _ = clocked(lambda: warm_key_statistics(model, ["rome", "memit"], [layer, memit_layer],
+                                                     hparams["memit"], progress=False))
+    out["key_statistics_seconds"] = seconds
+    run.log(f"  key statistics: {seconds:.1f} s (corpus sampled from the model, then {args.mom2_samples} x "
+            f"{args.mom2_tokens} tokens)")
+    for method, fn in runs.items():
+        if run.left() < 45:
+            out["methods"][method] = {"skipped": "time"}
+            continue
+        first, _ = clocked(fn)  # the first call fills the caches (context templates)
+        seconds, edit = clocked(fn)
+        parts = edit.info.get("seconds")
+        out["methods"][method] = {"seconds": seconds, "first_call_seconds": first,
+                                  "parts": parts if isinstance(parts, dict) else None,
+                                  "steps": edit.info.get("steps_taken"), "layers": edit.info.get("layers")}
+        run.log(f"  {method}: {seconds:.2f} s per edit (first call {first:.1f} s), parts {parts}")
+    return out
+
+
+def sweep_points():
+    from bench_editing import fact_record
+    from tracekit.data.records import FactRecord
+
+    second = dataclasses.replace(
+        fact_record(), case_id=1, prompt="{} is located in the city of", subject="The Eiffel Tower",
+        target_true=" Paris", target_new=" Rome",
+        paraphrase_prompts=("The Eiffel Tower can be found in", "Where is the Eiffel Tower? In"),
+        neighborhood_prompts=("The Louvre is located in the city of", "Notre-Dame is located in the city of"))
+    assert isinstance(second, FactRecord)
+    return [fact_record(), second]
+
+
+def stage_sweep(run: Run, model, args) -> dict:
+    from tracekit.editing.api import edit
+    from tracekit.editing.metrics import MetricsConfig
+
+    hparams = edit_hparams(model, args)
+    metrics = MetricsConfig(essence=not args.smoke)
+    points = sweep_points()[: args.sweep_points]
+    top = model.n_layers - 3  # room for FT's and MEMIT's windows
+    layers = sorted({round(top * (k + 1) / (args.sweep_layers + 1)) for k in range(args.sweep_layers)})
+    out: dict = {"points": len(points), "layers": layers, "methods": {}}
+    for method in ("rome", "ft-1"):
+        times = []
+        for point in points:
+            for layer in layers:
+                if run.left() < 30:
+                    break
+                seconds, result = clocked(lambda: edit(model, point, method, layer=layer, hparams=hparams[method],
+                                                       metrics=metrics))
+                times.append({"point": point.case_id, "layer": layer, "seconds": seconds, **result.seconds,
+                              "rewrite": result.scores.scores.get("rewrite") if result.scores else None})
+        if times:
+            per = statistics.median(t["seconds"] for t in times)
+            out["methods"][method] = {"per_point_layer_seconds": per, "runs": times,
+                                      "study_sweep_hours": STUDY_POINTS * STUDY_LAYERS * per / 3600}
+            run.log(f"  sweep {method}: {per:.2f} s per (point, layer) -> {STUDY_POINTS} x {STUDY_LAYERS} sweep "
+                    f"{STUDY_POINTS * STUDY_LAYERS * per / 3600:.2f} h")
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------
+def _f(value, fmt="{:.2f}", none="-") -> str:
+    return none if value is None else fmt.format(value)
+
+
+def _tflops(value) -> str:
+    """A rate given in TFLOP/s, written with its unit (small rates, a CPU's, in GFLOP/s)."""
+    return "-" if value is None else (f"{value:.1f} T" if value >= 1 else f"{1000 * value:.2f} G")
+
+
+def markdown(report: dict) -> str:
+    stages = report["stages"]
+    lines = [f"# GPU quick check: {report.get('model', '?')} ({report.get('dtype', '?')}) on {report['device']}", "",
+             f"Started {report['started']}; {report.get('elapsed_s', 0):.0f} s of a {report['time_limit_s']:.0f} s limit."]
+    dev = stages.get("device", {})
+    if "torch" in dev:
+        lines += ["", f"torch {dev['torch']}, transformers {dev['transformers']}; optional packages present: "
+                  + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in dev["optional_packages_present"].items())
+                  + f". Matrix-product peak ({dev['dtype']}): measured {_tflops(dev['measured_matmul_flops'] / 1e12)}FLOP/s"
+                  + (f", datasheet {dev['datasheet_peak_flops'] / 1e12:.0f}" if dev.get("datasheet_peak_flops") else "")
+                  + "."]
+    if "load" in stages and "seconds" in stages["load"]:
+        lines.append(f"Model load: {stages['load']['seconds']:.1f} s.")
+    tr = stages.get("tracing", {})
+    if "cold" in tr:
+        lines += ["", f"## Tracing ({len(tr['prompt_lengths'])} prompts of distinct lengths "
+                  f"{min(tr['prompt_lengths'])}..{max(tr['prompt_lengths'])} tokens, {tr['settings']}, packed)", "",
+                  "| run | seconds | s / prompt | ratio vs naive | work bound | efficiency | useful FLOP/s "
+                  "| executed FLOP/s | % of peak | % of measured matmul | padding | attention shapes |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for label in ("cold", "warm"):
+            e = tr.get(label, {})
+            if "seconds" not in e:
+                continue
+            lines.append(f"| {label} | {e['seconds']:.1f} | {e['seconds_per_prompt']:.2f} | {_f(e.get('ratio'), '{:.2f}x')} "
+                         f"| {_f(tr.get('work_bound'), '{:.2f}x')} | {_f(e.get('efficiency'), '{:.0%}')} "
+                         f"| {_tflops(e['useful_tflops'])} | {_tflops(e['executed_tflops'])} "
+                         f"| {_f(e.get('fraction_of_peak'), '{:.0%}')} "
+                         f"| {_f(e.get('fraction_of_measured_peak'), '{:.0%}')} | {e['padding']:.0%} | {e['attention_shapes']} |")
+        if tr.get("naive"):
+            lines += ["", "Naive loop: " + "; ".join(f"{d['tokens']} tokens {d['seconds']:.1f} s (max diff "
+                                                     f"{d['max_abs_diff']:.1e})" for d in tr["naive"])
+                      + f"; {_tflops(tr.get('naive_tflops'))}FLOP/s "
+                      f"({_f(tr.get('naive_fraction_of_peak'), '{:.0%}')} of peak)."]
+        lines.append(f"Study estimate (652 prompts like these): {tr['study_estimate_minutes']:.1f} min.")
+    ed = stages.get("editing", {})
+    if "methods" in ed:
+        lines += ["", f"## Editing (layer {ed['layer']}, key statistics from {ed['mom2_samples']} x {ed['mom2_tokens']} "
+                  f"tokens: {ed['key_statistics_seconds']:.1f} s)", "", "| method | s / edit | first call s | parts |",
+                  "|---|---|---|---|"]
+        for method, e in ed["methods"].items():
+            if "seconds" in e:
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in (e.get("parts") or {}).items() if isinstance(v, float))
+                lines.append(f"| {method} | {e['seconds']:.2f} | {e['first_call_seconds']:.1f} | {parts} |")
+            else:
+                lines.append(f"| {method} | {e.get('skipped', '-')} | | |")
+    sw = stages.get("sweep", {})
+    if sw.get("methods"):
+        lines += ["", f"## Sweep ({sw['points']} points x layers {sw['layers']}, edit + score)", ""]
+        for method, e in sw["methods"].items():
+            lines.append(f"- {method}: {e['per_point_layer_seconds']:.2f} s per (point, layer); "
+                         f"{STUDY_POINTS} x {STUDY_LAYERS} sweep estimate {e['study_sweep_hours']:.2f} h")
+    broken = [f"{name}: {s['error']}" for name, s in stages.items() if "error" in s]
+    skipped = [f"{name}: {s['skipped']}" for name, s in stages.items() if "skipped" in s]
+    if broken or skipped:
+        lines += ["", "## Not measured", ""] + [f"- {b}" for b in broken + skipped]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="default: random:gpt-j-6b on CUDA, random:gptj-tiny otherwise")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 otherwise")
+    parser.add_argument("--smoke", action="store_true", help="tiny model, few prompts, tiny statistics: seconds on a CPU")
+    parser.add_argument("--time-limit", type=float, default=470.0, help="seconds for the whole run; default: %(default)s")
+    parser.add_argument("--prompts", type=int, default=20, help="traced prompts, of distinct lengths")
+    parser.add_argument("--naive", type=int, default=3, help="prompts the naive loop runs on")
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--shapes", choices=["exact", "bucketed"], default="bucketed")
+    parser.add_argument("--mom2-samples", type=int, default=64, help="key-statistics samples (benchmark-sized)")
+    parser.add_argument("--mom2-tokens", type=int, default=128)
+    parser.add_argument("--sweep-points", type=int, default=2)
+    parser.add_argument("--sweep-layers", type=int, default=2)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["tracing", "editing", "sweep"])
+    parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/gpu-quick-<device>-<time>")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if args.smoke:
+        args.model = args.model or "random:gptj-tiny"
+        args.prompts, args.naive, args.samples, args.window = min(args.prompts, 4), min(args.naive, 1), 2, 3
+        args.mom2_samples, args.mom2_tokens, args.sweep_points, args.sweep_layers = 16, 32, 1, 1
+        os.environ["TRACEKIT_CACHE"] = tempfile.mkdtemp(prefix="tracekit-gpu-quick-")  # leave the user's cache alone
+    args.model = args.model or ("random:gpt-j-6b" if cuda else "random:gptj-tiny")
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    slug = "".join(c if c.isalnum() else "-" for c in device_name()).strip("-").lower()[:40]
+    out = Path(args.out_dir or f"benchmarks/results/gpu-quick-{slug}-{time.strftime('%Y%m%d-%H%M')}")
+    run = Run(out, args.time_limit)
+    run.report.update(model=args.model, dtype=args.dtype, smoke=args.smoke, arguments=vars(args))
+    run.stage("device", 0, lambda: stage_device(args))
+    loaded = {}
+
+    def load():
+        seconds, model = clocked(lambda: tracekit.load_model(args.model, dtype=args.dtype))
+        loaded["model"] = model
+        return {"seconds": seconds, "layers": model.n_layers, "d_model": model.d_model,
+                "forward_path": model.forward_path, "device": str(model.device)}
+
+    run.stage("load", 30, load)
+    if "model" in loaded:
+        model = loaded["model"]
+        if "tracing" not in args.skip:
+            run.stage("tracing", 60, lambda: stage_tracing(run, model, args))
+        if "editing" not in args.skip:
+            run.stage("editing", 60, lambda: stage_editing(run, model, args))
+        if "sweep" not in args.skip:
+            run.stage("sweep", 45, lambda: stage_sweep(run, model, args))
+    run.save()
+    print(markdown(run.report))
+    print(f"wrote {out}/report.json, report.md and log.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
