@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "tracekit.tracing.cli",
     "tracekit.editing.cli",
     "tracekit.store.cli",
+    "tracekit.studies.cli",  # trace-dataset, edit-sweep
     "tracekit.demo",
 )
 

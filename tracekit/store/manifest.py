@@ -41,6 +41,9 @@ def model_identity(model) -> str:
     every parameter's name, shape and first values, so two different weight sets (a re-saved
     local folder, an applied edit) or prompt conventions under one spec never share cached
     verdicts, while hashing stays cheap even for GPT-J."""
+    known = getattr(model, "model_identity", None)
+    if isinstance(known, str):  # a model loaded by other processes says who it is (tracekit.studies.RemoteModel)
+        return known
     spec = getattr(model, "spec", None) or type(model).__name__
     module = getattr(model, "hf", None)
     if module is None or not hasattr(module, "named_parameters"):
