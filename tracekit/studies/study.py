@@ -59,7 +59,7 @@ def trace_study(model, records: Sequence[FactRecord], store: ResultStore, *, kin
 
 def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, methods=("rome",),
                problems=("error-injection",), layers: Sequence[int], default_layer: int | None = None,
-               hparams=None, seed: int = 0, shard: Shard | None = None,
+               hparams=None, seed: int = 0, shard: Shard | None = None, metrics=None,
                edit_fn: Callable | None = None, progress: bool = True) -> SweepReport:
     """Edit every (point, method, problem, layer) not yet in the store and keep all its scores.
 
@@ -68,8 +68,9 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
     (Fact Forcing, Tracing Reversal) is ``seed + case_id``, as in ``trace_study``. Items run
     point by point so per-point preparation is shared. A point that does not qualify for a
     problem (Fact Erasure with p(o_true) < 0.02, ...) is stored as "skipped: <reason>".
-    Key statistics are computed once per layer before any edit (on one worker with Ray).
+    ``metrics``: a ``MetricsConfig`` for the scoring (None: the default). Key statistics are
+    computed once per layer before any edit (with Ray: by one worker).
     """
     task = EditTask(tuple(methods), tuple(problems), tuple(int(x) for x in layers), hparams, seed, default_layer,
-                    edit_fn)
+                    edit_fn, metrics)
     return run_study(model, task, records, store, shard=shard, progress=progress)

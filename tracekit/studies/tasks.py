@@ -104,6 +104,7 @@ class EditTask:
     seed: int = 0
     default_layer: int | None = None
     edit_fn: Callable | None = None  # default: tracekit.editing.api.edit (MEMIT/FT-5 windows clipped)
+    metrics: Any = None  # a tracekit.editing.metrics.MetricsConfig; None: the default scoring
 
     table = "edits"
     sweep = "edit"
@@ -118,8 +119,9 @@ class EditTask:
 
     def config(self, model_id: str) -> dict:
         hparams = "presets" if self.hparams is None else repr(self.hparams)
-        return {"model": model_id, "hparams": hparams, "seed": self.seed, "point_seed": "seed + case_id",
-                "default_layer": self.default_layer}
+        config = {"model": model_id, "hparams": hparams, "seed": self.seed, "point_seed": "seed + case_id",
+                  "default_layer": self.default_layer}
+        return config if self.metrics is None else {**config, "metrics": repr(self.metrics)}
 
     def items(self, model_id: str, records: Sequence[FactRecord]) -> list[SweepItem]:
         # point by point, so a point's preparation (its baseline, its essence texts) is shared
@@ -158,6 +160,8 @@ class EditTask:
             from tracekit.editing.api import edit
 
             edit_fn = functools.partial(edit, clip_window=True)  # windows cut at the model's edges, as in tracing
+        if self.metrics is not None:
+            edit_fn = functools.partial(edit_fn, metrics=self.metrics)
         try:
             result = edit_fn(model, r, method=method, problem=item.key["problem"], layer=item.key["layer"],
                              hparams=self.hparams_for(method), seed=point_seed(self.seed, r.case_id))
