@@ -146,6 +146,7 @@ class Worker:
 class Batch:
     entries: list[tuple[int, SweepItem]]
     avoid: frozenset = frozenset()  # workers this batch should not go back to
+    needs_prepare: bool = False  # waits for the task's preparation (key statistics)
 
 
 @dataclass
@@ -330,28 +331,7 @@ class RayExecutor:
         report, todo = select_items(store, task.table, items, shard=shard, shard_by=shard_by)
         if not todo:
             return report
-        task_id = f"{time.time_ns()}-{os.getpid()}"
-        files = self._prepare(task, task_id, progress)
-        return _Sweep(self, task, task_id, files, store, report, todo, shard_by, progress).run()
-
-    def _prepare(self, task, task_id: str, progress: bool) -> list[str]:
-        """The task's one-off work (key statistics), on one worker; returns its cache files."""
-        from rich.console import Console
-
-        with Console().status("preparing on one Ray worker (key statistics, once per layer)") if progress else ExitStack():
-            for _ in range(self.max_attempts):
-                self._wait_ready(self.start_timeout)
-                worker = self.ready_workers()[0]
-                try:
-                    files = self.ray.get(worker.actor.prepare.remote(task))
-                except self.ray.exceptions.RayActorError as err:
-                    self._died(worker, err)
-                    continue
-                except self.ray.exceptions.RayTaskError as err:
-                    raise _unwrap(err) from None
-                worker.task_files_ok = task_id
-                return files
-        raise TracekitError(f"preparing the sweep failed on {self.max_attempts} Ray workers: {'; '.join(self.deaths[-3:])}")
+        return _Sweep(self, task, store, report, todo, shard_by, progress).run()
 
     def _files_for(self, worker: Worker, task_id: str, files: list[str]) -> None:
         """Give ``worker`` the task's cache files it cannot see, through the object store (once per
@@ -376,38 +356,76 @@ def _unwrap(err):
 
 
 class _Sweep:
-    """One run of the driver loop: dispatch batches, take results as they come, write them."""
+    """One run of the driver loop: dispatch batches, take results as they come, write them.
 
-    def __init__(self, executor: RayExecutor, task, task_id: str, files: list[str], store: ResultStore,
-                 report: SweepReport, todo: list[SweepItem], shard_by, progress: bool):
-        self.ex, self.ray, self.task, self.task_id, self.files = executor, executor.ray, task, task_id, files
+    The task's preparation (key statistics) runs on one worker while the others take the
+    items that do not need it (FT edits); the items that do wait until it is done.
+    """
+
+    def __init__(self, executor: RayExecutor, task, store: ResultStore, report: SweepReport,
+                 todo: list[SweepItem], shard_by, progress: bool):
+        self.ex, self.ray, self.task = executor, executor.ray, task
+        self.task_id = f"{time.time_ns()}-{os.getpid()}"
         self.report, self.todo = report, todo
         self.writer = ResultWriter(store, task.table, report)
-        self.queue: deque[Batch] = deque(_batches(todo, shard_by, executor.points_per_batch))
+        needs = [task.needs_prepare(item) for item in todo]
+        self.queue: deque[Batch] = deque(_batches(todo, needs, shard_by, executor.points_per_batch))
+        self.files: list[str] | None = None if any(needs) else []  # None: preparation not done yet
+        self.preparing: tuple[Worker, Any] | None = None
+        self.prepare_tries = 0
         self.attempts: Counter = Counter()
         self.runs: dict[Any, Run] = {}
         self.bar, self.bar_task = sweep_progress(progress, len(todo), task.description, self._status())
-        self.last_result = time.monotonic()
 
     def _status(self) -> str:
         ready = len(self.ex.ready_workers())
         text = f"{ready}/{self.ex.n_workers} workers"
+        text += f" · worker {self.preparing[0].index} computing key statistics" if self.preparing else ""
         text += f" · {self.report.retried} retried" if self.report.retried else ""
         return text + (f" · {len(self.report.failed)} failed" if self.report.failed else "")
 
     def run(self) -> SweepReport:
         with self.bar:
-            while self.queue or self.runs:
-                self.ex._wait_ready(self.ex.start_timeout if not self.runs else 0)
+            while self.queue or self.runs or self.preparing:
+                self.ex._wait_ready(self.ex.start_timeout if not (self.runs or self.preparing) else 0)
+                if self.files is None and self.preparing is None:
+                    self._start_prepare()
                 self._dispatch()
                 self._receive()
             self.writer.close()
         return self.report
 
+    # ---- preparation ----
+    def _start_prepare(self) -> None:
+        self.prepare_tries += 1
+        if self.prepare_tries > self.ex.max_attempts:
+            raise TracekitError(f"preparing the sweep (key statistics) failed on {self.ex.max_attempts} Ray workers: "
+                                f"{'; '.join(self.ex.deaths[-3:])}")
+        worker = min(self.ex.ready_workers(), key=lambda w: len(w.runs))
+        self.preparing = (worker, worker.actor.prepare.remote(self.task))  # runs after the worker's queued batches
+        self.bar.update(self.bar_task, status=self._status())
+
+    def _prepared(self) -> None:
+        worker, ref = self.preparing
+        self.preparing = None
+        try:
+            self.files = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as err:
+            raise _unwrap(err) from None
+        except self.ray.exceptions.RayError as err:  # the worker died: another one prepares
+            self._worker_died(worker, err)
+            return
+        worker.task_files_ok = self.task_id
+        self.bar.update(self.bar_task, status=self._status())
+
+    # ---- handing out batches ----
     def _dispatch(self) -> None:
         for worker in sorted(self.ex.ready_workers(), key=lambda w: len(w.runs)):
+            if self.preparing and self.preparing[0] is worker:
+                continue
             try:
-                self.ex._files_for(worker, self.task_id, self.files)
+                if self.files:
+                    self.ex._files_for(worker, self.task_id, self.files)
             except self.ray.exceptions.RayError as err:
                 self._worker_died(worker, err)
                 continue
@@ -424,22 +442,30 @@ class _Sweep:
     def _next_batch_for(self, worker: Worker) -> Batch | None:
         others = len(self.ex.ready_workers()) > 1
         for i, batch in enumerate(self.queue):
+            if batch.needs_prepare and self.files is None:
+                continue
             if worker.index not in batch.avoid or not others:
                 del self.queue[i]
                 return batch
         return None
 
+    # ---- taking results ----
     def _receive(self) -> None:
         waiting = list(self.runs) + [w.ready_ref for w in self.ex.workers if w.info is None]
+        if self.preparing:
+            waiting.append(self.preparing[1])
         if not waiting:
             return
         done, _ = self.ray.wait(waiting, num_returns=1, timeout=1.0)
-        for generator in done:
-            run = self.runs.get(generator)
+        for ready in done:
+            if self.preparing and ready is self.preparing[1]:
+                self._prepared()
+                continue
+            run = self.runs.get(ready)
             if run is None:
-                continue  # a worker finished loading: taken in by the next _wait_ready
+                continue  # a worker finished loading (taken in by the next _wait_ready), or a run already closed
             try:
-                ref = next(generator)
+                ref = next(ready)
             except StopIteration:
                 self._finished(run)
                 continue
@@ -448,7 +474,6 @@ class _Sweep:
             except self.ray.exceptions.RayError as err:  # the worker died (or broke): it is replaced
                 self._worker_died(run.worker, err)
                 continue
-            self.last_result = time.monotonic()
             run.pending.remove(index)
             item = self.todo[index]
             if isinstance(values, Crash):
@@ -469,6 +494,7 @@ class _Sweep:
         if run.pending:  # stopped early (a crash) or cut short: nothing may be lost
             self._requeue(run.pending, run.worker, count=False)
 
+    # ---- faults ----
     def _worker_died(self, worker: Worker, err: BaseException) -> None:
         """Requeue everything sent to ``worker`` and not received; its current item is the suspect."""
         suspect = True
@@ -480,6 +506,8 @@ class _Sweep:
                 suspect = False
             self._requeue(run.pending, worker, count=True)
         worker.runs.clear()
+        if self.preparing and self.preparing[0] is worker:
+            self.preparing = None  # started again on another worker by the loop
         self.ex._file_refs.clear()  # they may have lived on the dead worker's machine
         self.ex._died(worker, err)
         self.bar.update(self.bar_task, status=self._status())
@@ -492,26 +520,36 @@ class _Sweep:
             advance(self.bar, self.bar_task, self._status())
             return
         self.report.retried += 1
-        self.queue.appendleft(Batch([(index, self.todo[index])], frozenset({worker.index})))
+        self.queue.appendleft(self._batch([index], worker))
 
     def _requeue(self, indices: list[int], worker: Worker, count: bool) -> None:
         if not indices:
             return
         if count:
             self.report.retried += len(indices)
-        self.queue.appendleft(Batch([(i, self.todo[i]) for i in indices], frozenset({worker.index})))
+        self.queue.appendleft(self._batch(indices, worker))
+
+    def _batch(self, indices: list[int], worker: Worker) -> Batch:
+        needs = any(self.task.needs_prepare(self.todo[i]) for i in indices)
+        return Batch([(i, self.todo[i]) for i in indices], frozenset({worker.index}), needs)
 
 
-def _batches(todo: list[SweepItem], shard_by, points_per_batch: int) -> list[Batch]:
-    """Consecutive items of the same point(s) go together: they share the point's preparation."""
-    batches: list[Batch] = []
-    points = []
+def _batches(todo: list[SweepItem], needs: list[bool], shard_by, points_per_batch: int) -> list[Batch]:
+    """Consecutive items of the same point(s) go together (they share the point's preparation),
+    those that need the task's preparation apart from those that do not."""
+    groups: list[list[int]] = []
+    last = object()
     for index, item in enumerate(todo):
         point = shard_by(item.key)
-        if not points or point != points[-1]:
-            points.append(point)
-            if len(points) > points_per_batch or not batches:
-                batches.append(Batch([]))
-                points = [point]
-        batches[-1].entries.append((index, item))
+        if point != last:
+            groups.append([])
+            last = point
+        groups[-1].append(index)
+    batches: list[Batch] = []
+    for start in range(0, len(groups), points_per_batch):
+        indices = [i for group in groups[start:start + points_per_batch] for i in group]
+        for flag in (False, True):
+            part = [(i, todo[i]) for i in indices if needs[i] == flag]
+            if part:
+                batches.append(Batch(part, frozenset(), flag))
     return batches

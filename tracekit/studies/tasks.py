@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from tracekit.data.records import FactRecord
+from tracekit.editing.api import parse_method
 from tracekit.editing.problems import PointSkipped
 from tracekit.errors import TracekitError
 from tracekit.store.sweep import SweepItem
 
 TRACE_KINDS = ("mlp", "attn", "resid", "zero")  # "zero": representation zeroing of the MLP output
+KEY_STATISTICS_METHODS = ("rome", "memit")  # they whiten their update by C = E[k k^T]
 
 
 def point_seed(seed: int, case_id: int) -> int:
@@ -60,6 +62,9 @@ class TraceTask:
     def items(self, model_id: str, records: Sequence[FactRecord]) -> list[SweepItem]:
         return [SweepItem(dict(model=model_id, dataset=r.source, case_id=r.case_id, kind=kind, window=window), r)
                 for r in records for kind in self.kinds for window in self.windows]
+
+    def needs_prepare(self, item: SweepItem) -> bool:
+        return False
 
     def prepare(self, model, progress: bool = False) -> list[Path]:
         return []
@@ -132,17 +137,26 @@ class EditTask:
     def hparams_for(self, method: str):
         return self.hparams.get(method) if isinstance(self.hparams, Mapping) else self.hparams
 
+    def needs_prepare(self, item: SweepItem) -> bool:
+        """Does this item read key statistics (ROME, MEMIT with the library's editor)?"""
+        return self.edit_fn is None and parse_method(item.key["method"]) in KEY_STATISTICS_METHODS
+
     def prepare(self, model, progress: bool = False) -> list[Path]:
-        """Compute the key statistics every ROME/MEMIT item will read, in one pass over the corpus;
-        returns their cache files (for workers that cannot see this machine's cache)."""
-        if self.edit_fn is not None:
-            return []
+        """Compute the key statistics every ROME/MEMIT item will read, in one pass over the corpus
+        per statistics setting; returns their cache files (for workers that cannot see this
+        machine's cache)."""
         from tracekit.editing.api import key_statistics_files
 
+        methods = [m for m in self.methods if parse_method(m) in KEY_STATISTICS_METHODS]
+        if self.edit_fn is not None or not methods:
+            return []
+        # one hyperparameter object (or the presets): one call, so methods sharing settings share a pass
+        groups = [(m, self.hparams_for(m)) for m in methods] if isinstance(self.hparams, Mapping) else [
+            (methods, self.hparams)]
         files: list[Path] = []
-        for method in self.methods:  # one call per method: each may have its own hyperparameters
-            files += key_statistics_files(model, [method], self.layers, self.hparams_for(method), progress=progress,
-                                          clip_window=True, problems=self.problems)
+        for group, hparams in groups:
+            files += key_statistics_files(model, [group] if isinstance(group, str) else group, self.layers, hparams,
+                                          progress=progress, clip_window=True, problems=self.problems)
         return sorted(set(files))
 
     def session(self, model):
