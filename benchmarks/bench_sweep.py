@@ -8,9 +8,11 @@ Three kinds of work, each into a fresh store, local first, then Ray (workers alr
   time per item is the executor's own cost: dispatch, transfer, one SQLite commit;
 - ``trace``: causal traces (MLP, window 2, 2 samples) and zeroing of every point;
 - ``edit``: ROME and FT-1 edits at two layers, scored (essence off), ROME's key statistics
-  from a small corpus (computed once per run, included in the time).
+  from a small corpus.
 Per-item overhead of Ray = (Ray's wall x workers - the items' compute seconds) / items: the
 time a worker slot spends on anything but computing, start-up excluded (reported apart).
+Every run follows a one-point warm-up (first calls, ROME's key statistics), so the times are
+the steady state of a long sweep.
 Writes ``benchmarks/results/sweep-<model>-<device>.json`` and ``.md``.
 """
 
@@ -72,8 +74,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--address", default=None)
     parser.add_argument("--work", nargs="+", default=["noop", "trace", "edit"], choices=["noop", "trace", "edit"])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the local run (a Ray worker: 1)")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     (root / "corpus.txt").write_text(CORPUS)
     os.environ["TRACEKIT_CACHE"] = str(root / "cache")  # fresh caches: key statistics are computed in each run
@@ -83,6 +87,8 @@ def main() -> None:
 
     model = tracekit.load_model(args.model, device="cpu")
     for kind in args.work:
+        with ResultStore(root / f"local-warm-{kind}.sqlite") as store:
+            work(kind, model, records[:1], store, str(root / "corpus.txt"))
         with ResultStore(root / f"local-{kind}.sqlite") as store:
             started = time.perf_counter()
             report = work(kind, model, records, store, str(root / "corpus.txt"))
@@ -97,6 +103,8 @@ def main() -> None:
         remote = pool.model
         startup = time.perf_counter() - started
         for kind in args.work:
+            with ResultStore(root / f"ray-warm-{kind}.sqlite") as store:  # a point per worker
+                work(kind, remote, records[:pool.n_workers], store, str(root / "corpus.txt"))
             before = pool.stats["compute seconds"]
             with ResultStore(root / f"ray-{kind}.sqlite") as store:
                 started = time.perf_counter()
@@ -123,7 +131,8 @@ def markdown(r: dict) -> str:
     lines = [f"# Sweep benchmark: {r['model']}, {r['points']} points, local vs Ray ({r['cpu']})", "",
              f"Ray start-up (workers loading the model, in parallel): {r['ray_startup_seconds']:.1f} s, not in the "
              "times below. Local: one process, torch threads "
-             f"{r['torch_threads_local']}; Ray: one thread per worker.", "",
+             f"{r['torch_threads_local']}; Ray: one thread per worker. Each run follows a one-point warm-up "
+             "(first calls, ROME's key statistics): the steady state of a long sweep.", "",
              "| work | executor | items | seconds | items/s | overhead per item (s) |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for row in r["rows"]:

@@ -212,6 +212,36 @@ def test_a_killed_driver_resumes_from_the_store(pool, tmp_path):
     assert sorted(set(traces["case_id"])) == list(range(12))
 
 
+class Scored:
+    def __init__(self, rewrite):
+        self.scores, self.edit = {"rewrite": rewrite}, None
+
+
+def flaky_edit(model, record, method, problem, layer, hparams, seed):
+    """A stand-in editor (shipped to the workers by value) that always breaks on point 1."""
+    if record.case_id == 1:
+        raise RuntimeError("CUDA out of memory (pretend)")
+    return Scored(layer / 10)
+
+
+def test_an_item_that_keeps_failing_is_stored_as_failed_not_retried_forever(pool, records, tmp_path):
+    with ResultStore(tmp_path / "f.sqlite") as store:
+        report = edit_study(pool.model, records, store, methods=("ft-1",), layers=LAYERS, edit_fn=flaky_edit,
+                            progress=False)
+        rows = store.frame("edits").set_index(["case_id", "layer"])["status"]
+    assert report.computed == (N_POINTS - 1) * len(LAYERS) and len(report.failed) == len(LAYERS)
+    assert report.retried == len(LAYERS) * (pool.max_attempts - 1)  # tried max_attempts times, then recorded
+    for layer in LAYERS:
+        assert rows[(1, layer)].startswith("failed: RuntimeError: CUDA out of memory (pretend)")
+        assert rows[(1, layer)].endswith(f"({pool.max_attempts} attempts)")
+    assert (rows.drop(index=1, level="case_id") == "ok").all()
+
+
+def test_the_driver_asks_a_worker_to_generate(pool, records):
+    prompts = [r.text for r in records]
+    assert pool.model.generate(prompts, max_new_tokens=4) == tiny(SPEC).generate(prompts, max_new_tokens=4)
+
+
 def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
     from tracekit.errors import TracekitError
     from tracekit.studies import ray_executor

@@ -62,6 +62,9 @@ def add_executor_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--points-per-batch", type=int, default=1,
                        help="points handed to a worker at once (a point's items share its preparation); "
                             "default: %(default)s")
+    group.add_argument("--worker-env", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="environment variables for the Ray workers, e.g. TRACEKIT_CACHE=/shared/tracekit "
+                            "(a cache every machine reads); '{worker}' in a value becomes the worker's number")
     group.add_argument("--max-attempts", type=int, default=3,
                        help="tries per item (a worker dying on it, or an unexpected error) before it is stored "
                             "as failed; default: %(default)s")
@@ -75,11 +78,15 @@ def model_from_args(args):
         return
     from tracekit.studies.ray_executor import RayExecutor
 
+    bad = [pair for pair in args.worker_env if "=" not in pair or pair.startswith("=")]
+    if bad:
+        raise TracekitError(f"--worker-env takes KEY=VALUE pairs, got {' '.join(bad)}")
     source = ModelSource(args.model, backend=args.backend, device=args.device, dtype=args.dtype,
                          prepend_bos=False if getattr(args, "bare_prompts", False) else None)
     with RayExecutor(source, address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                      cpus_per_worker=args.cpus_per_worker, points_per_batch=args.points_per_batch,
-                     max_attempts=args.max_attempts) as pool:
+                     max_attempts=args.max_attempts,
+                     worker_env=dict(pair.split("=", 1) for pair in args.worker_env)) as pool:
         with console.status(f"starting {pool.n_workers} Ray worker(s), each loading {args.model}"):
             model = pool.model
         workers = pool.ready_workers()

@@ -420,24 +420,27 @@ class _Sweep:
 
     # ---- handing out batches ----
     def _dispatch(self) -> None:
-        for worker in sorted(self.ex.ready_workers(), key=lambda w: len(w.runs)):
-            if self.preparing and self.preparing[0] is worker:
-                continue
-            try:
-                if self.files:
-                    self.ex._files_for(worker, self.task_id, self.files)
-            except self.ray.exceptions.RayError as err:
-                self._worker_died(worker, err)
-                continue
-            while self.queue and len(worker.runs) < 2:  # one running, one waiting: no idle gap between batches
-                batch = self._next_batch_for(worker)
-                if batch is None:
-                    break
-                generator = worker.actor.run.options(num_returns="streaming").remote(self.task_id, self.task,
-                                                                                     batch.entries)
-                run = Run(worker, batch, [index for index, _ in batch.entries], generator)
-                worker.runs.append(run)
-                self.runs[generator] = run
+        """Every idle worker gets a batch first; then each gets a second one to start on as soon
+        as the first is done (no idle gap waiting for the driver)."""
+        for depth in (1, 2):
+            for worker in sorted(self.ex.ready_workers(), key=lambda w: len(w.runs)):
+                if self.preparing and self.preparing[0] is worker:
+                    continue
+                try:
+                    if self.files:
+                        self.ex._files_for(worker, self.task_id, self.files)
+                except self.ray.exceptions.RayError as err:
+                    self._worker_died(worker, err)
+                    continue
+                while self.queue and len(worker.runs) < depth:
+                    batch = self._next_batch_for(worker)
+                    if batch is None:
+                        break
+                    generator = worker.actor.run.options(num_returns="streaming").remote(self.task_id, self.task,
+                                                                                         batch.entries)
+                    run = Run(worker, batch, [index for index, _ in batch.entries], generator)
+                    worker.runs.append(run)
+                    self.runs[generator] = run
 
     def _next_batch_for(self, worker: Worker) -> Batch | None:
         others = len(self.ex.ready_workers()) > 1
