@@ -242,6 +242,13 @@ def test_the_driver_asks_a_worker_to_generate(pool, records):
     assert pool.model.generate(prompts, max_new_tokens=4) == tiny(SPEC).generate(prompts, max_new_tokens=4)
 
 
+def test_a_pool_too_big_for_the_cluster_is_one_line(cluster):
+    from tracekit.errors import TracekitError
+
+    with pytest.raises(TracekitError, match=r"needs 1 GPU\(s\) and 1 CPU\(s\), but the Ray cluster has 0 GPU"):
+        RayExecutor(ModelSource(SPEC), gpus_per_worker=1)
+
+
 def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
     from tracekit.errors import TracekitError
     from tracekit.studies import ray_executor

@@ -9,12 +9,25 @@ This floor sits above the store, tracing and editing, and imports them; none of 
 Ray is optional (``pip install 'tracekit[ray]'``): ``RayExecutor`` imports it when one is made.
 """
 
-from tracekit.studies.executors import LocalExecutor, ModelCard, ModelSource, executor_for, preset_layer
-from tracekit.studies.ray_executor import RayExecutor, RemoteModel
-from tracekit.studies.study import edit_study, run_study, spread_layers, trace_study
-from tracekit.studies.tasks import TRACE_KINDS, EditTask, TraceTask, point_seed
+# Loaded on first use: `tracekit --help` imports the command module without torch.
+_LAZY = {
+    "LocalExecutor": "executors", "ModelCard": "executors", "ModelSource": "executors", "executor_for": "executors",
+    "preset_layer": "executors", "RayExecutor": "ray_executor", "RemoteModel": "ray_executor",
+    "edit_study": "study", "run_study": "study", "spread_layers": "study", "trace_study": "study",
+    "TRACE_KINDS": "tasks", "EditTask": "tasks", "TraceTask": "tasks", "point_seed": "tasks",
+}
 
 
-__all__ = ["EditTask", "LocalExecutor", "ModelCard", "ModelSource", "RayExecutor", "RemoteModel", "TRACE_KINDS",
-           "TraceTask", "edit_study", "executor_for", "point_seed", "preset_layer", "run_study", "spread_layers",
-           "trace_study"]
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f"tracekit.studies.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'tracekit.studies' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = sorted(_LAZY)

@@ -13,11 +13,9 @@ from contextlib import contextmanager
 from tracekit.cli import add_model_args, console, load_from_args
 from tracekit.data.args import add_data_args, records_from_args
 from tracekit.errors import TracekitError
-from tracekit.store.cli import add_store_args, open_store_from_args
-from tracekit.store.sweep import print_report
-from tracekit.studies.executors import ModelSource, preset_layer
-from tracekit.studies.study import edit_study, spread_layers, trace_study
 from tracekit.studies.tasks import TRACE_KINDS
+
+# Parsers are built for `tracekit --help`: the store, the studies and torch load when a command runs.
 
 PROBLEMS = ("error-injection", "tracing-reversal", "fact-erasure", "fact-amplification", "fact-forcing")
 METHODS = ("rome", "memit", "ft-1", "ft-5")
@@ -76,6 +74,7 @@ def model_from_args(args):
     if args.executor == "local":
         yield load_from_args(args)
         return
+    from tracekit.studies.executors import ModelSource
     from tracekit.studies.ray_executor import RayExecutor
 
     bad = [pair for pair in args.worker_env if "=" not in pair or pair.startswith("=")]
@@ -97,6 +96,8 @@ def model_from_args(args):
 
 
 def add_trace_args(parser: argparse.ArgumentParser) -> None:
+    from tracekit.store.cli import add_store_args
+
     add_model_args(parser)
     add_data_args(parser)
     group = parser.add_argument_group("tracing")
@@ -113,6 +114,10 @@ def add_trace_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_trace(args, *, trace_fn=None, zero_fn=None) -> None:
+    from tracekit.store.cli import open_store_from_args
+    from tracekit.store.sweep import print_report
+    from tracekit.studies.study import trace_study
+
     store, shard = open_store_from_args(args)
     with store, model_from_args(args) as model:
         records = records_from_args(args, model, cache=store, shard=shard, console=console)
@@ -123,6 +128,8 @@ def run_trace(args, *, trace_fn=None, zero_fn=None) -> None:
 
 
 def add_edit_args(parser: argparse.ArgumentParser) -> None:
+    from tracekit.store.cli import add_store_args
+
     add_model_args(parser)
     add_data_args(parser)
     group = parser.add_argument_group("editing")
@@ -142,6 +149,9 @@ def add_edit_args(parser: argparse.ArgumentParser) -> None:
 
 
 def edit_layers(args, model) -> tuple[list[int], int | None]:
+    from tracekit.studies.executors import preset_layer
+    from tracekit.studies.study import spread_layers
+
     default = args.default_layer if args.default_layer is not None else preset_layer(model)
     if args.layers == ["auto"]:
         return spread_layers(model.n_layers, args.spread, default), default
@@ -152,6 +162,10 @@ def edit_layers(args, model) -> tuple[list[int], int | None]:
 
 
 def run_edit(args, *, edit_fn=None, hparams=None) -> None:
+    from tracekit.store.cli import open_store_from_args
+    from tracekit.store.sweep import print_report
+    from tracekit.studies.study import edit_study
+
     store, shard = open_store_from_args(args)
     with store, model_from_args(args) as model:
         layers, default = edit_layers(args, model)

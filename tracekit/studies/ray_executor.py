@@ -82,7 +82,8 @@ class StudyWorker:
         from tracekit.editing.cache import cache_dir
 
         root = cache_dir().resolve()
-        return [str(Path(path).resolve().relative_to(root)) for path in task.prepare(self.model, progress=False)]
+        files = [Path(path).resolve() for path in task.prepare(self.model, progress=False)]
+        return [str(path.relative_to(root)) for path in files if path.is_relative_to(root)]
 
     def missing(self, files: list[str]) -> list[str]:
         from tracekit.editing.cache import cache_dir
@@ -98,6 +99,19 @@ class StudyWorker:
         from tracekit.editing.cache import cache_dir, write_atomic
 
         write_atomic(cache_dir() / name, lambda p: p.write_bytes(data))
+
+    def _reload(self) -> None:
+        """A fresh copy of the model: the failed item may have left an edit half applied or a hook on."""
+        import gc
+
+        import torch
+
+        self.session.close()
+        self.task_id, self.model = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.model = self.source.load()
 
     def generate(self, prompts: list[str], kwargs: dict) -> list[str]:
         return self.model.generate(prompts, **kwargs)
@@ -119,8 +133,7 @@ class StudyWorker:
                 values = {"status": f"failed: {err}"}
             except Exception as err:  # noqa: BLE001 - the driver retries it elsewhere, then records it
                 values = Crash(f"{type(err).__name__}: {err} (at {_where(err)})")
-                self.session.close()
-                self.task_id, self.model = None, self.source.load()
+                self._reload()
             yield index, values, time.perf_counter() - started
             if isinstance(values, Crash):
                 return  # the rest of the batch goes back to the driver's queue
@@ -203,6 +216,14 @@ class RayExecutor:
             kwargs = {"log_to_driver": False, **(init_kwargs or {})}
             self.ray.init(address=address, **kwargs)
             self.started_ray = True
+        try:
+            self._start(workers, gpus_per_worker, cpus_per_worker)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, workers: int | None, gpus_per_worker: float | None, cpus_per_worker: float) -> None:
+        self.workers: list[Worker] = []
         resources = self.ray.cluster_resources()
         gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
         self.gpus_per_worker = (1 if gpus else 0) if gpus_per_worker is None else gpus_per_worker
@@ -214,7 +235,6 @@ class RayExecutor:
         self.n_workers = max(1, workers)
         self.max_replacements = 2 * self.n_workers + 2
         self.deaths: list[str] = []
-        self.workers: list[Worker] = []
         self._numbers = itertools.count()
         self._actor_class = self.ray.remote(StudyWorker)
         self._card: ModelCard | None = None
@@ -293,8 +313,10 @@ class RayExecutor:
             starting = {w.ready_ref: w for w in self.workers if w.info is None}
             if not starting:
                 return
-            wait = 0 if self.ready_workers() else max(0.0, deadline - time.monotonic())
-            done, _ = self.ray.wait(list(starting), num_returns=len(starting), timeout=wait)
+            if self.ready_workers():  # take whoever is ready now, wait for nobody
+                done, _ = self.ray.wait(list(starting), num_returns=len(starting), timeout=0)
+            else:  # wait for the first one
+                done, _ = self.ray.wait(list(starting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             for ref in done:
                 worker = starting[ref]
                 try:

@@ -14,13 +14,13 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from tracekit.data.records import FactRecord
-from tracekit.editing.api import parse_method
-from tracekit.editing.problems import PointSkipped
 from tracekit.errors import TracekitError
-from tracekit.store.sweep import SweepItem
+
+if TYPE_CHECKING:  # light at import: `tracekit --help` reads TRACE_KINDS without loading torch
+    from tracekit.data.records import FactRecord
+    from tracekit.store.sweep import SweepItem
 
 TRACE_KINDS = ("mlp", "attn", "resid", "zero")  # "zero": representation zeroing of the MLP output
 KEY_STATISTICS_METHODS = ("rome", "memit")  # they whiten their update by C = E[k k^T]
@@ -60,6 +60,8 @@ class TraceTask:
                 "point_seed": "seed + case_id", "target": "target_true"}
 
     def items(self, model_id: str, records: Sequence[FactRecord]) -> list[SweepItem]:
+        from tracekit.store.sweep import SweepItem
+
         return [SweepItem(dict(model=model_id, dataset=r.source, case_id=r.case_id, kind=kind, window=window), r)
                 for r in records for kind in self.kinds for window in self.windows]
 
@@ -129,6 +131,8 @@ class EditTask:
         return config if self.metrics is None else {**config, "metrics": repr(self.metrics)}
 
     def items(self, model_id: str, records: Sequence[FactRecord]) -> list[SweepItem]:
+        from tracekit.store.sweep import SweepItem
+
         # point by point, so a point's preparation (its baseline, its essence texts) is shared
         return [SweepItem(dict(model=model_id, dataset=r.source, case_id=r.case_id, method=method, problem=problem,
                                layer=layer), r)
@@ -139,13 +143,15 @@ class EditTask:
 
     def needs_prepare(self, item: SweepItem) -> bool:
         """Does this item read key statistics (ROME, MEMIT with the library's editor)?"""
+        from tracekit.editing.api import parse_method
+
         return self.edit_fn is None and parse_method(item.key["method"]) in KEY_STATISTICS_METHODS
 
     def prepare(self, model, progress: bool = False) -> list[Path]:
         """Compute the key statistics every ROME/MEMIT item will read, in one pass over the corpus
         per statistics setting; returns their cache files (for workers that cannot see this
         machine's cache)."""
-        from tracekit.editing.api import key_statistics_files
+        from tracekit.editing.api import key_statistics_files, parse_method
 
         methods = [m for m in self.methods if parse_method(m) in KEY_STATISTICS_METHODS]
         if self.edit_fn is not None or not methods:
@@ -167,6 +173,8 @@ class EditTask:
         return baseline_cached(model)  # safe: every item undoes its edit before the next is scored
 
     def compute(self, model, item: SweepItem) -> dict:
+        from tracekit.editing.problems import PointSkipped
+
         r: FactRecord = item.payload
         method = item.key["method"]
         edit_fn = self.edit_fn
