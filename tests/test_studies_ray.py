@@ -62,7 +62,7 @@ def cluster(tmp_path_factory):
     (root / "corpus.txt").write_text(CORPUS)
     log = root / "statistics.log"
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook travels by value
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"worker_process_setup_hook": count_statistics_passes, "env_vars": {COUNT_LOG: str(log)}})
     yield root
     ray.shutdown()
