@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from tracekit.errors import TracekitError
 from tracekit.store.db import ResultStore
 from tracekit.store.manifest import model_identity
-from tracekit.store.sweep import Shard, SweepItem, SweepReport, point_of, run_sweep
+from tracekit.store.sweep import Shard, SweepItem, SweepReport, point_of, run_sweep, select_items
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,9 @@ class LocalExecutor:
 
     def run(self, task, store: ResultStore, items: Sequence[SweepItem], *, shard: Shard | None = None,
             shard_by: Callable[[dict], Any] = point_of, progress: bool = True) -> SweepReport:
-        task.prepare(self.model, progress=progress)  # cached: cheap when done
+        _, todo = select_items(store, task.table, items, shard=shard, shard_by=shard_by)
+        if any(task.needs_prepare(item) for item in todo):
+            task.prepare(self.model, progress=progress)  # key statistics, all layers in one pass; cached
         with task.session(self.model):
             return run_sweep(store, task.table, items, work=lambda item: task.compute(self.model, item),
                              shard=shard, shard_by=shard_by, progress=progress, description=task.description)

@@ -214,7 +214,11 @@ class RayExecutor:
         self.started_ray = False
         if not self.ray.is_initialized():
             kwargs = {"log_to_driver": False, **(init_kwargs or {})}
-            self.ray.init(address=address, **kwargs)
+            try:
+                self.ray.init(address=address, **kwargs)
+            except (ConnectionError, TimeoutError) as err:
+                raise TracekitError(f"no Ray cluster at --address {address}: {err}; start one with `ray start --head` "
+                                    "(docs/cluster.md), or leave --address out for a Ray instance on this machine") from None
             self.started_ray = True
         try:
             self._start(workers, gpus_per_worker, cpus_per_worker)
