@@ -4,7 +4,7 @@
     python recipes/edit_sweep.py --model smollm2-135m --n 2000 --n-known 100 \\
         --methods rome ft-1 --problems error-injection fact-forcing --layers auto --store runs/smollm.sqlite
 
-The same as `tracekit edit-sweep` (tracekit/studies/cli.py). --layers auto: about 8 layers
+The same as `tracekit edit-sweep` (tracekit/cli/studies.py). --layers auto: about 8 layers
 spread from first to last plus the default (ROME preset) layer, as the paper did for GPT-J.
 Every edit result is stored the moment it is scored; rerun to resume; --shard K/N to split
 the work over a scheduler's jobs (see recipes/trace_dataset.py), --executor ray to spread it
@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from tracekit.store.cli import run_recipe
-from tracekit.studies.cli import add_edit_args, run_edit
+from tracekit.cli.studies import add_edit_args, run_edit
 
 
 def build_parser() -> argparse.ArgumentParser:

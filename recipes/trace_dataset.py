@@ -4,7 +4,7 @@
     python recipes/trace_dataset.py --model smollm2-135m --n 2000 --n-known 100 --kinds mlp --windows 5 \\
         --store runs/smollm.sqlite
 
-The same as `tracekit trace-dataset` (tracekit/studies/cli.py). Resumable: rerun the same
+The same as `tracekit trace-dataset` (tracekit/cli/studies.py). Resumable: rerun the same
 command after an interruption and only missing traces are computed. Sharded: --shard K/N
 (e.g. a Slurm array with --store runs/shard-{shard}.sqlite, then `tracekit store merge
 runs/all.sqlite runs/shard-*.sqlite`). On a Ray cluster: --executor ray (docs/cluster.md).
@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from tracekit.store.cli import run_recipe
-from tracekit.studies.cli import add_trace_args, run_trace
+from tracekit.cli.studies import add_trace_args, run_trace
 
 
 def build_parser() -> argparse.ArgumentParser:

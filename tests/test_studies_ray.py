@@ -192,7 +192,7 @@ def test_a_killed_driver_resumes_from_the_store(pool, tmp_path):
             "--no-known-filter", "--kinds", "mlp", "zero", "--windows", "1", "2", "--samples", "2", "--store", str(path),
             "--quiet", "--executor", "ray", "--address", ray.get_runtime_context().gcs_address, "--workers", "1",
             "--cpus-per-worker", "0.5"]
-    first = subprocess.Popen([sys.executable, "-m", "tracekit.cli", *args], stdout=subprocess.DEVNULL,
+    first = subprocess.Popen([sys.executable, "-m", "tracekit", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.time() + 120
     while stored(path, "traces") < 4 and time.time() < deadline and first.poll() is None:

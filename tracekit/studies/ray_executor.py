@@ -79,24 +79,24 @@ class StudyWorker:
 
     def prepare(self, task) -> list[str]:
         """Run the task's one-off preparation (key statistics); its cache files, relative to $TRACEKIT_CACHE."""
-        from tracekit.editing.cache import cache_dir
+        from tracekit.cache import cache_dir
 
         root = cache_dir().resolve()
         files = [Path(path).resolve() for path in task.prepare(self.model, progress=False)]
         return [str(path.relative_to(root)) for path in files if path.is_relative_to(root)]
 
     def missing(self, files: list[str]) -> list[str]:
-        from tracekit.editing.cache import cache_dir
+        from tracekit.cache import cache_dir
 
         return [f for f in files if not (cache_dir() / f).is_file()]
 
     def read_file(self, name: str) -> bytes:
-        from tracekit.editing.cache import cache_dir
+        from tracekit.cache import cache_dir
 
         return (cache_dir() / name).read_bytes()
 
     def install(self, name: str, data: bytes) -> None:
-        from tracekit.editing.cache import cache_dir, write_atomic
+        from tracekit.cache import cache_dir, write_atomic
 
         write_atomic(cache_dir() / name, lambda p: p.write_bytes(data))
 

@@ -1,6 +1,7 @@
 """``tracekit trace-dataset`` and ``tracekit edit-sweep``: the two sweep recipes as commands.
 
-``recipes/trace_dataset.py`` and ``recipes/edit_sweep.py`` are thin scripts over this module.
+``recipes/trace_dataset.py`` and ``recipes/edit_sweep.py`` are thin scripts over this module;
+the sweeps themselves are ``tracekit.studies``.
 Both take ``--executor local|ray``: ``local`` (the default) computes here; ``ray`` spreads the
 items over a Ray cluster's workers while this process writes the store (docs/cluster.md).
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 import argparse
 from contextlib import contextmanager
 
-from tracekit.cli import add_model_args, console, load_from_args
+from tracekit.cli.common import add_model_args, console, load_from_args
 from tracekit.data.args import add_data_args, records_from_args
 from tracekit.errors import TracekitError
+from tracekit.store.cli import add_store_args
 from tracekit.studies.tasks import TRACE_KINDS
 
 # Parsers are built for `tracekit --help`: the store, the studies and torch load when a command runs.
@@ -96,8 +98,6 @@ def model_from_args(args):
 
 
 def add_trace_args(parser: argparse.ArgumentParser) -> None:
-    from tracekit.store.cli import add_store_args
-
     add_model_args(parser)
     add_data_args(parser)
     group = parser.add_argument_group("tracing")
@@ -128,8 +128,6 @@ def run_trace(args, *, trace_fn=None, zero_fn=None) -> None:
 
 
 def add_edit_args(parser: argparse.ArgumentParser) -> None:
-    from tracekit.store.cli import add_store_args
-
     add_model_args(parser)
     add_data_args(parser)
     group = parser.add_argument_group("editing")
