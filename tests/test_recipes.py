@@ -9,7 +9,8 @@ import pytest
 
 from tracekit.errors import TracekitError
 from tracekit.store import ResultStore, merge_stores
-from tracekit.store.studies import spread_layers
+from tracekit.editing.problems import PointSkipped
+from tracekit.studies import spread_layers
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 N_POINTS = 12
@@ -68,10 +69,6 @@ class FakeEdit:
 class FakeResult:
     def __init__(self, scores):
         self.scores, self.edit = scores, FakeEdit()
-
-
-class PointSkipped(TracekitError):
-    pass
 
 
 def fake_edit(model, record, method, problem, layer, hparams, seed):

@@ -90,6 +90,9 @@ def key_fingerprint(model: Model, layer: int) -> str:
 
 def model_identity(model: Model) -> str:
     """``spec#fingerprint`` (12 hex digits); an object without weights is known by its spec."""
+    known = getattr(model, "model_identity", None)
+    if isinstance(known, str):  # a model held by other processes says who it is (tracekit.studies RemoteModel)
+        return known
     spec = getattr(model, "spec", None) or type(model).__name__
     if not hasattr(getattr(model, "hf", None), "named_parameters"):
         return str(spec)

@@ -143,6 +143,18 @@ def warm_key_statistics(model, methods, layers, hparams=None, progress: bool = T
                         clip_window: bool | None = None, problems=("error-injection",)) -> list[int]:
     """Compute the key statistics every ROME/MEMIT edit of a sweep will read, in one pass over
     the corpus (one pass per layer costs up to ``len(layers)`` times more). Returns the layers."""
+    return sorted({s.layer for s in _key_statistics(model, methods, layers, hparams, progress, clip_window, problems)})
+
+
+def key_statistics_files(model, methods, layers, hparams=None, progress: bool = True,
+                         clip_window: bool | None = None, problems=("error-injection",)) -> list:
+    """As ``warm_key_statistics``, but returns the cache files that hold the statistics (so a
+    sweep on several machines can hand them to workers that cannot read this one's cache)."""
+    return sorted({s.path for s in _key_statistics(model, methods, layers, hparams, progress, clip_window, problems)
+                   if s.path is not None})
+
+
+def _key_statistics(model, methods, layers, hparams, progress, clip_window, problems) -> list:
     from tracekit.editing.covariance import second_moments
     from tracekit.editing.memit import memit_layers
 
@@ -158,10 +170,11 @@ def warm_key_statistics(model, methods, layers, hparams=None, progress: bool = T
                     continue  # this item will report its own error
                 key = (hp.mom2_n_samples, hp.mom2_sample_tokens, hp.mom2_dtype, hp.corpus)
                 needed.setdefault(key, set()).update(span)
+    found = []
     for (n_samples, sample_tokens, dtype, corpus), wanted in needed.items():
-        second_moments(model, sorted(wanted), n_samples=n_samples, sample_tokens=sample_tokens, dtype=dtype,
-                       corpus=corpus, progress=progress)
-    return sorted(set().union(*needed.values())) if needed else []
+        found += second_moments(model, sorted(wanted), n_samples=n_samples, sample_tokens=sample_tokens, dtype=dtype,
+                                corpus=corpus, progress=progress).values()
+    return found
 
 
 def nan_to_none(scores: dict[str, float]) -> dict[str, float | None]:

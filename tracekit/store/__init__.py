@@ -6,10 +6,24 @@
     df = store.edits_frame()                          # pandas, one column per score
 """
 
-from tracekit.store.db import TABLES, ResultStore
-from tracekit.store.manifest import config_hash, model_identity, versions
-from tracekit.store.merge import MergeReport, merge_stores
-from tracekit.store.sweep import Shard, SweepItem, SweepReport, print_report, run_sweep, shard_from_env
+# Loaded on first use, so the recipes' argument helpers (tracekit.store.cli) import without pandas.
+_LAZY = {
+    "TABLES": "db", "ResultStore": "db", "config_hash": "manifest", "model_identity": "manifest", "versions": "manifest",
+    "MergeReport": "merge", "merge_stores": "merge", "Shard": "sweep", "SweepItem": "sweep", "SweepReport": "sweep",
+    "print_report": "sweep", "run_sweep": "sweep", "shard_from_env": "sweep",
+}
 
-__all__ = ["MergeReport", "ResultStore", "Shard", "SweepItem", "SweepReport", "TABLES", "config_hash",
-           "merge_stores", "model_identity", "print_report", "run_sweep", "shard_from_env", "versions"]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f"tracekit.store.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'tracekit.store' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = sorted(_LAZY)

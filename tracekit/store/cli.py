@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
-from tracekit.store.db import ResultStore
-from tracekit.store.sweep import Shard, shard_from_env
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the parsers are built without pandas (`tracekit --help`); the store loads when a recipe runs
+    from tracekit.store.db import ResultStore
+    from tracekit.store.sweep import Shard
 
 
 def run_recipe(fn) -> int:
@@ -27,6 +30,9 @@ def add_store_args(parser, default_store: str = "runs/study.sqlite") -> None:
 
 
 def open_store_from_args(args) -> tuple[ResultStore, Shard | None]:
+    from tracekit.store.db import ResultStore
+    from tracekit.store.sweep import shard_from_env
+
     shard = shard_from_env(args.shard)
     path = args.store.replace("{shard}", str(shard.index) if shard is not None else "all")
     store = ResultStore(path)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from tracekit.errors import TracekitError
 from tracekit.store.db import TABLES, ResultStore
@@ -69,16 +70,87 @@ class SweepReport:
     computed: int = 0
     skipped: int = 0  # stored as "skipped: <reason>" by the work function (the point does not qualify)
     failed: list[tuple[dict, str]] = field(default_factory=list)
+    retried: int = 0  # items sent again after their worker died or they raised (distributed executors)
 
     def summary(self) -> str:
         text = (f"{self.computed} computed, {self.already_done} already done, "
                 f"{self.owned} in this shard of {self.total}")
         text += f", {self.skipped} skipped (point does not qualify)" if self.skipped else ""
+        text += f", {self.retried} retried on another worker" if self.retried else ""
         return text + (f", {len(self.failed)} failed (stored with their reason)" if self.failed else "")
 
 
 def point_of(key: dict):
     return key["case_id"]
+
+
+def select_items(store: ResultStore, table: str, items: Sequence[SweepItem], *, shard: Shard | None = None,
+                 shard_by: Callable[[dict], Any] = point_of) -> tuple[SweepReport, list[SweepItem]]:
+    """The items of this shard that the store lacks (in the order given), and a report that counts them."""
+    key_columns = TABLES[table].key
+    report = SweepReport(total=len(items))
+    owned = [item for item in items if shard is None or shard.owns(shard_by(item.key))]
+    report.owned = len(owned)
+    done = store.done_keys(table)
+    todo = [item for item in owned if tuple(item.key[c] for c in key_columns) not in done]
+    report.already_done = len(owned) - len(todo)
+    return report, todo
+
+
+STOP_AFTER_FAILURES = 5
+
+
+class ResultWriter:
+    """Writes each finished item once, counts it in the report, and stops a sweep whose first
+    items all fail (a setup problem, not bad points) before storing any of them."""
+
+    def __init__(self, store: ResultStore, table: str, report: SweepReport):
+        self.store, self.table, self.report = store, table, report
+        self.held: list[tuple[SweepItem, dict]] = []  # failures before any success: maybe a setup error
+
+    def write(self, item: SweepItem, values: dict) -> None:
+        status = str(values.get("status", "ok"))
+        if status.startswith("failed") and self.report.computed + self.report.skipped == 0:
+            self.held.append((item, values))
+            if len(self.held) >= STOP_AFTER_FAILURES:
+                _stop(self.report)
+            return
+        for held_item, held_values in self.held:  # something works, so those were point failures
+            self.store.put(self.table, held_item.key, held_values)
+        self.held.clear()
+        if self.store.put(self.table, item.key, values) and not status.startswith("failed"):
+            if status.startswith("skipped"):
+                self.report.skipped += 1
+            else:
+                self.report.computed += 1
+
+    def fail(self, item: SweepItem, reason: str) -> None:
+        """Record ``item`` as failed with ``reason`` (it is stored, unless every item so far failed)."""
+        self.report.failed.append((item.key, reason))
+        self.write(item, {"status": f"failed: {reason}"})
+
+    def close(self) -> None:
+        if self.held:
+            _stop(self.report)
+
+
+def sweep_progress(progress: bool, total: int, description: str, status: str = "") -> tuple[Progress, Any]:
+    """A rich bar: done/total, items per second, elapsed and remaining time, and a status text."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+               TextColumn("{task.fields[status]}")]
+    bar = Progress(*columns, disable=not progress or not total, transient=False)
+    task = bar.add_task(description, total=total, rate="", status=status)
+    return bar, task
+
+
+def advance(bar: Progress, task, status: str | None = None) -> None:
+    bar.advance(task)
+    speed = bar.tasks[task].speed if bar.tasks else None  # rich's rate over its recent samples
+    fields = {"rate": f"{speed:.2f} items/s" if speed else ""}
+    if status is not None:
+        fields["status"] = status
+    bar.update(task, **fields)
 
 
 def run_sweep(store: ResultStore, table: str, items: Sequence[SweepItem], *,
@@ -91,47 +163,23 @@ def run_sweep(store: ResultStore, table: str, items: Sequence[SweepItem], *,
     ``work(item)`` returns the table's value columns for one item; or ``work_many(items)`` yields
     ``(item, values)`` as results finish (batched kernels). A ``TracekitError`` raised for an item
     (bad input at that point) is stored as status "failed: ..." and the sweep goes on; any other
-    exception stops it (rerun to resume). Items are processed in the order given.
+    exception stops it (rerun to resume). Items are processed in the order given, in this process
+    (``tracekit.studies`` spreads a study over a Ray cluster).
     """
     if (work is None) == (work_many is None):
         raise TracekitError("give exactly one of work= or work_many=")
     if work is not None:
         work_many = lambda batch: ((item, work(item)) for item in batch)  # noqa: E731
-    key_columns = TABLES[table].key
-    report = SweepReport(total=len(items))
-    owned = [item for item in items if shard is None or shard.owns(shard_by(item.key))]
-    report.owned = len(owned)
-    done = store.done_keys(table)
-    todo = [item for item in owned if tuple(item.key[c] for c in key_columns) not in done]
-    report.already_done = len(owned) - len(todo)
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress or not todo, transient=False) as bar:
-        task = bar.add_task(description or table, total=len(todo))
-        held: list[tuple[SweepItem, dict]] = []  # failures before any success: maybe a setup error
+    report, todo = select_items(store, table, items, shard=shard, shard_by=shard_by)
+    writer = ResultWriter(store, table, report)
+    bar, task = sweep_progress(progress, len(todo), description or table)
+    with bar:
         for start in range(0, len(todo), max(1, batch_size)):
-            for item, values in _guarded(work_many, todo[start:start + batch_size], report):
-                status = str(values.get("status", "ok"))
-                if status.startswith("failed") and report.computed + report.skipped == 0:
-                    held.append((item, values))
-                    if len(held) >= STOP_AFTER_FAILURES:
-                        _stop(report)
-                    bar.advance(task)
-                    continue
-                for held_item, held_values in held:  # something works, so those were point failures
-                    store.put(table, held_item.key, held_values)
-                held.clear()
-                if store.put(table, item.key, values) and not status.startswith("failed"):
-                    if status.startswith("skipped"):
-                        report.skipped += 1
-                    else:
-                        report.computed += 1
-                bar.advance(task)
-        if held:
-            _stop(report)
+            for item, values in _guarded(work_many, todo[start:start + batch_size], writer):
+                writer.write(item, values)
+                advance(bar, task)
+        writer.close()
     return report
-
-
-STOP_AFTER_FAILURES = 5
 
 
 def _stop(report: SweepReport):
@@ -141,7 +189,7 @@ def _stop(report: SweepReport):
                         f"them: {'; '.join(reasons[:2])}")
 
 
-def _guarded(work_many, batch: list[SweepItem], report: SweepReport) -> Iterator[tuple[SweepItem, dict]]:
+def _guarded(work_many, batch: list[SweepItem], writer: ResultWriter) -> Iterator[tuple[SweepItem, dict]]:
     """Results of a batch; on a TracekitError, redo the unfinished items one by one to name the bad one."""
     finished: set[int] = set()
     try:
@@ -151,12 +199,12 @@ def _guarded(work_many, batch: list[SweepItem], report: SweepReport) -> Iterator
         return
     except TracekitError as err:
         if len(batch) == 1:
-            report.failed.append((batch[0].key, str(err)))
+            writer.report.failed.append((batch[0].key, str(err)))
             yield batch[0], {"status": f"failed: {err}"}
             return
     for item in batch:
         if id(item) not in finished:
-            yield from _guarded(work_many, [item], report)
+            yield from _guarded(work_many, [item], writer)
 
 
 def print_report(report: SweepReport, store: ResultStore, console: Console | None = None) -> None:

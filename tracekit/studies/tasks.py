@@ -1,0 +1,217 @@
+"""The work of one study item, as small picklable objects that any executor can run.
+
+A task knows its table, how to turn records into keyed items, what to prepare once per
+model (``prepare``: key statistics), what to hold open while a worker computes
+(``session``: cached baselines) and how to compute one item. It holds settings only, never
+a model, so the same task runs in this process (``LocalExecutor``) or is shipped to Ray
+workers that loaded their own copy of the model (``RayExecutor``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from tracekit.errors import TracekitError
+
+if TYPE_CHECKING:  # light at import: `tracekit --help` reads TRACE_KINDS without loading torch
+    from tracekit.data.records import FactRecord
+    from tracekit.store.sweep import SweepItem
+
+TRACE_KINDS = ("mlp", "attn", "resid", "zero")  # "zero": representation zeroing of the MLP output
+KEY_STATISTICS_METHODS = ("rome", "memit")  # they whiten their update by C = E[k k^T]
+
+
+def point_seed(seed: int, case_id: int) -> int:
+    """Each point gets its own noise draws, reproducible from the sweep's seed."""
+    return seed + int(case_id)
+
+
+@dataclass(frozen=True)
+class TraceTask:
+    """Causal traces (and zeroing) of every (point, kind, window); o_true is the traced target."""
+
+    kinds: tuple[str, ...] = ("mlp",)
+    windows: tuple[int, ...] = (5,)
+    samples: int = 10
+    noise: Any = "s3"
+    seed: int = 0
+    trace_fn: Callable | None = None  # default: tracekit.tracing.trace
+    zero_fn: Callable | None = None  # default: tracekit.tracing.zero_trace
+
+    table = "traces"
+    sweep = "trace"
+    description = "tracing"
+
+    def check(self, n_layers: int, spec: str) -> None:
+        for kind in self.kinds:
+            if kind not in TRACE_KINDS:
+                raise TracekitError(f"unknown trace kind {kind!r}; choose from {', '.join(TRACE_KINDS)}")
+        for window in self.windows:
+            if not 1 <= window <= n_layers:
+                raise TracekitError(f"window {window} does not fit {spec}'s {n_layers} layers; use 1..{n_layers}")
+
+    def config(self, model_id: str) -> dict:
+        return {"model": model_id, "samples": self.samples, "noise": str(self.noise), "seed": self.seed,
+                "point_seed": "seed + case_id", "target": "target_true"}
+
+    def items(self, model_id: str, records: Sequence[FactRecord]) -> list[SweepItem]:
+        from tracekit.store.sweep import SweepItem
+
+        return [SweepItem(dict(model=model_id, dataset=r.source, case_id=r.case_id, kind=kind, window=window), r)
+                for r in records for kind in self.kinds for window in self.windows]
+
+    def needs_prepare(self, item: SweepItem) -> bool:
+        return False
+
+    def prepare(self, model, progress: bool = False) -> list[Path]:
+        return []
+
+    def session(self, model):
+        return contextlib.nullcontext()
+
+    def compute(self, model, item: SweepItem) -> dict:
+        r: FactRecord = item.payload
+        kind, window = item.key["kind"], item.key["window"]
+        trace_fn, zero_fn = self.trace_fn, self.zero_fn
+        if trace_fn is None or zero_fn is None:
+            from tracekit.tracing import trace, zero_trace
+
+            trace_fn, zero_fn = trace_fn or trace, zero_fn or zero_trace
+        if kind == "zero":
+            result = zero_fn(model, r.text, r.subject, r.target_true, kind="mlp", window=window)
+            return dict(status="ok", p_clean=result.p_clean, p_noise=None, effect_max=_floats(result.effect_by_layer()),
+                        effect_last=None, result=_json(result))
+        result = trace_fn(model, r.text, r.subject, r.target_true, kind=kind, window=window, samples=self.samples,
+                          noise=self.noise, seed=point_seed(self.seed, r.case_id))
+        try:
+            last = _floats(result.effect_by_layer("last_subject"))
+        except TracekitError:
+            last = None
+        return dict(status="ok", p_clean=result.p_clean, p_noise=result.p_noise,
+                    effect_max=_floats(result.effect_by_layer("max")), effect_last=last, result=_json(result))
+
+
+@dataclass(frozen=True)
+class EditTask:
+    """Edits of every (point, method, problem, layer), each scored and undone before the next.
+
+    ``hparams``: None (the editing presets for each model, method and problem), one
+    hyperparameter object for every method, or a mapping method -> hyperparameters.
+    """
+
+    methods: tuple[str, ...] = ("rome",)
+    problems: tuple[str, ...] = ("error-injection",)
+    layers: tuple[int, ...] = ()
+    hparams: Any = None
+    seed: int = 0
+    default_layer: int | None = None
+    edit_fn: Callable | None = None  # default: tracekit.editing.api.edit (MEMIT/FT-5 windows clipped)
+    metrics: Any = None  # a tracekit.editing.metrics.MetricsConfig; None: the default scoring
+
+    table = "edits"
+    sweep = "edit"
+    description = "editing"
+
+    def check(self, n_layers: int, spec: str) -> None:
+        if not self.layers:
+            raise TracekitError("no edit layers given")
+        bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise TracekitError(f"edit layers {bad} are outside 0..{n_layers - 1} for {spec}")
+
+    def config(self, model_id: str) -> dict:
+        hparams = "presets" if self.hparams is None else repr(self.hparams)
+        config = {"model": model_id, "hparams": hparams, "seed": self.seed, "point_seed": "seed + case_id",
+                  "default_layer": self.default_layer}
+        return config if self.metrics is None else {**config, "metrics": repr(self.metrics)}
+
+    def items(self, model_id: str, records: Sequence[FactRecord]) -> list[SweepItem]:
+        from tracekit.store.sweep import SweepItem
+
+        # point by point, so a point's preparation (its baseline, its essence texts) is shared
+        return [SweepItem(dict(model=model_id, dataset=r.source, case_id=r.case_id, method=method, problem=problem,
+                               layer=layer), r)
+                for r in records for problem in self.problems for method in self.methods for layer in self.layers]
+
+    def hparams_for(self, method: str):
+        return self.hparams.get(method) if isinstance(self.hparams, Mapping) else self.hparams
+
+    def needs_prepare(self, item: SweepItem) -> bool:
+        """Does this item read key statistics (ROME, MEMIT with the library's editor)?"""
+        from tracekit.editing.api import parse_method
+
+        return self.edit_fn is None and parse_method(item.key["method"]) in KEY_STATISTICS_METHODS
+
+    def prepare(self, model, progress: bool = False) -> list[Path]:
+        """Compute the key statistics every ROME/MEMIT item will read, in one pass over the corpus
+        per statistics setting; returns their cache files (for workers that cannot see this
+        machine's cache)."""
+        from tracekit.editing.api import key_statistics_files, parse_method
+
+        methods = [m for m in self.methods if parse_method(m) in KEY_STATISTICS_METHODS]
+        if self.edit_fn is not None or not methods:
+            return []
+        # one hyperparameter object (or the presets): one call, so methods sharing settings share a pass
+        groups = [(m, self.hparams_for(m)) for m in methods] if isinstance(self.hparams, Mapping) else [
+            (methods, self.hparams)]
+        files: list[Path] = []
+        for group, hparams in groups:
+            files += key_statistics_files(model, [group] if isinstance(group, str) else group, self.layers, hparams,
+                                          progress=progress, clip_window=True, problems=self.problems)
+        return sorted(set(files))
+
+    def session(self, model):
+        if self.edit_fn is not None:
+            return contextlib.nullcontext()
+        from tracekit.editing.metrics import baseline_cached
+
+        return baseline_cached(model)  # safe: every item undoes its edit before the next is scored
+
+    def compute(self, model, item: SweepItem) -> dict:
+        from tracekit.editing.problems import PointSkipped
+
+        r: FactRecord = item.payload
+        method = item.key["method"]
+        edit_fn = self.edit_fn
+        if edit_fn is None:
+            from tracekit.editing.api import edit
+
+            edit_fn = functools.partial(edit, clip_window=True)  # windows cut at the model's edges, as in tracing
+        if self.metrics is not None:
+            edit_fn = functools.partial(edit_fn, metrics=self.metrics)
+        try:
+            result = edit_fn(model, r, method=method, problem=item.key["problem"], layer=item.key["layer"],
+                             hparams=self.hparams_for(method), seed=point_seed(self.seed, r.case_id))
+        except PointSkipped as err:
+            return dict(status=f"skipped: {err}")
+        change = getattr(result, "edit", None)
+        if getattr(change, "applied", False):  # leave the model as we found it for the next item
+            change.undo()
+        scores = getattr(result.scores, "scores", result.scores)  # EditScores or a plain dict
+        return dict(status="ok", scores={k: float(v) for k, v in dict(scores).items() if _scalar(v)},
+                    result=_json(result))
+
+
+def _floats(values) -> list[float]:
+    return [float(v) for v in (values.tolist() if hasattr(values, "tolist") else values)]
+
+
+def _scalar(value) -> bool:
+    return isinstance(value, (int, float, bool)) or (hasattr(value, "item") and getattr(value, "ndim", 1) == 0)
+
+
+def _json(result) -> str | None:
+    """The full result as JSON text: its ``to_json()`` (traces) or ``row()`` (edits), else its scores."""
+    if hasattr(result, "to_json"):
+        text = result.to_json()
+        return text if isinstance(text, str) else json.dumps(text)
+    if hasattr(result, "row"):
+        return json.dumps(result.row(), default=str)
+    scores = getattr(result, "scores", None)
+    scores = getattr(scores, "scores", scores)
+    return json.dumps({"scores": dict(scores)}, default=str) if scores is not None else None
