@@ -2,7 +2,9 @@
 
 Search order: the path the user gives (a file, or a folder holding the file), the folder
 in $TRACEKIT_DATA, ``../shared/data`` next to the repository (and next to the working
-directory), and the download cache (~/.cache/tracekit/data). Nothing is fetched unless the
+directory), and the download cache (~/.cache/tracekit/data). In each folder a dataset's
+accepted names are tried in order, including the sub-folders ``../shared/data`` uses
+(``counterfact/``, ``counterfact_easyedit/``, ``zsre/``). Nothing is fetched unless the
 caller asks (``download=True``, the recipes' ``--download``).
 """
 
@@ -26,18 +28,28 @@ class DatasetFiles:
     filenames: tuple[str, ...]  # accepted file names, the first is the canonical one
     url: str | None  # public copy; None where there is no stable direct link
     where_to_get: str
+    # Files read together with the one found, when they sit beside it (a dataset split in parts).
+    companions: tuple[str, ...] = ()
 
 
 DATASETS = {
-    "counterfact": DatasetFiles("counterfact", ("counterfact.json",), f"{ROME_DATA_URL}/counterfact.json",
-                                "ROME's release (rome.baulab.info)"),
+    # The full file first; else the 436-record original-format subset in ../shared/data (same case ids).
+    "counterfact": DatasetFiles("counterfact", ("counterfact.json", "counterfact/counterfact.json",
+                                                "counterfact/intersected_counterfact_known.json"),
+                                f"{ROME_DATA_URL}/counterfact.json", "ROME's release (rome.baulab.info)"),
     "known_1000": DatasetFiles("known_1000", ("known_1000.json",), f"{ROME_DATA_URL}/known_1000.json",
                                "ROME's release (rome.baulab.info)"),
     # ROME's copy of the MEND zsRE evaluation slice; some mirrors call it zsre_mem_eval.json.
-    "zsre": DatasetFiles("zsre", ("zsre_mend_eval.json", "zsre_mem_eval.json"),
+    # Else the 1,037-record eval subset with EasyEdit's portability questions (same record format).
+    "zsre": DatasetFiles("zsre", ("zsre_mend_eval.json", "zsre_mem_eval.json", "zsre/zsre_mend_eval.json",
+                                  "zsre/zsre_mend_eval_portability_gpt4.json"),
                          f"{ROME_DATA_URL}/zsre_mend_eval.json", "ROME's release (rome.baulab.info)"),
-    "counterfact-easyedit": DatasetFiles("counterfact-easyedit", ("counterfact-edit.json",), None,
-                                         "EasyEdit's data release (data/counterfact/counterfact-edit.json)"),
+    # EasyEdit splits all 21,919 CounterFact cases over edit / train / val files (disjoint case ids).
+    "counterfact-easyedit": DatasetFiles("counterfact-easyedit", ("counterfact-edit.json",
+                                                                  "counterfact_easyedit/counterfact-edit.json",
+                                                                  "counterfact/counterfact-edit.json"), None,
+                                         "EasyEdit's data release (data/counterfact/counterfact-edit.json)",
+                                         companions=("counterfact-train.json", "counterfact-val.json")),
 }
 ALIASES = {"knowns": "known_1000", "known": "known_1000", "cf": "counterfact", "easyedit": "counterfact-easyedit"}
 
@@ -91,6 +103,15 @@ def find_data_file(name: str, path: str | os.PathLike | None = None, *, download
     how = (f"pass --download to fetch it from {spec.url}" if spec.url else f"get it from {spec.where_to_get}")
     raise TracekitError(f"no {spec.name} file found; looked at {', '.join(looked)}; give its path "
                         f"(--data PATH), set TRACEKIT_DATA to its folder, or {how}")
+
+
+def dataset_paths(name: str, path: str | os.PathLike | None = None, *, download: bool = False) -> list[Path]:
+    """Every file of dataset ``name``: the one ``find_data_file`` finds, then its companions beside
+    it (a file the user names directly is read alone)."""
+    spec = dataset_files(name)
+    file = find_data_file(name, path, download=download)
+    named = path is not None and Path(path).expanduser().is_file()
+    return [file] + ([] if named else [file.parent / c for c in spec.companions if (file.parent / c).is_file()])
 
 
 def download_dataset(name: str, folder: str | os.PathLike, timeout: float = 60.0) -> Path:
