@@ -139,6 +139,9 @@ def test_n_limits_and_rejects_too_many(tmp_path):
 
 def test_lookup_order_and_missing_file_message(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # ../shared/data beside the checkout may hold zsRE files: look only inside tmp_path
+    monkeypatch.setattr(locate, "repo_root", lambda: tmp_path / "checkout")
+    monkeypatch.chdir(tmp_path)
     env = tmp_path / "env"
     env.mkdir()
     monkeypatch.setenv("TRACEKIT_DATA", str(env))

@@ -100,8 +100,9 @@ def other_outcomes(joined, table, summary, localisation, permutations) -> None:
         grid = grid[["outcome"] + [c for c in grid.columns if c != "outcome"]]
         table(grid, "fig14_r2_essence_and_unscaled",
               f"R² for the essence score and Meng et al.'s unscaled metrics ({localisation})")
-        summary.headline["max R² added by tracing (essence, unscaled)"] = (
-            f"{grid['added'].max():.3f} ({grid.loc[grid['added'].idxmax(), 'outcome']})")
+        if grid["added"].notna().any():  # a constant outcome has no R^2
+            summary.headline["max R² added by tracing (essence, unscaled)"] = (
+                f"{grid['added'].max():.3f} ({grid.loc[grid['added'].idxmax(), 'outcome']})")
 
 
 def concentrated_peaks(effects, window, summary) -> pd.DataFrame:
