@@ -140,6 +140,9 @@ def test_peak_layer_check_hand_computed():
     assert peak_layer_check(joined, fixed_layer=0).iloc[0]["at_fixed"] == pytest.approx(0.5)
     with pytest.raises(TracekitError, match="layer 5 was not edited"):
         peak_layer_check(joined, fixed_layer=5)
+    other = joined[joined["layer"] != 1].assign(method="m2")  # a cell edited at layers 0 and 2 only
+    both = peak_layer_check(pd.concat([joined, other]), fixed_layer=1)
+    assert both["method"].tolist() == ["m"]  # the cell without the fixed layer is left out
 
 
 def peaked_sweep(n_points, gain, seed):

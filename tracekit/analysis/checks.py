@@ -42,9 +42,10 @@ def peak_layer_check(joined: pd.DataFrame, outcome: str = "rewrite", fixed_layer
     point's peak-tracing layer (among the edited layers; ties go to the lower layer), at
     ``fixed_layer`` (default: the group's best layer on average, which flatters the fixed choice
     a little since it is picked on the same data), and at each point's best layer (the oracle,
-    for scale). ``p`` is a two-sided Wilcoxon signed-rank test of peak vs fixed.
+    for scale). ``p`` is a two-sided Wilcoxon signed-rank test of peak vs fixed. A group not edited
+    at ``fixed_layer`` is left out.
     """
-    rows = []
+    rows, missing = [], []
     for group, part in joined.groupby(list(by), sort=True):
         group = group if isinstance(group, tuple) else (group,)
         wide = part.pivot_table(index="case_id", columns="layer", values=[outcome, "tracing_effect"],
@@ -56,9 +57,10 @@ def peak_layer_check(joined: pd.DataFrame, outcome: str = "rewrite", fixed_layer
         peak = layers[np.argmax(effects.to_numpy(), axis=1)]
         at_peak = scores.to_numpy()[np.arange(len(scores)), np.argmax(effects.to_numpy(), axis=1)]
         fixed = int(scores.mean().idxmax()) if fixed_layer is None else fixed_layer
-        if fixed not in layers:
-            raise TracekitError(f"layer {fixed} was not edited for {', '.join(map(str, group))} "
-                                f"(edited: {', '.join(map(str, layers))})")
+        if fixed not in layers:  # this group was edited at other layers; the others still make a table
+            missing.append(f"layer {fixed} was not edited for {', '.join(map(str, group))} "
+                           f"(edited: {', '.join(map(str, layers))})")
+            continue
         at_fixed = scores[fixed].to_numpy()
         diff = at_peak - at_fixed
         p = float(sps.wilcoxon(at_peak, at_fixed).pvalue) if np.any(np.abs(diff) > 1e-12) else 1.0
@@ -68,7 +70,8 @@ def peak_layer_check(joined: pd.DataFrame, outcome: str = "rewrite", fixed_layer
                      "oracle": float(scores.max(axis=1).mean()),
                      "peak_layers": " ".join(f"{int(l)}:{int(c)}" for l, c in zip(*np.unique(peak, return_counts=True)))})
     if not rows:
-        raise TracekitError(f"no group of {', '.join(by)} has points edited at every layer for the peak-layer check")
+        raise TracekitError(missing[0] if missing else
+                            f"no group of {', '.join(by)} has points edited at every layer for the peak-layer check")
     return pd.DataFrame(rows)
 
 

@@ -64,6 +64,12 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
     def table(df, name, title):
         summary.outputs.extend(save_table(df, out, name, title, console))
 
+    def optional(make, *args):  # an output the data cannot support is a note, not the end of the analysis
+        try:
+            make(*args)
+        except TracekitError as err:
+            summary.notes.append(f"{getattr(make, '__name__', 'a table').replace('_', ' ')} skipped: {err}")
+
     # Fig. 1/2/10: tracing effect by layer, every kind and window stored.
     by_layer = S.effect_by_layer(traces)
     table(by_layer, "fig1_effect_by_layer", "Mean tracing effect by layer (max over tokens)")
@@ -112,7 +118,11 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
         if outcome not in joined.columns:
             summary.notes.append(f"no {outcome} scores: {name} skipped")
             continue
-        grid = S.r2_grid(joined, outcome, permutations=permutations)
+        try:
+            grid = S.r2_grid(joined, outcome, permutations=permutations)
+        except TracekitError as err:
+            summary.notes.append(f"{name} skipped: {err}")
+            continue
         table(grid, f"{name}_r2_{outcome}", f"R² for {outcome} score by problem and method ({localisation})")
         summary.headline[f"max R² added by tracing ({outcome})"] = (
             f"{grid['added'].max():.3f}; chance {grid['added_chance'].min():.3f}-{grid['added_chance'].max():.3f}")
@@ -120,19 +130,20 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
             summary.outputs.append(figures.r2_bars(grid, out / "fig6_r2_rewrite.png"))
             X.flag_notes(grid, summary)
             if grid["degenerate_layers"].astype(bool).any():
-                X.without_degenerate(joined, table, summary, localisation, permutations)
+                optional(X.without_degenerate, joined, table, summary, localisation, permutations)
 
     if relations is not None:  # a pooled correlation can come from relations that differ in both variables
         split = F.with_relation(joined, relations)
-        table(S.r2_grid(split, "rewrite", by=("relation", "problem", "method"), permutations=permutations),
-              "table3_r2_rewrite_by_relation", f"R² for rewrite score by relation, problem and method ({localisation})")
         table(S.correlations(F.select(split, layer=layer), "rewrite", by=("relation", "problem", "method")),
               "fig4_correlation_by_relation", f"rewrite score vs tracing effect at layer {layer}, by relation")
+        optional(lambda: table(S.r2_grid(split, "rewrite", by=("relation", "problem", "method"),
+                                         permutations=permutations), "table3_r2_rewrite_by_relation",
+                               f"R² for rewrite score by relation, problem and method ({localisation})"))
         if split["relation"].nunique() > 1:
-            X.relation_controlled(joined, relations, table, summary, localisation, permutations)
+            optional(X.relation_controlled, joined, relations, table, summary, localisation, permutations)
 
-    X.practical_check(joined, layer, table, summary)
-    X.other_outcomes(joined, table, summary, localisation, permutations)
+    optional(X.practical_check, joined, layer, table, summary)
+    optional(X.other_outcomes, joined, table, summary, localisation, permutations)
 
     # Fig. 15: per-layer correlations.
     per_layer = S.correlations(joined, "rewrite", by=("problem", "method", "layer"))
