@@ -9,7 +9,8 @@
 # the sizes, the measured costs and what must be merged first.
 #
 # Settings (environment): SHARED_DATA (../shared/data), MODEL (smollm2-135m), N_EI (120 known
-# points for Error Injection), N_OTHER (40 for the other problems), EI_LAYERS (auto: 8 spread + the
+# points for Error Injection), N_OTHER (40 for the other problems), N_FF (120: Fact Forcing with FT-1
+# and FT-5, the paper's one positive cell, gets as many points as Error Injection), EI_LAYERS (auto: 8 spread + the
 # default layer), OTHER_LAYERS ("0 3 8 17 25"), WINDOW / ROBUST_WINDOW (tracing windows, 5 / 10),
 # SHARDS (2 processes side by side), EVERY (seconds between checkpoints, 1800), COMMIT (1: commit
 # each checkpoint to git; 0: only copy it), LIVE / SNAP (live store / committed snapshot), EXTRA
@@ -22,6 +23,7 @@ SHARED_DATA=$(realpath "${SHARED_DATA:-../shared/data}")
 MODEL=${MODEL:-smollm2-135m}
 N_EI=${N_EI:-120}
 N_OTHER=${N_OTHER:-40}
+N_FF=${N_FF:-120}
 EI_LAYERS=${EI_LAYERS:-auto}
 OTHER_LAYERS=${OTHER_LAYERS:-0 3 8 17 25}
 WINDOW=${WINDOW:-5}
@@ -87,6 +89,12 @@ echo "$(date +%FT%T) 3/5 the other four problems, 4 methods x layers $OTHER_LAYE
 sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
     --problems tracing-reversal fact-erasure fact-amplification fact-forcing --layers $OTHER_LAYERS
 checkpoint
+if [ "$N_FF" -gt "$N_OTHER" ]; then
+    echo "$(date +%FT%T) 3b/5 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
+    sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
+        --problems fact-forcing --layers $OTHER_LAYERS
+    checkpoint
+fi
 echo "$(date +%FT%T) 4/5 robustness traces: MLP window $ROBUST_WINDOW, representation zeroing"
 sharded "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds mlp --windows "$ROBUST_WINDOW" --samples 10
 "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds zero --windows "$WINDOW"
