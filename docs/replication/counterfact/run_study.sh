@@ -36,13 +36,12 @@ SNAP=${SNAP:-docs/replication/counterfact/store.sqlite}
 EXTRA=${EXTRA:-}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
-# A data folder of links: CounterFact (436 records, ROME's format), known_1000 (the s3 noise
-# scale), and WikiText-2 under a corpus name the key statistics look for (no model samples).
-mkdir -p "$(dirname "$LIVE")" runs/data
-ln -sfn "$SHARED_DATA/counterfact" runs/data/counterfact
-ln -sfn "$SHARED_DATA/known_1000.json" runs/data/known_1000.json
-ln -sfn "$SHARED_DATA/wikitext/wikitext-2-raw-v1.test.raw" runs/data/wikitext.txt
-export TRACEKIT_DATA=$PWD/runs/data
+# The data folder: CounterFact (436 records, ROME's format), known_1000 (the s3 noise scale) and
+# WikiText-2 (wikitext/wikitext-2-raw-v1.test.raw), which the key statistics find there: no
+# statistics from the model's own samples.
+[ -f "$SHARED_DATA/wikitext/wikitext-2-raw-v1.test.raw" ] || { echo "no WikiText-2 in $SHARED_DATA/wikitext"; exit 2; }
+mkdir -p "$(dirname "$LIVE")"
+export TRACEKIT_DATA=$SHARED_DATA
 
 copy_store() {  # a consistent copy of a live SQLite store (the online backup API), never a torn file
     "$PY" -c 'import sqlite3, sys; d = sqlite3.connect(sys.argv[2]); sqlite3.connect(sys.argv[1]).backup(d); d.close()' "$1" "$2"
