@@ -101,4 +101,8 @@ checkpoint
 echo "$(date +%FT%T) 5/5 analysis"
 "$PY" recipes/analyse.py --store "$LIVE" --out "$(dirname "$SNAP")/analysis" --by-relation --window "$WINDOW" \
     --title "Replication analysis: CounterFact ($N_EI / $N_OTHER known points), $MODEL"
+checkpoint
+if [ "$COMMIT" = 1 ]; then
+    git add "$(dirname "$SNAP")/analysis" && git commit -q -m "CounterFact analysis" -- "$(dirname "$SNAP")/analysis" || true
+fi
 echo "$(date +%FT%T) done"
