@@ -10,7 +10,17 @@ layer-only / layer x tracing models (Table 1) for every problem x method with ne
 (point, layer) rows, are exchangeable), paraphrase / neighborhood / overall outcomes (Tables 4-6), per-layer
 correlations (Fig. 15), the concentrated-effects subset (Table 2), and robustness variants
 (window 10, last subject token, representation zeroing) where the store has those traces.
-With --by-relation, Fig. 4 and Table 3 are also split by the facts' relation.
+
+Beyond the paper, every R^2 table carries what qualifies it: added_share (the added R^2 as a
+share of what layer leaves, 1 - R^2 of layer), added_chance (the 95th percentile of added R^2
+with whole points' tracing profiles shuffled: the chance level), at_ceiling / at_floor (share of
+scores >= 0.98 / <= 0.02) and degenerate_layers (layers where every point scores the same; a
+table without them is written too). Also: the practical check (each point edited at its
+peak-tracing layer vs one fixed layer), the essence score and Meng et al.'s unscaled metrics as
+outcomes, and the concentrated points' peak layers.
+
+With --by-relation, Fig. 4 and Table 3 are also split by the facts' relation, and the added-R^2
+test is controlled for it (relation x layer intercepts, points shuffled within relation).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from tracekit.analysis import paper_analyses
 from tracekit.analysis.frames import relations_frame
 from tracekit.cli import console
 from tracekit.data.loaders import load_dataset
+from tracekit.errors import TracekitError
 from tracekit.store import ResultStore
 from tracekit.store.cli import run_recipe
 
@@ -42,12 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also split Fig. 4 and Table 3 by the facts' relation (loads each stored dataset)")
     parser.add_argument("--data", metavar="PATH", default=None,
                         help="with --by-relation: dataset file or folder (default: $TRACEKIT_DATA, then ../shared/data)")
+    parser.add_argument("--permutations", type=int, default=1999,
+                        help="permutations for the points-shuffled p-values and chance levels (0: none; the "
+                             "smallest p is 1 / (N + 1)); default: %(default)s")
+    parser.add_argument("--title", default=None,
+                        help="heading of summary.md: say which dataset and model this is (default: tracekit analysis)")
     return parser
 
 
 def run(args) -> None:
     import pandas as pd
 
+    if args.permutations < 0:
+        raise TracekitError(f"--permutations must be 0 or more, got {args.permutations}")
     traces, edits, default_layer = [], [], args.default_layer
     for path in args.store:
         with ResultStore(path, readonly=True) as store:
@@ -64,7 +82,8 @@ def run(args) -> None:
         relations = relations_frame({name: load_dataset(name, args.data) for name in sorted(set(edits["dataset"]))})
     summary = paper_analyses(traces, edits, args.out,
                              kind=args.kind, window=args.window, reduce=args.reduce, default_layer=default_layer,
-                             robustness=args.robustness, relations=relations, console=console)
+                             robustness=args.robustness, relations=relations, permutations=args.permutations,
+                             title=args.title, console=console)
     console.print(summary.markdown(), highlight=False)
 
 

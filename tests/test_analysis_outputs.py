@@ -30,7 +30,10 @@ def fill(store, n_points=40, seed=0, kinds=(("mlp", 5), ("mlp", 10), ("zero", 5)
                     store.add_edit(model="m", dataset="counterfact", case_id=case, method=method, problem=problem,
                                    layer=layer, scores={"rewrite": rewrite, "paraphrase": rewrite * 0.7,
                                                         "neighborhood": 0.9 - 0.1 * rng.random(),
-                                                        "overall": rewrite * 0.6 + 0.3})
+                                                        "overall": rewrite * 0.6 + 0.3,
+                                                        "essence": 0.8 + 0.1 * rng.random(),
+                                                        "efficacy_success": float(rewrite > 0.5),
+                                                        "efficacy_magnitude": rewrite - 0.5})
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,9 @@ def test_every_output_is_written(frames, tmp_path):
     names = {p.name for p in summary.outputs}
     for table in ("fig1_effect_by_layer", "fig7_scores_by_layer", "fig4_correlation", "table1_r2", "table3_r2_rewrite",
                   "table4_r2_paraphrase", "table5_r2_neighborhood", "table6_r2_overall", "fig15_correlation_by_layer",
-                  "table2_concentrated", "robustness_window10", "robustness_last_subject", "robustness_zeroing"):
+                  "table2_concentrated", "robustness_window10", "robustness_last_subject", "robustness_zeroing",
+                  "robustness_zeroing_correlation_by_layer", "table2_concentrated_points", "practical_peak_vs_fixed_layer",
+                  "fig8_essence_and_unscaled_by_layer", "fig14_r2_essence_and_unscaled"):
         assert {f"{table}.md", f"{table}.csv"} <= names, table
     for figure in ("fig1_effect_by_layer", "fig4_rome_error-injection", "fig4_ft-1_fact-forcing", "fig6_r2_rewrite",
                    "fig15_correlation_by_layer"):
@@ -68,6 +73,15 @@ def test_every_output_is_written(frames, tmp_path):
     assert corr.set_index(["problem", "method"]).loc[("fact-forcing", "rome"), "rho"] == pytest.approx(rho)
     effect = pd.read_csv(tmp_path / "fig1_effect_by_layer.csv")
     assert set(zip(effect["kind"], effect["window"])) == {("mlp", 5), ("mlp", 10), ("zero", 5)}
+    for column in ("added_share", "added_chance", "at_ceiling", "at_floor", "degenerate_layers"):
+        assert column in grid.columns  # every R^2 table says what qualifies it
+    assert (forcing["added"] > forcing["added_chance"]).all()
+    fig14 = pd.read_csv(tmp_path / "fig14_r2_essence_and_unscaled.csv")
+    assert set(fig14["outcome"]) == {"essence", "efficacy_success", "efficacy_magnitude"}
+    practical = pd.read_csv(tmp_path / "practical_peak_vs_fixed_layer.csv")
+    assert set(practical["fixed"]) == {"default layer", "best layer on average"}
+    assert (practical.loc[practical["fixed"] == "default layer", "fixed_layer"] == 3).all()
+    assert "data" in summary.headline and "counterfact (40 points)" in summary.headline["data"]
     markdown = (tmp_path / "table1_r2.md").read_text()
     assert markdown.startswith("### R² for rewrite score, rome / error-injection") and "| layer x tracing |" in markdown
 
@@ -114,5 +128,29 @@ def test_split_by_relation(frames, tmp_path):
     corr = pd.read_csv(tmp_path / "fig4_correlation_by_relation.csv").set_index(["relation", "problem", "method"])
     assert corr.loc[("P17", "fact-forcing", "ft-1"), "rho"] == pytest.approx(
         np.corrcoef(odd["tracing_effect"], odd["rewrite"])[0, 1])
+    within = pd.read_csv(tmp_path / "table3_r2_rewrite_within_relation.csv")
+    assert (within["groups"] == 2).all() and {"added_pooled", "p_facts_pooled", "p_permuted"} <= set(within.columns)
+    assert (tmp_path / "table3_r2_rewrite_by_relation_without_degenerate.csv").exists()
     with pytest.raises(TracekitError, match=r"20 stored points have no record .*case 0\b"):
         paper_analyses(traces, edits, tmp_path, robustness=False, relations=relations[relations["case_id"] % 2 == 1])
+
+
+def test_flags_name_ceiling_degenerate_layers_and_chance(tmp_path):
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        fill(store, n_points=20, kinds=(("mlp", 5),))
+        edits = store.edits_frame()
+        traces = store.traces_frame()
+    rome_last = (edits["method"] == "rome") & (edits["layer"] == 9)
+    edits.loc[rome_last, "rewrite"] = 0.0  # ROME at the last layer: every point scores the same
+    forcing = edits["problem"] == "fact-forcing"
+    edits.loc[forcing, "rewrite"] = 0.99  # at the ceiling
+    summary = paper_analyses(traces, edits, tmp_path / "out", default_layer=3, robustness=False, permutations=99,
+                             title="synthetic data")
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert text.startswith("# synthetic data") and "## Flags" in text
+    assert any("rome, error-injection: at layer(s) 9 every point scores the same" in f for f in summary.flags)
+    assert any("ft-1, fact-forcing: 100% of rewrite scores are >= 0.98" in f for f in summary.flags)
+    assert any("within chance" in f for f in summary.flags)  # error injection has no planted tracing effect
+    dropped = pd.read_csv(tmp_path / "out" / "table3_r2_rewrite_without_degenerate.csv")
+    rome = dropped[(dropped["method"] == "rome") & (dropped["problem"] == "error-injection")]
+    assert rome["n"].item() == 20 * (len(EDIT_LAYERS) - 1)

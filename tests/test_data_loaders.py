@@ -142,6 +142,9 @@ def test_n_limits_and_rejects_too_many(tmp_path):
 
 def test_lookup_order_and_missing_file_message(tmp_path, monkeypatch):
     monkeypatch.setenv("TRACEKIT_CACHE", str(tmp_path / "cache"))
+    # ../shared/data beside the checkout may hold zsRE files: look only inside tmp_path
+    monkeypatch.setattr(locate, "repo_root", lambda: tmp_path / "checkout")
+    monkeypatch.chdir(tmp_path)
     env = tmp_path / "env"
     env.mkdir()
     monkeypatch.setenv("TRACEKIT_DATA", str(env))
@@ -222,6 +225,67 @@ def test_builtin_world_facts_need_no_file():
     assert len({r.case_id for r in load_dataset("worldfacts")}) == len(load_dataset("worldfacts"))
     with pytest.raises(TracekitError, match="n must be between 1 and"):
         load_dataset("worldfacts", n=10**6)
+
+
+def test_easyedit_parts_are_read_together_in_case_order(tmp_path, monkeypatch):
+    folder = tmp_path / "counterfact_easyedit"
+    folder.mkdir()
+    write(folder / "counterfact-edit.json", [easyedit(i) for i in (1, 4)])
+    write(folder / "counterfact-train.json", [easyedit(i) for i in (0, 3)])
+    write(folder / "counterfact-val.json", [easyedit(2)])
+    monkeypatch.setenv("TRACEKIT_DATA", str(tmp_path))  # found through the sub-folder ../shared/data uses
+    records = load_dataset("counterfact-easyedit")
+    assert [r.case_id for r in records] == [0, 1, 2, 3, 4]
+    assert [r.case_id for r in load_dataset("counterfact-easyedit", n=2)] == [0, 1]
+    assert records[0].prompt_sets == "1 rephrase_prompt, 1 locality_prompt"
+    # a file named directly is read alone
+    assert [r.case_id for r in load_dataset("counterfact-easyedit", folder / "counterfact-edit.json")] == [1, 4]
+    write(folder / "counterfact-val.json", [easyedit(3)])  # a case in two parts is named with both files
+    with pytest.raises(TracekitError, match=r"repeats 3 \(also record 1 in .*counterfact-train.json\)"):
+        load_dataset("counterfact-easyedit")
+
+
+def test_counterfact_comes_in_case_order_and_says_its_prompts(tmp_path, monkeypatch):
+    folder = tmp_path / "counterfact"
+    folder.mkdir()
+    write(folder / "intersected_counterfact_known.json", [counterfact(i) for i in (7, 2, 5)])
+    monkeypatch.setenv("TRACEKIT_DATA", str(tmp_path))  # the 436-record subset's place in ../shared/data
+    records = load_dataset("counterfact", n=2)
+    assert [r.case_id for r in records] == [2, 5]
+    assert records[0].prompt_sets == "1 paraphrase_prompts, 2 neighborhood_prompts"
+    write(tmp_path / "counterfact.json", [counterfact(i) for i in range(4)])  # the full file comes first
+    assert len(load_dataset("counterfact")) == 4
+
+
+def shared_data_folder():
+    for folder in locate.search_folders():
+        if (folder / "counterfact" / "intersected_counterfact_known.json").is_file():
+            return folder
+    pytest.skip("../shared/data (CounterFact in both formats) is not beside this checkout or in $TRACEKIT_DATA")
+
+
+def test_shared_counterfact_formats_give_the_same_rewrites():
+    folder = shared_data_folder()
+    original = load_dataset("counterfact", folder)
+    easyedit_records = {r.case_id: r for r in load_dataset("counterfact-easyedit", folder)}
+    assert len(original) == 436 and len(easyedit_records) == 21919
+    assert sorted(easyedit_records) == list(range(21919))
+    for r in original:
+        e = easyedit_records[r.case_id]
+        assert (e.subject, e.prompt, e.text, e.target_new, e.target_true) == (
+            r.subject, r.prompt, r.text, r.target_new, r.target_true), r.case_id
+        assert r.prompt_sets == "2 paraphrase_prompts, 10 neighborhood_prompts"
+        assert e.prompt_sets == "1 rephrase_prompt, 1 locality_prompt"
+        assert e.neighborhood_prompts[0] in r.neighborhood_prompts and e.neighborhood_answer == r.target_true
+    rephrase_is_paraphrase = sum(easyedit_records[r.case_id].paraphrase_prompts[0] in r.paraphrase_prompts
+                                 for r in original)
+    assert rephrase_is_paraphrase == 73  # the other 363 are ROME generation prompts (SOURCES.md)
+    assert len(load_dataset("known_1000", folder)) == 1209
+    assert len(load_dataset("zsre", folder)) == 1037  # the eval subset with portability questions
+    train = folder / "zsre" / "zsre_mend_train-1k.json"  # read by path; two of its records have no new answer
+    with pytest.raises(TracekitError, match=r"zsre record 534 in .*zsre_mend_train-1k.json: field 'alt' is empty"):
+        load_dataset("zsre", train)
+    assert len(load_dataset("zsre", train, n=534)) == 534
 
 
 def test_pinned_digests_match_the_shared_copies():

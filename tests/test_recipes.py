@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tracekit.data import locate
 from tracekit.errors import TracekitError
 from tracekit.store import ResultStore, merge_stores
 from tracekit.editing.problems import PointSkipped
@@ -149,6 +150,10 @@ def test_the_real_tracer_fills_the_store(data, tmp_path):
 
 def test_bad_input_is_one_line(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRACEKIT_DATA", str(tmp_path / "nowhere"))
+    # ../shared/data beside the checkout (or the working directory) may hold CounterFact: look only in tmp_path
+    monkeypatch.setattr(locate, "repo_root", lambda: tmp_path / "checkout")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     trace = recipe("trace_dataset")
     assert trace.main(["--model", "random:gpt2-tiny", "--store", str(tmp_path / "s.sqlite"), "--quiet"]) == 2
     out = capsys.readouterr().out

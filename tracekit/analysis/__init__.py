@@ -3,15 +3,19 @@
     from tracekit.analysis import tracing_effects, join_edits, fit_r2, r2_grid, paper_analyses
     joined = join_edits(store.edits_frame(), tracing_effects(store.traces_frame(), kind="mlp", window=5))
     fit_r2(joined[joined.method == "rome"], "rewrite")   # R^2: tracing / layer / layer x tracing, F-test
+    fit_r2_within(with_relation(joined, relations), "rewrite")  # the same, controlled for relation
 """
 
+from tracekit.analysis.checks import degenerate_layers, outcome_flags, peak_layer_check
 from tracekit.analysis.frames import (concentrated_cases, join_edits, only_points, relations_frame, select,
                                       tracing_effects, with_relation)
 from tracekit.analysis.paper import Summary, paper_analyses
 from tracekit.analysis.report import save_table, to_markdown
-from tracekit.analysis.stats import (R2Fit, correlations, effect_by_layer, fit_r2, mean_scores_by_layer, pearson,
-                                     r2_grid)
+from tracekit.analysis.permutation import PermutationTest, profile_permutation
+from tracekit.analysis.stats import (R2Fit, WithinFit, correlations, effect_by_layer, fit_r2, fit_r2_within,
+                                     mean_scores_by_layer, pearson, r2_grid)
 
-__all__ = ["R2Fit", "Summary", "concentrated_cases", "correlations", "effect_by_layer", "fit_r2", "join_edits",
-           "mean_scores_by_layer", "only_points", "paper_analyses", "pearson", "r2_grid", "relations_frame", "save_table",
-           "select", "to_markdown", "tracing_effects", "with_relation"]
+__all__ = ["PermutationTest", "R2Fit", "Summary", "WithinFit", "concentrated_cases", "correlations",
+           "degenerate_layers", "effect_by_layer", "fit_r2", "fit_r2_within", "join_edits", "mean_scores_by_layer",
+           "only_points", "outcome_flags", "paper_analyses", "peak_layer_check", "pearson", "profile_permutation",
+           "r2_grid", "relations_frame", "save_table", "select", "to_markdown", "tracing_effects", "with_relation"]

@@ -10,7 +10,13 @@ tracing effect explain variance in edit success beyond the choice of layer?
 The F-test, like the paper's, treats each (point, layer) row as independent, but a point is
 edited at every layer, so its rows share whatever makes that fact easy or hard to edit.
 ``f_p_permuted`` asks the same question with points as the unit: it shuffles whole points'
-tracing profiles among points and refits (a permutation test that respects that dependence).
+tracing profiles among points and refits (a permutation test that respects that dependence;
+``tracekit.analysis.permutation``). The same permutations give ``added_chance``, the added R^2
+that tracing reaches by chance (95th percentile), and ``added_share`` puts the added R^2 on the
+scale of what is left to explain: added / (1 - R^2 of layer).
+
+``fit_r2_within`` is the relation-controlled version: one intercept per (relation, layer) in
+both models, profiles shuffled only among points of the same relation.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from scipy import stats as sps
 from statsmodels.stats.anova import anova_lm
 from statsmodels.tools.sm_exceptions import SingularMatrixWarning
 
+from tracekit.analysis.checks import degenerate_layers, outcome_flags
+from tracekit.analysis.permutation import profile_permutation
 from tracekit.errors import TracekitError
 
 FORMULAS = {
@@ -46,6 +54,8 @@ class R2Fit:
     df_num: float
     df_den: float
     f_p_permuted: float = float("nan")  # the same test with points exchangeable (NaN: no case_id, too few points)
+    added_share: float = float("nan")  # added / (1 - r2_layer): the share of what layer leaves that tracing explains
+    added_chance: float = float("nan")  # 95th percentile of added R^2 with points' profiles shuffled
 
     def as_row(self) -> dict:
         return asdict(self)
@@ -60,7 +70,7 @@ def _clean(df: pd.DataFrame, outcome: str) -> pd.DataFrame:
     return data
 
 
-def fit_r2(df: pd.DataFrame, outcome: str = "rewrite") -> R2Fit:
+def fit_r2(df: pd.DataFrame, outcome: str = "rewrite", *, permutations: int = 1999) -> R2Fit:
     """R^2 of the three models and the nested F-test, on rows with ``outcome``, tracing_effect, layer."""
     data = _clean(df, outcome)
     n_layers = data["layer"].nunique()
@@ -77,58 +87,92 @@ def fit_r2(df: pd.DataFrame, outcome: str = "rewrite") -> R2Fit:
     test = anova_lm(fits["layer"], fits["layer_x_tracing"])  # with one layer this is y ~ 1 vs y ~ tracing
     f, p, df_num = float(test["F"].iloc[1]), float(test["Pr(>F)"].iloc[1]), float(test["df_diff"].iloc[1])
     r2 = {name: float(fit.rsquared) for name, fit in fits.items()}
-    permuted = point_permutation_p(data, outcome) if "case_id" in data.columns else float("nan")
+    test = (profile_permutation(data, outcome, permutations=permutations) if "case_id" in data.columns
+            and permutations > 0 else None)
+    added = r2["layer_x_tracing"] - r2["layer"]
     return R2Fit(n=len(data), r2_tracing=r2["tracing"], r2_layer=r2["layer"], r2_layer_x_tracing=r2["layer_x_tracing"],
-                 added=r2["layer_x_tracing"] - r2["layer"], f=f, f_p=p, df_num=df_num,
-                 df_den=float(fits["layer_x_tracing"].df_resid), f_p_permuted=permuted)
+                 added=added, f=f, f_p=p, df_num=df_num, df_den=float(fits["layer_x_tracing"].df_resid),
+                 f_p_permuted=test.p if test else float("nan"), added_share=_share(added, r2["layer"]),
+                 added_chance=test.chance if test else float("nan"))
+
+
+def _share(added: float, r2_base: float) -> float:
+    left = 1.0 - r2_base
+    return added / left if left > 1e-12 else float("nan")
 
 
 def point_permutation_p(data: pd.DataFrame, outcome: str = "rewrite", permutations: int = 1999, seed: int = 0,
                         min_points: int = 10) -> float:
-    """p-value of the layer vs layer x tracing test when points, not rows, are exchangeable.
-
-    Uses the points edited at every layer of ``data``. Under the null, which point a tracing
-    profile (its effects at all layers) belongs to does not matter, so the profiles are shuffled
-    among points, keeping each profile whole. The layer x tracing model is a separate line per
-    layer, so its residual sum of squares is a sum of per-layer simple regressions, computed for
-    every permutation at once. The layer-only model does not involve tracing, so a smaller
-    residual sum of squares is a larger F. NaN with fewer than ``min_points`` complete points.
-    """
-    wide = data.pivot_table(index="case_id", columns="layer", values=[outcome, "tracing_effect"],
-                            aggfunc="first").dropna()  # only points with every layer
-    y, t = wide[outcome].to_numpy(), wide["tracing_effect"].to_numpy()  # (points, layers) each
-    if len(y) < min_points:
-        return float("nan")
-    rng = np.random.default_rng(seed)
-    orders = np.stack([np.arange(len(t))] + [rng.permutation(len(t)) for _ in range(permutations)])
-    ssr = _per_layer_line_ssr(y, t[orders])  # (1 + permutations,)
-    # Ties within float round-off count as "as extreme", so a profile-free outcome gives p = 1.
-    return float((ssr[1:] <= ssr[0] * (1 + 1e-12)).sum() + 1) / (permutations + 1)
+    """p-value of the layer vs layer x tracing test when points, not rows, are exchangeable: whole
+    tracing profiles shuffled among the points that have every layer of ``data``
+    (``permutation.profile_permutation``). NaN with fewer than ``min_points`` such points."""
+    test = profile_permutation(data, outcome, permutations=permutations, seed=seed, min_points=min_points)
+    return test.p if test is not None else float("nan")
 
 
-def _per_layer_line_ssr(y: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """Residual sum of squares of y ~ a_l + b_l t, summed over layers, for each t in a batch.
+@dataclass(frozen=True)
+class WithinFit:
+    """Layer vs layer x tracing with one intercept per (``control``, layer) cell in both models."""
+    n: int
+    groups: int
+    r2_control_layer: float  # y ~ C(control):C(layer)
+    r2_control_layer_x_tracing: float  # ... + C(layer) + C(layer):tracing_effect (one slope per layer)
+    added: float
+    added_share: float
+    f_p: float  # row-wise nested F-test
+    p_permuted: float  # profiles shuffled within each control group (points as the unit)
+    added_chance: float  # 95th percentile of added R^2 under those permutations
 
-    y: (points, layers); t: (batch, points, layers). A layer with constant t keeps its intercept
-    only, as least squares with the pseudo-inverse does."""
-    yc = y - y.mean(axis=0)
-    tc = t - t.mean(axis=1, keepdims=True)
-    sxx = (tc ** 2).sum(axis=1)
-    sxy = (tc * yc).sum(axis=1)
-    explained = np.divide(sxy ** 2, sxx, out=np.zeros_like(sxx), where=sxx > 1e-12 * (1 + sxx.max()))
-    return (yc ** 2).sum() - explained.sum(axis=1)
+    def as_row(self) -> dict:
+        return asdict(self)
 
 
-def r2_grid(df: pd.DataFrame, outcome: str = "rewrite", by: tuple[str, ...] = ("problem", "method")) -> pd.DataFrame:
-    """``fit_r2`` for each group (the paper's Fig. 6 / Tables 3-6: problems x methods)."""
+def fit_r2_within(df: pd.DataFrame, outcome: str = "rewrite", control: str = "relation", *,
+                  permutations: int = 1999) -> WithinFit:
+    """``fit_r2``'s added-R^2 test controlled for ``control`` (a column, e.g. the facts' relation)."""
+    if control not in df.columns:
+        raise TracekitError(f"no {control!r} column to control for; split the results by {control} first")
+    data = _clean(df, outcome).join(df[[control]])
+    cells = data.groupby([control, "layer"]).ngroups
+    if len(data) <= cells + 2 * data["layer"].nunique():
+        raise TracekitError(f"{len(data)} results are too few to fit {cells} {control} x layer cells and slopes")
+    nan = float("nan")
+    if float(data[outcome].std()) < 1e-12:
+        return WithinFit(len(data), data[control].nunique(), nan, nan, nan, nan, nan, nan, nan)
+    base_formula = f"{outcome} ~ C({control}):C(layer)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SingularMatrixWarning)
+        base = smf.ols(base_formula, data=data).fit()
+        full = smf.ols(base_formula + " + C(layer):tracing_effect", data=data).fit()
+    test = anova_lm(base, full)
+    test_p = (profile_permutation(data, outcome, within=control, permutations=permutations)
+              if "case_id" in data.columns and permutations > 0 else None)
+    added = float(full.rsquared - base.rsquared)
+    return WithinFit(n=len(data), groups=int(data[control].nunique()), r2_control_layer=float(base.rsquared),
+                     r2_control_layer_x_tracing=float(full.rsquared), added=added,
+                     added_share=_share(added, float(base.rsquared)), f_p=float(test["Pr(>F)"].iloc[1]),
+                     p_permuted=test_p.p if test_p else nan, added_chance=test_p.chance if test_p else nan)
+
+
+def r2_grid(df: pd.DataFrame, outcome: str = "rewrite", by: tuple[str, ...] = ("problem", "method"), *,
+            within: str | None = None, drop_degenerate: bool = False, permutations: int = 1999) -> pd.DataFrame:
+    """``fit_r2`` for each group (the paper's Fig. 6 / Tables 3-6: problems x methods), each row with
+    its outcome's flags (``checks.outcome_flags``: ceiling, floor, degenerate layers).
+
+    ``within``: ``fit_r2_within`` controlled for that column instead. ``drop_degenerate``: fit
+    without the layers where the outcome is the same for every point."""
     rows = []
     for group, part in df.groupby(list(by), sort=True):
         group = group if isinstance(group, tuple) else (group,)
+        flags = outcome_flags(part, outcome)
+        if drop_degenerate and flags["degenerate_layers"]:
+            part = part[~part["layer"].isin(degenerate_layers(part, outcome))]
         try:
-            fit = fit_r2(part, outcome)
+            fit = (fit_r2_within(part, outcome, within, permutations=permutations) if within
+                   else fit_r2(part, outcome, permutations=permutations))
         except TracekitError:
             continue  # too few results in this cell; the others still make a table
-        rows.append({**dict(zip(by, group)), **fit.as_row()})
+        rows.append({**dict(zip(by, group)), **fit.as_row(), **flags})
     if not rows:
         raise TracekitError(f"no group of {', '.join(by)} has enough {outcome} results to fit the models")
     return pd.DataFrame(rows)
@@ -153,7 +197,9 @@ def correlations(df: pd.DataFrame, outcome: str = "rewrite",
     for group, part in df.groupby(list(by), sort=True):
         group = group if isinstance(group, tuple) else (group,)
         rho, p, n = pearson(part["tracing_effect"], part[outcome])
-        rows.append({**dict(zip(by, group)), "rho": rho, "p": p, "n": n})
+        flags = outcome_flags(part, outcome)
+        rows.append({**dict(zip(by, group)), "rho": rho, "p": p, "n": n, "at_ceiling": flags["at_ceiling"],
+                     "at_floor": flags["at_floor"]})
     return pd.DataFrame(rows)
 
 

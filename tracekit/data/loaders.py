@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from tracekit.data.locate import dataset_files, find_data_file
+from tracekit.data.locate import dataset_files, dataset_paths
 from tracekit.data.records import FactRecord, RecordReader, with_space
 from tracekit.data.world_facts import world_facts
 from tracekit.errors import TracekitError
@@ -117,29 +117,43 @@ def read_json_records(path: Path) -> list:
 BUILTIN_DATASETS = {"worldfacts": world_facts}
 
 
+# CounterFact's records are read in case-id order (the paper's "first 2000 points"), whatever
+# the order of the file (the 436-record subset is not sorted; EasyEdit splits cases over files).
+CASE_ORDERED = ("counterfact", "counterfact-easyedit")
+
+
 def load_dataset(name: str, path: str | os.PathLike | None = None, n: int | None = None,
                  *, download: bool = False) -> list[FactRecord]:
-    """The first ``n`` records (all if None) of dataset ``name``, normalised to ``FactRecord``."""
+    """The first ``n`` records (all if None) of dataset ``name``, normalised to ``FactRecord``.
+
+    A dataset split over several files (EasyEdit's CounterFact: edit, train, val) is read whole
+    when its files sit together; CounterFact in either format comes in case-id order."""
     if name in BUILTIN_DATASETS:
         records = BUILTIN_DATASETS[name]()
         if n is not None and not 1 <= n <= len(records):
             raise TracekitError(f"n must be between 1 and {len(records)} for the built-in {name!r} facts, got {n}")
         return records[:n]
     spec = dataset_files(name)
-    file = find_data_file(spec.name, path, download=download)
-    raw = read_json_records(file)
+    files = dataset_paths(spec.name, path, download=download)
+    where = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({', '.join(f.name for f in files)})"
+    entries = [(file, i, item) for file in files for i, item in enumerate(read_json_records(file))]
+    if spec.name in CASE_ORDERED and all(isinstance(item, dict) and type(item.get("case_id")) is int
+                                         for _, _, item in entries):
+        entries.sort(key=lambda entry: entry[2]["case_id"])  # stable: a repeated id keeps its file order
     if n is not None:
         if n < 1:
             raise TracekitError(f"n must be at least 1, got {n}")
-        if n > len(raw):
-            raise TracekitError(f"asked for {n} {spec.name} records but {file} holds only {len(raw)}; use n <= {len(raw)}")
-        raw = raw[:n]
-    if not raw:
-        raise TracekitError(f"{file} holds no records")
-    _check_format(spec.name, raw[0], file)
+        if n > len(entries):
+            raise TracekitError(f"asked for {n} {spec.name} records but {where} holds only {len(entries)}; "
+                                f"use n <= {len(entries)}")
+        entries = entries[:n]
+    if not entries:
+        raise TracekitError(f"{where} holds no records")
+    for file in dict.fromkeys(file for file, _, _ in entries):
+        _check_format(spec.name, next(item for f, _, item in entries if f == file), file)
     parse = PARSERS[spec.name]
-    records = [parse(RecordReader(spec.name, file, i, item)) for i, item in enumerate(raw)]
-    _check_unique_ids(records, file)
+    records = [parse(RecordReader(spec.name, file, i, item)) for file, i, item in entries]
+    _check_unique_ids(records, entries)
     return records
 
 
@@ -157,13 +171,15 @@ def _check_format(name: str, first, file) -> None:
                                 f"not {name}; load it as dataset '{other}'")
 
 
-def _check_unique_ids(records: list[FactRecord], file) -> None:
-    seen: dict[int, int] = {}
-    for i, record in enumerate(records):
+def _check_unique_ids(records: list[FactRecord], entries) -> None:
+    seen: dict[int, tuple] = {}
+    for record, (file, i, _) in zip(records, entries):
         if record.case_id in seen:
+            first_file, first = seen[record.case_id]
+            also = f"record {first}" + ("" if first_file == file else f" in {first_file}")
             raise TracekitError(f"{record.source} record {i} in {file}: field 'case_id' repeats {record.case_id} "
-                                f"(also record {seen[record.case_id]}); results are stored by case id, so ids must be unique")
-        seen[record.case_id] = i
+                                f"(also {also}); results are stored by case id, so ids must be unique")
+        seen[record.case_id] = (file, i)
 
 
 def load_counterfact(path=None, n=None, *, download=False) -> list[FactRecord]:
@@ -179,6 +195,8 @@ def load_zsre(path=None, n=None, *, download=False) -> list[FactRecord]:
 
 
 def load_easyedit_counterfact(path=None, n=None) -> list[FactRecord]:
+    """All 21,919 cases where EasyEdit's edit, train and val files sit together (one rephrase and
+    one locality prompt each)."""
     return load_dataset("counterfact-easyedit", path, n)
 
 

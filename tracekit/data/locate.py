@@ -2,9 +2,11 @@
 
 Search order: the path the user gives (a file, or a folder holding the file), the folder
 in $TRACEKIT_DATA, ``../shared/data`` next to the repository (and next to the working
-directory), and the download cache (``data/`` in tracekit's cache root, $TRACEKIT_CACHE).
-Nothing is fetched unless the caller asks (``download=True``, the recipes' ``--download``),
-and a download is kept only if its content matches the digest pinned here.
+directory), and the download cache (``data/`` in tracekit's cache root, $TRACEKIT_CACHE). In
+each folder a dataset's accepted names are tried in order, including the sub-folders
+``../shared/data`` uses (``counterfact/``, ``counterfact_easyedit/``, ``zsre/``). Nothing is
+fetched unless the caller asks (``download=True``, the recipes' ``--download``), and a download
+is kept only if its content matches the digest pinned here.
 """
 
 from __future__ import annotations
@@ -32,23 +34,33 @@ class DatasetFiles:
     # What the public copy must hash to: ("sha256", hex) or, where only the file's git blob id
     # is published, ("git-blob", sha1 hex of b"blob <size>\0" + content).
     digest: tuple[str, str] | None = None
+    # Files read together with the one found, when they sit beside it (a dataset split in parts).
+    companions: tuple[str, ...] = ()
 
 
 DATASETS = {
+    # The full file first; else the 436-record original-format subset in ../shared/data (same case ids).
     # sha256 of the 45,108,470-byte release (its Git LFS pointer in scalable-model-editing/rebuilding-rome)
-    "counterfact": DatasetFiles("counterfact", ("counterfact.json",), f"{ROME_DATA_URL}/counterfact.json",
-                                "ROME's release (rome.baulab.info)",
+    "counterfact": DatasetFiles("counterfact", ("counterfact.json", "counterfact/counterfact.json",
+                                                "counterfact/intersected_counterfact_known.json"),
+                                f"{ROME_DATA_URL}/counterfact.json", "ROME's release (rome.baulab.info)",
                                 ("sha256", "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f")),
     # sha256 of ROME's committed copy (git blob 6c711e97)
     "known_1000": DatasetFiles("known_1000", ("known_1000.json",), f"{ROME_DATA_URL}/known_1000.json",
                                "ROME's release (rome.baulab.info)",
                                ("sha256", "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a")),
     # ROME's copy of the MEND zsRE evaluation slice; some mirrors call it zsre_mem_eval.json.
-    "zsre": DatasetFiles("zsre", ("zsre_mend_eval.json", "zsre_mem_eval.json"),
+    # Else the 1,037-record eval subset with EasyEdit's portability questions (same record format).
+    "zsre": DatasetFiles("zsre", ("zsre_mend_eval.json", "zsre_mem_eval.json", "zsre/zsre_mend_eval.json",
+                                  "zsre/zsre_mend_eval_portability_gpt4.json"),
                          f"{ROME_DATA_URL}/zsre_mend_eval.json", "ROME's release (rome.baulab.info)",
                          ("git-blob", "8546c90abc10b77ebc9fd69de178cf7837ff86dc")),
-    "counterfact-easyedit": DatasetFiles("counterfact-easyedit", ("counterfact-edit.json",), None,
-                                         "EasyEdit's data release (data/counterfact/counterfact-edit.json)"),
+    # EasyEdit splits all 21,919 CounterFact cases over edit / train / val files (disjoint case ids).
+    "counterfact-easyedit": DatasetFiles("counterfact-easyedit", ("counterfact-edit.json",
+                                                                  "counterfact_easyedit/counterfact-edit.json",
+                                                                  "counterfact/counterfact-edit.json"), None,
+                                         "EasyEdit's data release (data/counterfact/counterfact-edit.json)",
+                                         companions=("counterfact-train.json", "counterfact-val.json")),
 }
 ALIASES = {"knowns": "known_1000", "known": "known_1000", "cf": "counterfact", "easyedit": "counterfact-easyedit"}
 
@@ -116,6 +128,15 @@ def find_data_file(name: str, path: str | os.PathLike | None = None, *, download
     how = (f"pass --download to fetch it from {spec.url}" if spec.url else f"get it from {spec.where_to_get}")
     raise TracekitError(f"no {spec.name} file found; looked at {', '.join(looked)}; give its path "
                         f"(--data PATH), set TRACEKIT_DATA to its folder, or {how}")
+
+
+def dataset_paths(name: str, path: str | os.PathLike | None = None, *, download: bool = False) -> list[Path]:
+    """Every file of dataset ``name``: the one ``find_data_file`` finds, then its companions beside
+    it (a file the user names directly is read alone)."""
+    spec = dataset_files(name)
+    file = find_data_file(name, path, download=download)
+    named = path is not None and Path(path).expanduser().is_file()
+    return [file] + ([] if named else [file.parent / c for c in spec.companions if (file.parent / c).is_file()])
 
 
 def download_dataset(name: str, folder: str | os.PathLike, timeout: float = 60.0) -> Path:

@@ -35,8 +35,27 @@ class FactRecord:
         return self.prompt.replace("{}", self.subject, 1)
 
     @property
+    def prompt_sets(self) -> str:
+        """Which paraphrase and neighbourhood prompts this point has, by its dataset's field names:
+        "2 paraphrase_prompts, 10 neighborhood_prompts" (CounterFact), "1 rephrase_prompt,
+        1 locality_prompt" (EasyEdit's CounterFact)."""
+        paraphrase, neighbourhood = PROMPT_FIELDS.get(self.source, ("paraphrases", "neighbourhood prompts"))
+        return f"{len(self.paraphrase_prompts)} {paraphrase}, {len(self.neighborhood_prompts)} {neighbourhood}"
+
+    @property
     def neighborhood_answer(self) -> str:
         return self.neighborhood_target if self.neighborhood_target is not None else self.target_true
+
+
+# Each format's own names for the prompts that become paraphrase_prompts / neighborhood_prompts.
+# EasyEdit's one rephrase_prompt is not always a paraphrase: on the 436 cases both formats have,
+# it is one of ROME's generation_prompts in 363 and one of its paraphrase_prompts in 73.
+PROMPT_FIELDS = {
+    "counterfact": ("paraphrase_prompts", "neighborhood_prompts"),
+    "counterfact-easyedit": ("rephrase_prompt", "locality_prompt"),
+    "zsre": ("rephrase", "loc"),
+    "worldfacts": ("paraphrases", "neighbourhood prompts"),
+}
 
 
 def with_space(text: str) -> str:

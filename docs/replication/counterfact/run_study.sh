@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The CounterFact study of issue 13 on the bundled model, in the background, resumable, with
+# committed checkpoints. Run from the repository root:
+#
+#   nohup bash docs/replication/counterfact/run_study.sh > runs/counterfact.log 2>&1 &
+#
+# Every step computes only what the live store lacks, so rerunning the script after a crash (or
+# on a fresh clone, from the last committed checkpoint) resumes where it stopped. See PLAN.md for
+# the sizes, the measured costs and what must be merged first.
+#
+# Settings (environment): SHARED_DATA (../shared/data), MODEL (smollm2-135m), N_EI (120 known
+# points for Error Injection), N_OTHER (40 for the other problems), N_FF (120: Fact Forcing with FT-1
+# and FT-5, the paper's one positive cell, gets as many points as Error Injection), EI_LAYERS (auto: 8 spread + the
+# default layer), OTHER_LAYERS ("0 3 8 17 25"), WINDOW / ROBUST_WINDOW (tracing windows, 5 / 10),
+# SHARDS (2 processes side by side), EVERY (seconds between checkpoints, 1800), COMMIT (1: commit
+# each checkpoint to git; 0: only copy it), LIVE / SNAP (live store / committed snapshot), EXTRA
+# (more options for every recipe, e.g. --no-known-filter for a smoke test on a random model).
+set -euo pipefail
+cd "$(dirname "$0")/../../.."
+
+PY=${PY:-.venv/bin/python}
+SHARED_DATA=$(realpath "${SHARED_DATA:-../shared/data}")
+MODEL=${MODEL:-smollm2-135m}
+N_EI=${N_EI:-120}
+N_OTHER=${N_OTHER:-40}
+N_FF=${N_FF:-120}
+EI_LAYERS=${EI_LAYERS:-auto}
+OTHER_LAYERS=${OTHER_LAYERS:-0 3 8 17 25}
+WINDOW=${WINDOW:-5}
+ROBUST_WINDOW=${ROBUST_WINDOW:-10}
+SHARDS=${SHARDS:-2}
+EVERY=${EVERY:-1800}
+COMMIT=${COMMIT:-1}
+LIVE=${LIVE:-runs/counterfact.sqlite}
+SNAP=${SNAP:-docs/replication/counterfact/store.sqlite}
+EXTRA=${EXTRA:-}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
+
+# The data folder: CounterFact (436 records, ROME's format), known_1000 (the s3 noise scale) and
+# WikiText-2 (wikitext/wikitext-2-raw-v1.test.raw), which the key statistics find there: no
+# statistics from the model's own samples.
+[ -f "$SHARED_DATA/wikitext/wikitext-2-raw-v1.test.raw" ] || { echo "no WikiText-2 in $SHARED_DATA/wikitext"; exit 2; }
+mkdir -p "$(dirname "$LIVE")"
+export TRACEKIT_DATA=$SHARED_DATA
+
+copy_store() {  # a consistent copy of a live SQLite store (the online backup API), never a torn file
+    "$PY" -c 'import sqlite3, sys; d = sqlite3.connect(sys.argv[2]); sqlite3.connect(sys.argv[1]).backup(d); d.close()' "$1" "$2"
+}
+
+checkpoint() {
+    copy_store "$LIVE" "$SNAP"
+    local counts
+    counts=$("$PY" -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1])
+have = {n for (n,) in c.execute("SELECT name FROM sqlite_master")}
+print(", ".join(f"{n} {t}" for t in ("traces", "edits") if t in have
+                for (n,) in c.execute(f"SELECT count(*) FROM {t} WHERE status = ?", ("ok",))) or "nothing yet")' "$SNAP")
+    echo "$(date +%FT%T) checkpoint: $counts"
+    if [ "$COMMIT" = 1 ]; then
+        git add "$SNAP" && git commit -q -m "CounterFact store checkpoint: $counts" -- "$SNAP" || true
+    fi
+}
+
+sharded() {  # run a recipe as SHARDS processes side by side on the one store; fail if any fails
+    local pids=() k
+    for ((k = 0; k < SHARDS; k++)); do
+        "$@" --shard "$k/$SHARDS" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
+[ -f "$LIVE" ] || copy_store "$SNAP" "$LIVE"  # resume from the last committed checkpoint
+(while sleep "$EVERY"; do checkpoint; done) &
+TICKER=$!
+trap 'kill $TICKER 2>/dev/null || true' EXIT
+
+COMMON=(--model "$MODEL" --dataset counterfact --store "$LIVE" --quiet $EXTRA)
+ALL_METHODS=(--methods rome memit ft-1 ft-5)
+
+echo "$(date +%FT%T) 1/5 MLP tracing, window $WINDOW, first $N_EI known points"
+sharded "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds mlp --windows "$WINDOW" --samples 10
+checkpoint
+echo "$(date +%FT%T) 2/5 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
+sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
+    --problems error-injection --layers $EI_LAYERS
+checkpoint
+echo "$(date +%FT%T) 3/5 the other four problems, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
+sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
+    --problems tracing-reversal fact-erasure fact-amplification fact-forcing --layers $OTHER_LAYERS
+checkpoint
+if [ "$N_FF" -gt "$N_OTHER" ]; then
+    echo "$(date +%FT%T) 3b/5 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
+    sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
+        --problems fact-forcing --layers $OTHER_LAYERS
+    checkpoint
+fi
+echo "$(date +%FT%T) 4/5 robustness traces: MLP window $ROBUST_WINDOW, representation zeroing"
+sharded "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds mlp --windows "$ROBUST_WINDOW" --samples 10
+"$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds zero --windows "$WINDOW"
+checkpoint
+echo "$(date +%FT%T) 5/5 analysis"
+"$PY" recipes/analyse.py --store "$LIVE" --out "$(dirname "$SNAP")/analysis" --by-relation --window "$WINDOW" \
+    --title "Replication analysis: CounterFact ($N_EI / $N_OTHER known points), $MODEL"
+checkpoint
+if [ "$COMMIT" = 1 ]; then
+    git add "$(dirname "$SNAP")/analysis" && git commit -q -m "CounterFact analysis" -- "$(dirname "$SNAP")/analysis" || true
+fi
+echo "$(date +%FT%T) done"
