@@ -54,7 +54,7 @@ def _demo(args) -> None:
 def _demo_hparams(model, method: str):
     """The method's preset, with 64 key-statistics samples for ROME/MEMIT: on a fresh machine the
     text for them is first sampled from the model, and 64 samples instead of 256 move the demo's
-    scores by < 0.01 (``tracekit.editing.hparams.SMOLLM2_NOTE``)."""
+    scores by < 0.01 (``tracekit.editing.presets.SMOLLM2_NOTE``)."""
     from tracekit.editing.api import default_hparams
     from tracekit.editing.problems import Problem
 

@@ -35,7 +35,7 @@ import tracekit
 from tracekit.cli import console
 from tracekit.data.loaders import load_dataset
 from tracekit.editing.context import context_templates
-from tracekit.editing.hparams import rome_preset
+from tracekit.editing.presets import rome_preset
 from tracekit.editing.metrics import evaluate_edit
 from tracekit.editing.problems import prepare
 from tracekit.editing.rome import apply_rome

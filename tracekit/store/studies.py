@@ -46,7 +46,7 @@ def spread_layers(n_layers: int, count: int = 8, default_layer: int | None = Non
 def preset_layer(model) -> int | None:
     """The editing presets' default ROME layer for this model (None where there is no preset)."""
     try:
-        from tracekit.editing.hparams import rome_preset
+        from tracekit.editing.presets import rome_preset
 
         return rome_preset(model).layer
     except (ImportError, TracekitError):
