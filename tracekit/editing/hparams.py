@@ -71,6 +71,10 @@ class ROMEHyperParams(KeyValueHyperParams):
     # ("prompt", public code: the edited prompt receives exactly the new value), or the paper's equation
     # (v* - W k* - b)(C^-1 k*)^T / ((C^-1 k*)^T k*) ("mean": W' k* = v*).
     update_key: str = "prompt"
+    # How C^-1 k* is found: "float64" (a float64 solve, tracekit's) or "inverse" (the public code's
+    # arithmetic: torch.inverse of C in its own dtype (mom2_dtype), cast to float32, times k*). They
+    # differ by C's condition number x float32 rounding (1e-3 relative on the golden models).
+    mom2_solve: str = "float64"
     # tracekit's extension, off in every preset: map the key of each distinct subject tokenisation
     # among the templates to v* (a rank-g update), instead of their average (ROME), and weigh the
     # tokenisations equally in v*'s objective. It helps prompts that open with the subject, which
@@ -80,6 +84,9 @@ class ROMEHyperParams(KeyValueHyperParams):
     def __post_init__(self):
         super().__post_init__()
         check(self.update_key in ("prompt", "mean"), f"update_key must be 'prompt' or 'mean', got {self.update_key!r}")
+        check(self.mom2_solve in ("float64", "inverse"), f"mom2_solve must be 'float64' or 'inverse', got {self.mom2_solve!r}")
+        check(not (self.mom2_solve == "inverse" and self.key_per_tokenisation),
+              "key_per_tokenisation solves in float64; use mom2_solve='float64'")
 
 
 @dataclass(frozen=True)

@@ -277,15 +277,22 @@ def _essence_pass(model, queries: list[Query], noise) -> list[torch.Tensor]:
     return token_logprobs(model, queries) if queries else []
 
 
-def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig()) -> EditScores:
-    """Score ``edit`` (not applied on entry; left as found) on the point described by ``setup``."""
+def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig(),
+                  essence_texts: Sequence[str] | None = None) -> EditScores:
+    """Score ``edit`` (not applied on entry; left as found) on the point described by ``setup``.
+
+    ``essence_texts``: score these texts (tokenised as the paper's code does, to
+    ``essence_max_tokens``) instead of sampling them from the model."""
     from tracekit.editing.subject_noise import as_subject_noise
 
     check(not edit.applied, "evaluate_edit needs the edit un-applied: the 'before' pass runs the original model")
     noise = as_subject_noise(model, setup.request)
     paper_code = config.scoring == "paper-code"
     labels, queries = (_paper_code_queries if paper_code else _queries)(model, setup, noise)
-    essence_rows = sample_essence_tokens(model, setup.request.subject, config) if config.essence else []
+    if essence_texts is not None:
+        essence_rows = [tuple(P.token_ids(model.tokenizer, t)[: config.essence_max_tokens]) for t in essence_texts]
+    else:
+        essence_rows = sample_essence_tokens(model, setup.request.subject, config) if config.essence else []
     essence_noised = noise is not None and noise.fresh_per_pass
     essence = _essence_queries(model, setup, essence_rows, essence_noised)
     before = _cached_pass(model, queries, noise)

@@ -74,6 +74,21 @@ def key_statistics(model, layers, hparams, second_moment=None, progress=True) ->
             {layer: {"path": str(s.path), "tokens": s.tokens} for layer, s in stats.items()})
 
 
+def rank_one(C: torch.Tensor, key: torch.Tensor, residual: torch.Tensor, denominator_key: torch.Tensor,
+             hparams) -> torch.Tensor:
+    """residual (C^-1 k*)^T / ((C^-1 k*)^T d), [d_out, d_in]; d = ``denominator_key``."""
+    if hparams.mom2_solve == "float64":
+        return solve_update(C, key[:, None], residual[:, None], 0.0, hparams.mom2_ridge,
+                            denominator_keys=denominator_key[:, None])
+    A = C.to(getattr(torch, hparams.mom2_dtype))
+    if hparams.mom2_ridge:
+        A = A + hparams.mom2_ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    u = torch.inverse(A).float() @ key.float().to(A.device)  # the public code's compute_u ...
+    u = u / u.norm()
+    right = residual.float().to(u.device) / torch.dot(denominator_key.float().to(u.device), u)  # ... and compute_v
+    return right[:, None] @ u[None]
+
+
 def conventions(hparams, names) -> dict:
     return {name: getattr(hparams, name) for name in names}
 
@@ -121,10 +136,10 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
         else:
             k_p, out_p = initial.keys[0], initial.mlp_out[0]
         keys, residuals = k_p[None], (v_star - out_p)[:, None]  # W' k_p = v*
-        update = solve_update(C[layer], key[:, None], residuals, 0.0, hparams.mom2_ridge, denominator_keys=k_p[:, None])
+        update = rank_one(C[layer], key, residuals[:, 0], k_p, hparams)
     else:  # the paper's equation: W' k* = v*
         keys, residuals = key[None], (v_star - initial.mlp_out.mean(0))[:, None]
-        update = solve_update(C[layer], key[:, None], residuals, 0.0, hparams.mom2_ridge)
+        update = rank_one(C[layer], key, residuals[:, 0], key, hparams)
     weight = model.adapter.down_proj_weight(model.hf, layer)
     adapter = model.adapter
     new = adapter.from_out_in(adapter.as_out_in(weight.detach()).float() + update.to(weight.device))
@@ -133,7 +148,7 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
         method="rome", layers=[layer], seconds=lap.done(), steps_taken=found.steps,
         losses=[t["loss"] for t in found.trace], final_nll=found.final_nll, engine=objective.engine,
         conventions=conventions(hparams, ("value_reference", "update_key", "v_stop_on", "v_final_step",
-                                          "erasure_objective", "key_per_tokenisation")),
+                                          "erasure_objective", "key_per_tokenisation", "mom2_solve")),
         noise=None if rows.noise is None else rows.noise.as_dict(),
         details={"templates": len(rows.spans) - 1, "loss_trace": found.trace, "delta_norm": float(found.delta.norm()),
                  "value_norm": found.reference_norm, "v_star_norm": float(v_star.norm()), "key_norm": float(key.norm()),

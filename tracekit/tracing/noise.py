@@ -5,9 +5,8 @@ Rules: "s3" (3 x the embedding std, ROME), "s<k>" (k x the std), a float (absolu
 Gaussian scale), "u<scale>" (uniform in [-scale, scale]). Scales must be finite and > 0.
 
 The s3 std is computed as ROME's ``collect_embedding_std``: the std of the embedding rows
-of every token of every known_1000 subject, each subject tokenised on its own with the
-tokenizer's ``encode`` (no leading space; repeats counted). known_1000.json is found like
-every dataset (``tracekit.data.locate``: $TRACEKIT_DATA, ../shared/data, the download cache);
+of every token of every known_1000 subject, each subject tokenised on its own (no leading
+space, no special tokens; repeats counted). known_1000.json is found like every dataset (``tracekit.data.locate``: $TRACEKIT_DATA, ../shared/data, the download cache);
 without it, the 16 ``FALLBACK_SUBJECTS`` are used, with the same rule (a warning says so and
 ``noise_scale_info`` records which). The value is memoised per model.
 
@@ -53,14 +52,13 @@ class NoiseRule:
         if isinstance(rule, (int, float)) and not isinstance(rule, bool):
             return cls("gaussian", _positive(float(rule), rule), relative=False)
         text = str(rule).strip().lower()
+        kind, relative, number = ("gaussian", True, text[1:]) if text.startswith("s") else \
+            ("uniform", False, text[1:]) if text.startswith("u") else ("gaussian", False, text)
         try:
-            if text.startswith("s"):
-                return cls("gaussian", _positive(float(text[1:]), rule), relative=True)
-            if text.startswith("u"):
-                return cls("uniform", _positive(float(text[1:]), rule), relative=False)
-            return cls("gaussian", _positive(float(text), rule), relative=False)
+            value = float(number)
         except ValueError:
             raise TracekitError(f"unknown noise rule {rule!r}; use 's3' (3 x embedding std), a float, or 'u<scale>'") from None
+        return cls(kind, _positive(value, rule), relative=relative)
 
     def __str__(self) -> str:
         if self.relative:
@@ -115,8 +113,11 @@ def noise_subjects(subjects: Sequence[str] | None = None) -> tuple[tuple[str, ..
 
 
 def subject_token_ids(tokenizer, subjects: Sequence[str]) -> list[int]:
-    """Every token of every subject, each encoded on its own as ROME encodes it (repeats kept)."""
-    return [i for s in subjects for i in tokenizer.encode(s)]
+    """Every token of every subject, each encoded on its own as ROME encodes it (repeats kept).
+
+    Special tokens a tokenizer adds (a BOS, tracekit's document-start token) are not subject
+    tokens and are left out; GPT-2's and GPT-J's tokenizers add none, as in ROME."""
+    return [i for s in subjects for i in tokenizer(s, add_special_tokens=False)["input_ids"]]
 
 
 def embedding_std(model, subjects: Sequence[str] | None = None) -> float:
