@@ -57,7 +57,7 @@ def request(case) -> EditRequest:
 # ---- hyperparameters of a case in tracekit's terms ------------------------------------------------
 def rome_hp(case, **changes) -> ROMEHyperParams:
     h = case["hparams"]
-    return ROMEHyperParams(layer=h["layers"][0], v_num_grad_steps=h["v_num_grad_steps"], v_lr=h["v_lr"],
+    return ROMEHyperParams(layer=h["layers"][0], v_num_grad_steps=h["v_num_grad_steps"], v_lr=h["v_lr"], mom2_dtype=h["mom2_dtype"],
                            v_weight_decay=h["v_weight_decay"], clamp_norm_factor=h["clamp_norm_factor"],
                            kl_factor=h["kl_factor"], **changes)
 
@@ -146,8 +146,9 @@ def run_paper(case, convention: str = "paper-code", hp_changes: dict | None = No
         edit = apply_ft(m, setup.request, layers[len(layers) // 2], ft_hp(case, **hp_changes))
     elif alg == "ROME":
         C = second_moment(case["model"], layers[0]).to(getattr(torch, case.get("c_dtype", "float32")))
-        # the paper's compute_v never stops early (its patience counter resets every pass)
-        hp = rome_hp(case, **{"v_stop_on": None, **hp_changes})
+        # the paper's compute_v never stops early (its patience counter resets every pass); C is
+        # inverted as the public code does, so that the problems' conventions are all that is compared
+        hp = rome_hp(case, **{"v_stop_on": None, "mom2_solve": "inverse", **hp_changes})
         edit = apply_rome(m, setup.request, layers[0], hp, templates=case["templates"], second_moment=C, progress=False)
     else:
         hp = memit_hp(case, **{"v_stop_on": None, **hp_changes})

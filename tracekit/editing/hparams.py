@@ -35,6 +35,9 @@ class KeyValueHyperParams:
     v_stop_below: float = 0.05
     v_final_step: bool = False  # False: v_num_grad_steps passes, an Adam step after each but the last (public code)
     erasure_objective: str = "probability"  # Fact Erasure minimises exp(-NLL) (the paper's code) or -NLL ("log-probability")
+    # Fact Erasure in the paper's code never stops early; its ROME steps after every pass, its MEMIT
+    # not after the last one (an extra unconditional break)
+    erasure_final_step: bool = True
     # context templates: (tokens, count) pairs sampled from the model, plus the bare prompt
     context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     context_seed: int = 0
@@ -105,6 +108,7 @@ class MEMITHyperParams(KeyValueHyperParams):
     v_num_grad_steps: int = 25
     clamp_norm_factor: float = 0.75
     context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
+    erasure_final_step: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,7 +125,7 @@ LEGACY = {
     "rome": dict(value_reference="mean", update_key="mean", v_stop_on="nll", v_final_step=True,
                  erasure_objective="log-probability"),
     "memit": dict(value_reference="mean", key_average="uniform", z_current="mean", v_stop_on="nll", v_final_step=True,
-                  erasure_objective="log-probability"),
+                  erasure_objective="log-probability", erasure_final_step=True),
 }
 
 

@@ -400,12 +400,15 @@ def optimize_value(objective: ValueObjective, hp, minimize: bool = False, refere
         loss = target_term + hp.kl_factor * kl + decay
         trace.append({"step": it, "loss": float(loss.detach()), "nll": float(nll.detach()), "kl": float(kl.detach()),
                       "decay": float(decay.detach()), "delta_norm": float(delta.detach().norm())})
-        if not minimize:  # the paper's Fact Erasure code neither stops early nor skips the last step
+        last = it == hp.v_num_grad_steps - 1
+        if not minimize:
             watched = {"loss": trace[-1]["loss"], "nll": trace[-1]["nll"]}.get(hp.v_stop_on)
             if watched is not None and watched < hp.v_stop_below:
                 break
-            if it == hp.v_num_grad_steps - 1 and not hp.v_final_step:
+            if last and not hp.v_final_step:
                 break
+        elif last and not hp.erasure_final_step:  # the paper's Fact Erasure code never stops early
+            break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

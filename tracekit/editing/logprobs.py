@@ -54,12 +54,18 @@ def _rows(queries: Sequence[Query], unique: bool):
     return rows, spans, where
 
 
-def token_logprobs(model, queries: Sequence[Query], grad: bool = False, noise=None) -> list[torch.Tensor]:
+def token_logprobs(model, queries: Sequence[Query], grad: bool = False, noise=None,
+                   row_spans: Sequence | None = None) -> list[torch.Tensor]:
     """log p of every continuation token, per query ([n_continuation_tokens] each), in one pass.
 
-    ``noise``: a ``SubjectNoise``; the spans of the queries that name one are noised."""
+    ``noise``: a ``SubjectNoise``; the spans of the queries that name one are noised.
+    ``row_spans``: the span to noise in each row instead (rows are the queries, in order, when
+    the noise is drawn afresh per pass): the paper code's scorer (``metrics``) needs it."""
     fresh = noise is not None and noise.fresh_per_pass
-    rows, spans, where = _rows(queries, unique=not fresh)
+    rows, spans, where = _rows(queries, unique=not fresh and row_spans is None)
+    if row_spans is not None:
+        check(len(row_spans) == len(rows), f"{len(row_spans)} row spans for {len(rows)} rows")
+        spans = list(row_spans)
     batch = P.pad(rows, model.tokenizer.pad_token_id)
     check(batch.input_ids.shape[1] <= model.n_ctx,
           f"a scored row is {batch.input_ids.shape[1]} tokens, longer than the model's context of {model.n_ctx}")

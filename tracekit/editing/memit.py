@@ -101,7 +101,7 @@ def apply_memit(model, request: EditRequest, layer: int | None = None, hparams: 
         method="memit", layers=layers, seconds=lap.done(), steps_taken=found.steps,
         losses=[t["loss"] for t in found.trace], final_nll=found.final_nll, engine=objective.engine,
         conventions=conventions(hparams, ("value_reference", "key_average", "z_current", "v_stop_on", "v_final_step",
-                                          "erasure_objective", "clamp_to")),
+                                          "erasure_objective", "erasure_final_step", "clamp_to")),
         noise=None if rows.noise is None else rows.noise.as_dict(),
         details={"z_layer": last, "templates": len(rows.spans) - 1, "loss_trace": found.trace,
                  "delta_norm": float(found.delta.norm()), "reference_norm": found.reference_norm, "z": target,

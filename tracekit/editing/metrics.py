@@ -251,7 +251,11 @@ def _queries(model, setup: EditSetup, noise):
 
 def _paper_code_queries(model, setup: EditSetup, noise):
     """paper-code: each prompt (rewrite, paraphrases, neighbours, in this order) scored for the
-    target then the request baseline, as ``test_batch_prediction`` lays out its batch."""
+    target then the request baseline, as ``test_batch_prediction`` lays out its batch.
+
+    Its subject noise, reproduced by ``paper_code_row_spans``: row i is noised at the subject
+    span of PROMPT i, while the batch holds two rows per prompt, so that of the noised rows only
+    the edit prompt's target row has the noise on its subject."""
     req = setup.request
     baseline = setup.baseline if setup.baseline is not None else model.tokenizer.eos_token
     prompts = [("rewrite", req.text)] + [("paraphrase", p) for p in setup.paraphrases]
@@ -263,6 +267,16 @@ def _paper_code_queries(model, setup: EditSetup, noise):
             queries.append(text_query(model, prompt, obj, req.subject if noised else None))
             labels.append((kind, prompt, role, obj, noised))
     return labels, queries
+
+
+def paper_code_row_spans(labels, queries) -> list:
+    """The span each row of the paper-code batch is noised at (see ``_paper_code_queries``)."""
+    prompt_spans, seen = [], set()
+    for (kind, prompt, *_), query in zip(labels, queries):
+        if (kind, prompt) not in seen:
+            seen.add((kind, prompt))
+            prompt_spans.append(query.span)
+    return [prompt_spans[i] if i < len(prompt_spans) else None for i in range(len(queries))]
 
 
 def _essence_queries(model, setup: EditSetup, essence_rows, noised: bool) -> list[Query]:
@@ -295,10 +309,12 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
         essence_rows = sample_essence_tokens(model, setup.request.subject, config) if config.essence else []
     essence_noised = noise is not None and noise.fresh_per_pass
     essence = _essence_queries(model, setup, essence_rows, essence_noised)
-    before = _cached_pass(model, queries, noise)
+    row_spans = paper_code_row_spans(labels, queries) if paper_code and noise is not None and noise.fresh_per_pass \
+        else None
+    before = _cached_pass(model, queries, noise, row_spans=row_spans)
     essence_before = _cached_pass(model, essence, noise if essence_noised else None, essence=True)
     with edit:
-        after = token_logprobs(model, queries, noise=noise)
+        after = token_logprobs(model, queries, noise=noise, row_spans=row_spans)
         essence_after = _essence_pass(model, essence, noise if essence_noised else None)
 
     def prob(logp: torch.Tensor) -> float:
@@ -382,13 +398,14 @@ def _noise_key(noise) -> tuple | None:
     return (noise.convention, noise.scale.scale, noise.seed, noise.prompt_span, _tensor_digest(noise.draw))
 
 
-def _cached_pass(model, queries: Sequence[Query], noise, essence: bool = False) -> list[torch.Tensor]:
+def _cached_pass(model, queries: Sequence[Query], noise, essence: bool = False, row_spans=None) -> list[torch.Tensor]:
     run = (lambda: _essence_pass(model, list(queries), noise)) if essence else \
-        (lambda: token_logprobs(model, queries, noise=noise))
+        (lambda: token_logprobs(model, queries, noise=noise, row_spans=row_spans))
     cache = peek_memo(model, _BASELINE)
     if cache is None or not queries:
         return run() if queries else []
-    key = (essence, tuple((q.prefix, q.continuation, q.span) for q in queries), _noise_key(noise))
+    key = (essence, tuple((q.prefix, q.continuation, q.span) for q in queries), _noise_key(noise),
+           None if row_spans is None else tuple(row_spans))
     if key not in cache:
         if len(cache) >= _BASELINE_ENTRIES:
             cache.pop(next(iter(cache)))  # oldest first: a sweep moves on point by point

@@ -124,7 +124,9 @@ def prepare(model, record, problem: "str | Problem", seed: int = 0, noise="s3", 
     template, subject = fact.prompt, fact.subject
     common = dict(o_true=o_true, neighbour_true=fact.neighborhood_answer,
                   paraphrases=fact.paraphrase_prompts, neighbours=fact.neighborhood_prompts)
-    eos = model.tokenizer.eos_token
+    # The paper code's request_baseline, as its scorer reads it: it scores " " + the string, so a
+    # string that already starts with a space (Fact Forcing's decoded token) gets two.
+    eos = " " + model.tokenizer.eos_token
     if problem is Problem.ERROR_INJECTION:
         check(bool(o_false and o_false.strip()), f"error-injection needs a false target (o_false) for {fact.text!r}")
         _check_differs(model, o_false, o_true)
@@ -162,10 +164,11 @@ def prepare(model, record, problem: "str | Problem", seed: int = 0, noise="s3", 
     paraphrases = [p for p in fact.paraphrase_prompts if subject in p]
     noise_info = subject_noise(model, fact.text, subject, seed=seed, noise=noise, also=paraphrases, convention=convention)
     o_noise = noised_token(model, fact.text, subject, noise_info, noised_rows) if convention == "paper-code" else None
+    baseline = None if o_noise is None else " " + o_noise  # the code decodes the token (with its space)
     note = (f"subject noised ({noise_info.convention} convention, {noise_info.scale.rule} = {noise_info.scale.scale:.4g}) "
             "in the edit and in every scored prompt that contains it")
     return EditSetup(problem, EditRequest(template, subject, o_true, noise=noise_info),
-                     counter=o_noise if o_noise is not None else o_false, baseline=o_noise, notes=(note,), **common)
+                     counter=o_noise if o_noise is not None else o_false, baseline=baseline, notes=(note,), **common)
 
 
 def setup_from_request(request: EditRequest) -> EditSetup:

@@ -148,12 +148,13 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
         method="rome", layers=[layer], seconds=lap.done(), steps_taken=found.steps,
         losses=[t["loss"] for t in found.trace], final_nll=found.final_nll, engine=objective.engine,
         conventions=conventions(hparams, ("value_reference", "update_key", "v_stop_on", "v_final_step",
-                                          "erasure_objective", "key_per_tokenisation", "mom2_solve")),
+                                          "erasure_objective", "erasure_final_step", "key_per_tokenisation", "mom2_solve")),
         noise=None if rows.noise is None else rows.noise.as_dict(),
         details={"templates": len(rows.spans) - 1, "loss_trace": found.trace, "delta_norm": float(found.delta.norm()),
                  "value_norm": found.reference_norm, "v_star_norm": float(v_star.norm()), "key_norm": float(key.norm()),
                  "update_norm": float(update.norm()), "stats": stats_info[layer],
                  "key": key, "delta": found.delta, "v_star": v_star,  # k*, v* - v_0, v*
+                 "mean_output": initial.mlp_out.mean(0),  # W k* + b
                  "keys": keys, "residuals": residuals.T,  # keys the update maps onto v*, and v* - (W k + b) for each
                  "update": update})
     return Edit(model.hf, {param_name(model, weight): new}, info)
