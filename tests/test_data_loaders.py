@@ -1,6 +1,8 @@
 """Dataset loaders: normalised records, malformed records named by index and field, file lookup."""
 
 import copy
+import dataclasses
+import hashlib
 import json
 
 import pytest
@@ -8,6 +10,7 @@ import pytest
 from tracekit import TracekitError
 from tracekit.data import FactRecord, find_data_file, load_dataset
 from tracekit.data import locate
+from tracekit.editing.request import EditRequest
 
 
 def counterfact(i, subject="Danielle Darrieux"):
@@ -72,7 +75,7 @@ def test_counterfact_record_is_normalised(tmp_path):
     assert r.text == "The mother tongue of Toko Yasuda is"
     assert len(r.paraphrase_prompts) == 1 and len(r.neighborhood_prompts) == 2
     assert r.neighborhood_answer == " French"
-    request = r.request()
+    request = EditRequest.from_record(r)
     assert (request.text, request.target) == ("The mother tongue of Toko Yasuda is", " English")
 
 
@@ -138,7 +141,7 @@ def test_n_limits_and_rejects_too_many(tmp_path):
 
 
 def test_lookup_order_and_missing_file_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRACEKIT_CACHE", str(tmp_path / "cache"))
     env = tmp_path / "env"
     env.mkdir()
     monkeypatch.setenv("TRACEKIT_DATA", str(env))
@@ -147,7 +150,7 @@ def test_lookup_order_and_missing_file_message(tmp_path, monkeypatch):
     message = str(err.value)
     for place in (tmp_path / "given" / "zsre_mend_eval.json", env / "zsre_mend_eval.json",
                   locate.repo_root().parent / "shared" / "data" / "zsre_mend_eval.json",
-                  tmp_path / "cache" / "tracekit" / "data" / "zsre_mend_eval.json"):
+                  tmp_path / "cache" / "data" / "zsre_mend_eval.json"):
         assert str(place) in message
     assert "--download" in message and "\n" not in message
     write(env / "zsre_mem_eval.json", [zsre(0)])  # the alternative file name, found through $TRACEKIT_DATA
@@ -161,7 +164,7 @@ def test_lookup_order_and_missing_file_message(tmp_path, monkeypatch):
 
 
 def test_download_only_when_asked(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("TRACEKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TRACEKIT_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
     # ../shared/data beside the checkout may hold a real known_1000.json: look only inside tmp_path
@@ -192,6 +195,13 @@ def test_download_only_when_asked(tmp_path, monkeypatch):
     with pytest.raises(TracekitError, match="offline"):
         load_dataset("known_1000", folder, download=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(TracekitError, match="does not match its pinned sha256"):
+        load_dataset("known_1000", folder, download=True)  # the fake file is not ROME's
+    assert not list(folder.glob("*"))  # nothing kept
+    fake = hashlib.sha256(json.dumps([known(0), known(1)]).encode()).hexdigest()
+    monkeypatch.setitem(locate.DATASETS, "known_1000",
+                        dataclasses.replace(locate.DATASETS["known_1000"], digest=("sha256", fake)))
+    calls.clear()
     records = load_dataset("known_1000", folder, download=True)
     assert calls == ["https://rome.baulab.info/data/dsets/known_1000.json"]
     assert len(records) == 2 and (folder / "known_1000.json").is_file()
@@ -212,3 +222,13 @@ def test_builtin_world_facts_need_no_file():
     assert len({r.case_id for r in load_dataset("worldfacts")}) == len(load_dataset("worldfacts"))
     with pytest.raises(TracekitError, match="n must be between 1 and"):
         load_dataset("worldfacts", n=10**6)
+
+
+def test_pinned_digests_match_the_shared_copies():
+    """The pins are those of the public files; where the same file is in ../shared/data, check it."""
+    known_file = locate.repo_root().parent / "shared" / "data" / "known_1000.json"
+    if not known_file.is_file():
+        pytest.skip("../shared/data is not beside this checkout")
+    assert locate.file_digest(known_file, "sha256") == locate.DATASETS["known_1000"].digest[1]
+    git_blob = locate.file_digest(known_file, "git-blob")
+    assert git_blob == "6c711e97d27581fe837009b683684f23fa50a634"  # the blob id SOURCES.md gives

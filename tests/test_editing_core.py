@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_SPECS, tiny
 from tracekit.adapters import Site
 from tracekit.editing import covariance as cov
-from tracekit.editing.cache import key_fingerprint, weight_fingerprint
+from tracekit.identity import key_fingerprint, weight_fingerprint
 from tracekit.editing.context import context_templates
 from tracekit.editing.kv_core import ValueObjective, build_rows, solve_update
 from tracekit.editing.request import EditRequest
@@ -218,12 +218,12 @@ def test_corpus_from_the_data_folder(tmp_path, monkeypatch):
 def test_self_sampled_corpus_warns_and_is_cached(monkeypatch):
     model = tiny("random:gpt2-tiny")
     with pytest.warns(UserWarning, match="sampling .* from the model itself"):
-        first = cov.second_moments(model, [0], n_samples=4, sample_tokens=8, progress=False)[0]
+        first = cov.second_moments(model, [0], n_samples=4, sample_tokens=8, corpus="model", progress=False)[0]
     monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("re-sampled a cached corpus"))
     first.path.unlink()  # statistics gone, corpus still cached
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        again = cov.second_moments(model, [0], n_samples=4, sample_tokens=8, progress=False)[0]
+        again = cov.second_moments(model, [0], n_samples=4, sample_tokens=8, corpus="model", progress=False)[0]
     torch.testing.assert_close(first.matrix, again.matrix)
 
 

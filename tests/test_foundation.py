@@ -6,6 +6,7 @@ import torch
 import tracekit
 from tracekit import TracekitError
 from tracekit.adapters import Site
+from tracekit.errors import SubjectWarning
 from tracekit.prompts import subject_span, target_ids
 
 from conftest import BACKENDS, TINY_SPECS, tiny
@@ -78,7 +79,8 @@ def test_subject_span_cases():
     assert tok.convert_ids_to_tokens(tok(prompt)["input_ids"])[:3] == ["The", "ĠEiffel", "ĠTower"]
     assert subject_span(tok, prompt, "The Eiffel Tower") == (0, 3)
     assert subject_span(tok, prompt, "Eiffel Tower") == (1, 3)  # leading space lives in " Eiffel"
-    assert subject_span(tok, prompt, "Eiff") == (1, 2)  # merged across the boundary
+    with pytest.warns(SubjectWarning, match="inside the longer word 'Eiffel'"):
+        assert subject_span(tok, prompt, "Eiff") == (1, 2)  # merged across the boundary
     twice = "The Tower and the Tower"
     assert tok.tokenize(twice) == ["The", "ĠTower", "Ġand", "Ġthe", "ĠTower"]
     assert subject_span(tok, twice, "Tower", occurrence=0) == (1, 2)
@@ -131,7 +133,7 @@ def test_cli_models_and_errors(capsys):
 
     assert main(["models"]) == 0
     assert "smollm2-135m" in capsys.readouterr().out
-    assert main(["predict", "--model", "nope", "hi"]) == 2
+    assert main(["predict", "--model", "nope", "--prompt", "hi"]) == 2
     assert "unknown model spec" in capsys.readouterr().out
 
 

@@ -1,12 +1,15 @@
 """tracekit: where is a fact in a language model, and does editing there work?"""
 
 from tracekit.errors import TracekitError
-from tracekit.models import Model, list_specs, load_model
 
 __version__ = "0.1.0"
 
-# Heavier areas load on first use, so `import tracekit` stays quick.
+# Everything else loads on first use, so `import tracekit` (and `tracekit --help`) stays quick:
+# torch and transformers alone take seconds to import.
 _LAZY = {
+    "Model": "tracekit.models",
+    "list_specs": "tracekit.models",
+    "load_model": "tracekit.models",
     "trace": "tracekit.tracing",
     "trace_many": "tracekit.tracing",
     "zero_trace": "tracekit.tracing",
@@ -19,10 +22,14 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
+        from importlib import import_module
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tracekit' has no attribute {name!r}")
 
 
-__all__ = ["Model", "TracekitError", "list_specs", "load_model", "__version__", *_LAZY]
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["TracekitError", "__version__", *_LAZY]

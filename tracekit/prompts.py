@@ -6,12 +6,13 @@ real position is ``length - 1`` and, under causal attention, padding never affec
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from tracekit.errors import TracekitError, check
+from tracekit.errors import SubjectWarning, TracekitError, check
 
 
 @dataclass(frozen=True)
@@ -59,26 +60,68 @@ def encode(tokenizer, prompts: Sequence[str], max_len: int | None = None) -> Bat
     return pad(rows, tokenizer.pad_token_id)
 
 
-def subject_span(tokenizer, prompt: str, subject: str, occurrence: int = 0) -> tuple[int, int]:
-    """Token span [start, end) covering ``subject`` inside ``prompt``.
-
-    Uses the tokenizer's character offsets, not decoding: a token that merges the
-    subject with a neighbouring character (a leading space, a suffix) belongs to the span.
-    ``occurrence`` picks which appearance of a repeated subject (0 = first, -1 = last).
-    """
-    check(isinstance(subject, str) and subject.strip() != "", "empty subject")
+def subject_occurrences(prompt: str, subject: str) -> list[int]:
+    """Character offsets of every appearance of ``subject`` in ``prompt`` (overlaps included)."""
     starts = []
     at = prompt.find(subject)
     while at != -1:
         starts.append(at)
         at = prompt.find(subject, at + 1)
+    return starts
+
+
+def inside_word(prompt: str, subject: str, char_start: int) -> str | None:
+    """The longer word the subject at ``char_start`` is part of ("Parisian" for "Paris"), else None."""
+    end = char_start + len(subject)
+    glued_before = char_start > 0 and prompt[char_start - 1].isalnum() and subject[0].isalnum()
+    glued_after = end < len(prompt) and prompt[end].isalnum() and subject[-1].isalnum()
+    if not (glued_before or glued_after):
+        return None
+    start, stop = char_start, end
+    while start > 0 and prompt[start - 1].isalnum():
+        start -= 1
+    while stop < len(prompt) and prompt[stop].isalnum():
+        stop += 1
+    return prompt[start:stop]
+
+
+def warn_if_inside_word(prompt: str, subject: str, char_start: int, stacklevel: int = 3) -> None:
+    word = inside_word(prompt, subject, char_start)
+    if word is not None:
+        warnings.warn(f"subject {subject!r} sits inside the longer word {word!r} in {prompt!r}: its span covers "
+                      f"that word's tokens", SubjectWarning, stacklevel=stacklevel)
+
+
+def subject_span(tokenizer, prompt: str, subject: str, occurrence: int | None = None) -> tuple[int, int]:
+    """Token span [start, end) covering ``subject`` inside ``prompt``.
+
+    Uses the tokenizer's character offsets, not decoding: a token that merges the
+    subject with a neighbouring character (a leading space, a suffix) belongs to the span.
+    ``occurrence`` picks which appearance of a repeated subject (0 = first, -1 = last).
+    None (the default) takes the first appearance that is a whole word (else the first) and
+    warns (``SubjectWarning``) where that guess may be wrong: the subject appears more than
+    once, or only inside a longer word ("Paris" in "Parisian").
+    """
+    check(isinstance(prompt, str), f"the prompt must be a string, got a {type(prompt).__name__}")
+    check(isinstance(subject, str) and subject.strip() != "", "empty subject")
+    starts = subject_occurrences(prompt, subject)
     if not starts:
         tokens = tokenizer.convert_ids_to_tokens(token_ids(tokenizer, prompt))
         raise TracekitError(f"subject {subject!r} is not in the prompt {prompt!r} (tokens: {tokens})")
-    try:
-        char_start = starts[occurrence]
-    except IndexError:
-        raise TracekitError(f"subject {subject!r} occurs {len(starts)} time(s); occurrence {occurrence} does not exist") from None
+    if occurrence is None:
+        whole = [at for at in starts if inside_word(prompt, subject, at) is None]
+        char_start = (whole or starts)[0]
+        if len(starts) > 1:
+            warnings.warn(f"subject {subject!r} occurs {len(starts)} times in {prompt!r}; using occurrence "
+                          f"{starts.index(char_start)} (pass occurrence= to choose)", SubjectWarning, stacklevel=3)
+        warn_if_inside_word(prompt, subject, char_start)
+    else:
+        check(isinstance(occurrence, int) and not isinstance(occurrence, bool),
+              f"occurrence must be an integer (0 = first, -1 = last), got {occurrence!r}")
+        try:
+            char_start = starts[occurrence]
+        except IndexError:
+            raise TracekitError(f"subject {subject!r} occurs {len(starts)} time(s); occurrence {occurrence} does not exist") from None
     char_end = char_start + len(subject)
     encoding = tokenizer(prompt, return_offsets_mapping=True)
     inside = [

@@ -172,17 +172,21 @@ class TransformerLensBackend(Backend):
 
 
 class NNsightBackend(Backend):
-    """nnsight ``LanguageModel``: interventions written against the module tree."""
+    """nnsight ``TransformersModel`` (its ``LanguageModel``, deprecated since nnsight 0.8, for older
+    versions): interventions written against the module tree."""
 
     name = "nnsight"
 
     def __init__(self, hf_model, adapter, tokenizer):
         super().__init__(hf_model, adapter, tokenizer)
         try:
-            from nnsight import LanguageModel
+            import nnsight
         except ImportError as err:  # pragma: no cover - a declared dependency
             raise TracekitError("nnsight is not installed: pip install 'nnsight>=0.8'") from err
-        self.wrapper = LanguageModel(hf_model, tokenizer=tokenizer)
+        if hasattr(nnsight, "TransformersModel"):
+            self.wrapper = nnsight.TransformersModel(hf_model, task="text-generation", tokenizer=tokenizer)
+        else:  # pragma: no cover - nnsight before TransformersModel
+            self.wrapper = nnsight.LanguageModel(hf_model, tokenizer=tokenizer)
 
     def _forward(self, input_ids, edits, capture, positions):
         saved = {}

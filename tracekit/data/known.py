@@ -2,18 +2,22 @@
 prompt (36 tokens) contains o_true (Hase et al. 2023, appendix A: GPT-J keeps 32.6%).
 
 Generation (``Model.generate``, batched) is the slow part, so the verdicts are cached per
-model identity (spec + weight fingerprint, see ``tracekit.store.manifest.model_identity``)
+model identity (spec + weight fingerprint, see ``tracekit.identity.model_identity``)
 in any object with ``get_known`` / ``put_known`` (a ``ResultStore`` is one).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 from rich.progress import Progress
 
 from tracekit.data.records import FactRecord
 from tracekit.errors import check
+from tracekit.identity import model_identity
+
+if TYPE_CHECKING:  # for annotations only: no import cycle, no early torch
+    from tracekit.models import Model
 
 KNOWN_NEW_TOKENS = 36
 
@@ -28,11 +32,9 @@ def is_known(continuation: str, target_true: str) -> bool:
     return target_true.strip() in continuation
 
 
-def known_flags(model, records: Sequence[FactRecord], *, cache: KnownCache | None = None,
+def known_flags(model: Model, records: Sequence[FactRecord], *, cache: KnownCache | None = None,
                 new_tokens: int = KNOWN_NEW_TOKENS, batch_size: int = 32, progress: bool = True) -> list[bool]:
     """For each record, whether the model knows it; cached verdicts are reused, new ones cached."""
-    from tracekit.store.manifest import model_identity
-
     check(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
     model_id = model_identity(model)
     flags: dict[int, bool] = dict(cache.get_known(model_id, records, new_tokens)) if cache is not None else {}
@@ -50,7 +52,7 @@ def known_flags(model, records: Sequence[FactRecord], *, cache: KnownCache | Non
     return [flags[r.case_id] for r in records]
 
 
-def filter_known(model, records: Sequence[FactRecord], *, limit: int | None = None,
+def filter_known(model: Model, records: Sequence[FactRecord], *, limit: int | None = None,
                  cache: KnownCache | None = None, new_tokens: int = KNOWN_NEW_TOKENS,
                  batch_size: int = 32, progress: bool = True) -> list[FactRecord]:
     """The known records, in dataset order; with ``limit``, the first ``limit`` of them

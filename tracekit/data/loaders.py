@@ -180,3 +180,18 @@ def load_zsre(path=None, n=None, *, download=False) -> list[FactRecord]:
 
 def load_easyedit_counterfact(path=None, n=None) -> list[FactRecord]:
     return load_dataset("counterfact-easyedit", path, n)
+
+
+def parse_record(raw, where: str = "the given record") -> FactRecord:
+    """One raw record of any supported format, told apart by ``SIGNATURES`` (EasyEdit's flat
+    CounterFact is recognised by its 'ground_truth', not misread as ROME's nested CounterFact)."""
+    if not isinstance(raw, dict):
+        raise TracekitError(f"expected a FactRecord, an EditRequest or a dataset record (a dict), "
+                            f"got a {type(raw).__name__}")
+    for name, field in SIGNATURES.items():
+        if field in raw:
+            return PARSERS[name](RecordReader(name, where, 0, raw))
+    if "target_new" in raw and "prompt" in raw and "subject" in raw:  # EasyEdit without its ground truth
+        return parse_easyedit_counterfact(RecordReader("counterfact-easyedit", where, 0, raw))
+    raise TracekitError(f"{where} is in no known format: it has {', '.join(sorted(raw)[:8])}; expected one of "
+                        + ", ".join(f"{name} (with '{field}')" for name, field in SIGNATURES.items()))

@@ -2,12 +2,14 @@
 
 Search order: the path the user gives (a file, or a folder holding the file), the folder
 in $TRACEKIT_DATA, ``../shared/data`` next to the repository (and next to the working
-directory), and the download cache (~/.cache/tracekit/data). Nothing is fetched unless the
-caller asks (``download=True``, the recipes' ``--download``).
+directory), and the download cache (``data/`` in tracekit's cache root, $TRACEKIT_CACHE).
+Nothing is fetched unless the caller asks (``download=True``, the recipes' ``--download``),
+and a download is kept only if its content matches the digest pinned here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import urllib.error
@@ -15,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from tracekit.cache import cache_dir as cache_root
 from tracekit.errors import TracekitError
 
 ROME_DATA_URL = "https://rome.baulab.info/data/dsets"
@@ -26,16 +29,24 @@ class DatasetFiles:
     filenames: tuple[str, ...]  # accepted file names, the first is the canonical one
     url: str | None  # public copy; None where there is no stable direct link
     where_to_get: str
+    # What the public copy must hash to: ("sha256", hex) or, where only the file's git blob id
+    # is published, ("git-blob", sha1 hex of b"blob <size>\0" + content).
+    digest: tuple[str, str] | None = None
 
 
 DATASETS = {
+    # sha256 of the 45,108,470-byte release (its Git LFS pointer in scalable-model-editing/rebuilding-rome)
     "counterfact": DatasetFiles("counterfact", ("counterfact.json",), f"{ROME_DATA_URL}/counterfact.json",
-                                "ROME's release (rome.baulab.info)"),
+                                "ROME's release (rome.baulab.info)",
+                                ("sha256", "d017056125178a13728594e66a801357a8db9ed7973a7425554bb4271de9fc6f")),
+    # sha256 of ROME's committed copy (git blob 6c711e97)
     "known_1000": DatasetFiles("known_1000", ("known_1000.json",), f"{ROME_DATA_URL}/known_1000.json",
-                               "ROME's release (rome.baulab.info)"),
+                               "ROME's release (rome.baulab.info)",
+                               ("sha256", "61daca55318bb5260c1e62e133debef9102c7b278bbc7b19dd2ac655543f333a")),
     # ROME's copy of the MEND zsRE evaluation slice; some mirrors call it zsre_mem_eval.json.
     "zsre": DatasetFiles("zsre", ("zsre_mend_eval.json", "zsre_mem_eval.json"),
-                         f"{ROME_DATA_URL}/zsre_mend_eval.json", "ROME's release (rome.baulab.info)"),
+                         f"{ROME_DATA_URL}/zsre_mend_eval.json", "ROME's release (rome.baulab.info)",
+                         ("git-blob", "8546c90abc10b77ebc9fd69de178cf7837ff86dc")),
     "counterfact-easyedit": DatasetFiles("counterfact-easyedit", ("counterfact-edit.json",), None,
                                          "EasyEdit's data release (data/counterfact/counterfact-edit.json)"),
 }
@@ -54,8 +65,22 @@ def repo_root() -> Path:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "tracekit" / "data"
+    """Where downloads go: ``data/`` under tracekit's one cache root."""
+    return cache_root() / "data"
+
+
+def file_digest(path: Path, kind: str) -> str:
+    """sha256 of a file, or its git blob id (``kind="git-blob"``)."""
+    if kind == "sha256":
+        digest = hashlib.sha256()
+    elif kind == "git-blob":
+        digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    else:
+        raise ValueError(f"unknown digest kind {kind!r}")
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def search_folders(path: str | os.PathLike | None = None) -> list[Path]:
@@ -104,9 +129,19 @@ def download_dataset(name: str, folder: str | os.PathLike, timeout: float = 60.0
     folder.mkdir(parents=True, exist_ok=True)
     destination = folder / spec.filenames[0]
     part = folder / (spec.filenames[0] + ".part")
+    if spec.digest is None:
+        raise TracekitError(f"{spec.name} has no pinned digest to check a download against; get it from "
+                            f"{spec.where_to_get} and pass its path")
     try:
         with urllib.request.urlopen(spec.url, timeout=timeout) as response, open(part, "wb") as out:
             shutil.copyfileobj(response, out)
+        kind, expected = spec.digest
+        found = file_digest(part, kind)
+        if found != expected:
+            part.unlink(missing_ok=True)
+            raise TracekitError(f"the download of {spec.url} does not match its pinned {kind} ({found[:12]}... "
+                                f"instead of {expected[:12]}...); it was not kept: fetch the original elsewhere "
+                                "and pass its path")
         os.replace(part, destination)
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         part.unlink(missing_ok=True)

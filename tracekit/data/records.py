@@ -38,15 +38,6 @@ class FactRecord:
     def neighborhood_answer(self) -> str:
         return self.neighborhood_target if self.neighborhood_target is not None else self.target_true
 
-    def request(self, target: str | None = None, minimize: bool = False, noise=None):
-        """An ``EditRequest`` for this fact (default target: o_false, the Error Injection target)."""
-        from tracekit.editing.request import EditRequest
-
-        target = target if target is not None else self.target_new
-        if target is None:
-            raise TracekitError(f"{self.source} record {self.case_id} has no new target; pass target=")
-        return EditRequest(self.prompt, self.subject, target, minimize=minimize, noise=noise)
-
 
 def with_space(text: str) -> str:
     """Objects are scored as a continuation of the prompt: " Paris", not "Paris"."""

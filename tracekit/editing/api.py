@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracekit.data.loaders import parse_record
 from tracekit.editing.delta import Edit
 from tracekit.editing.finetune import FTHyperParams, apply_ft
 from tracekit.editing.metrics import EditScores, MetricsConfig, evaluate_edit
@@ -15,6 +16,7 @@ from tracekit.editing.presets import ft_preset, memit_preset, rome_preset
 from tracekit.editing.problems import EditSetup, Problem, prepare, setup_from_request
 from tracekit.editing.request import EditRequest
 from tracekit.errors import TracekitError, check
+from tracekit.prompts import warn_if_inside_word
 
 METHODS = ("rome", "memit", "ft-1", "ft-5")
 
@@ -75,7 +77,7 @@ def edit(model, record_or_request, method: str = "rome", problem: str | Problem 
          clip_window: bool | None = None, convention: str = "paper-code") -> EditResult:
     """Edit one fact and (by default) score it.
 
-    ``record_or_request``: a ``tracekit.data.FactRecord`` (or a raw CounterFact record),
+    ``record_or_request``: a ``tracekit.data.FactRecord`` (or a raw record of any dataset format),
     turned into a request by ``problem``; or a bare ``EditRequest`` (scored on its own
     prompt only). ``layer=None`` takes the preset's default layer for this model.
     The model is returned unchanged unless ``leave_applied``; apply the edit with
@@ -89,9 +91,13 @@ def edit(model, record_or_request, method: str = "rome", problem: str | Problem 
     if isinstance(record_or_request, EditRequest):
         setup = setup_from_request(record_or_request)
     else:
+        if isinstance(record_or_request, dict):  # a raw dataset record, in whichever format
+            record_or_request = parse_record(record_or_request)
         noised_rows = 10 if method in ("ft-1", "ft-5") else 1  # the paper code's num_noise_samples
         setup = prepare(model, record_or_request, problem, seed=seed, noise=noise, convention=convention,
                         noised_rows=noised_rows)
+    request = setup.request
+    warn_if_inside_word(request.text, request.subject, request.prompt.index("{}"))
     problem_name = None if setup.problem is None else setup.problem.value
     if hparams is None:
         hparams = default_hparams(model, method, setup.problem or Problem.ERROR_INJECTION)
@@ -136,13 +142,10 @@ def _dispatch(model, method: str, request: EditRequest, layer: int, hparams) -> 
         check(isinstance(hparams, FTHyperParams), f"{method} needs FTHyperParams, got {type(hparams).__name__}")
         check(hparams.n_layers == want, f"{method} edits {want} layer(s) but the hparams say n_layers={hparams.n_layers}")
         return apply_ft(model, request, layer, hparams)
-    try:
-        if method == "rome":
-            from tracekit.editing.rome import apply_rome as apply_method
-        else:
-            from tracekit.editing.memit import apply_memit as apply_method
-    except ImportError as err:
-        raise TracekitError(f"{method} is not available in this build ({err})") from None
+    if method == "rome":
+        from tracekit.editing.rome import apply_rome as apply_method
+    else:
+        from tracekit.editing.memit import apply_memit as apply_method
     return apply_method(model, request, layer, hparams)
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from tracekit.editing.cache import cache_dir, model_identity, read_json, slug, write_atomic
+from tracekit.cache import cache_dir, read_json, slug, write_atomic
+from tracekit.identity import cache_identity
 from tracekit.errors import check
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
@@ -44,7 +45,7 @@ def context_templates(model, lengths: Sequence[tuple[int, int]] = ROME_LENGTHS, 
     check(all(n >= 1 and c >= 0 for n, c in lengths), f"context lengths must be (tokens >= 1, count >= 0) pairs, got {lengths}")
     if not any(c for _, c in lengths):
         return ["{}"]
-    identity = model_identity(model)
+    identity = cache_identity(model)
     settings = {"lengths": [list(x) for x in lengths], "seed": seed, "top_k": top_k, "starters": list(STARTERS)}
     key = (identity["fingerprint"], json.dumps(settings, sort_keys=True))
     if key in _memory:

@@ -6,15 +6,21 @@ d_mlp x d_mlp matrix whatever the corpus size. Only the blocks up to the highest
 requested layer run (the rest cannot change the keys), and every requested layer is
 gathered in the same pass.
 
-The corpus is, in order: a text file the caller names (``.txt``: documents separated by
-blank lines; ``.jsonl``: a "text" field per line), a corpus file in $TRACEKIT_DATA or
-../shared/data (names in ``CORPUS_FILES``), else text sampled from the model itself
-(seeded, cached, with a warning: it is the model's own distribution, not Wikipedia).
-Documents are tokenised, concatenated and cut into samples of ``sample_tokens`` tokens.
+The corpus is, in order: a text file the caller names (``.txt``/``.raw``: documents separated
+by blank lines; ``.jsonl``: a "text" field per line), a corpus file in $TRACEKIT_DATA or
+../shared/data (names in ``CORPUS_FILES``, WikiText's included), else the small public-domain
+text shipped with tracekit (``SHIPPED_TEXT``: seconds to read, where sampling a corpus from the
+model takes minutes; with a warning, since it is fiction, not Wikipedia). ``corpus="model"``
+samples the text from the model itself instead (seeded, cached, grown by whole batches, with a
+lock so that two processes never sample the same batches twice). Documents are tokenised,
+concatenated and cut into samples of ``sample_tokens`` tokens. The metadata says which text
+the statistics came from (``SecondMoment.source``).
 
-Results are cached in safetensors with metadata (model identity, layer, samples, dtype,
-corpus). A cached file whose metadata does not match what was asked is recomputed with a
-warning; a file the caller names explicitly must match, or it is an error.
+Results are cached in safetensors with metadata (model identity, layer, samples, dtype, corpus,
+and a sha256 of the matrix). A cached file whose metadata does not match what was asked, whose
+bytes do not match their checksum, whose shape is not [d_mlp, d_mlp] or that holds NaN or inf is
+recomputed with a warning; a file the caller names explicitly must pass the same checks, or it
+is an error.
 """
 
 from __future__ import annotations
@@ -25,18 +31,28 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tracekit.adapters import Site
 from tracekit.adapters.blocks import BlockDriver
-from tracekit.editing.cache import cache_dir, key_fingerprint, model_identity, slug, weight_fingerprint, write_atomic
+from tracekit.cache import cache_dir, locked, slug, write_atomic
 from tracekit.errors import TracekitError, check
+from tracekit.identity import cache_identity, weight_fingerprint
 
-FORMAT_VERSION = "1"
-CORPUS_FILES = ("corpus.txt", "corpus.jsonl", "wikitext-103.txt", "wikitext.txt", "wikipedia.jsonl", "wikipedia.txt")
+if TYPE_CHECKING:  # for annotations only: no import cycle, no early torch
+    from tracekit.models import Model
+
+FORMAT_VERSION = "2"  # 2: sha256 of the matrix and the corpus source in the metadata
+# Looked for, in this order, in each data folder ($TRACEKIT_DATA, ../shared/data, ...).
+CORPUS_FILES = ("corpus.txt", "corpus.jsonl", "wikitext-103.txt", "wikitext.txt", "wikipedia.jsonl", "wikipedia.txt",
+                "wikitext/wikitext-103-raw-v1.train.raw", "wikitext/wikitext-2-raw-v1.train.raw",
+                "wikitext/wikitext-2-raw-v1.test.raw", "wikitext/wikitext-2-raw-v1.valid.raw")
+SHIPPED_TEXT = Path(__file__).resolve().parents[1] / "data" / "text" / "sherlock_holmes_1-2.txt"
+SHIPPED_DESCRIPTION = "the text shipped with tracekit (The Adventures of Sherlock Holmes, stories I-II, public domain)"
+SELF_SAMPLED = "model"  # corpus= value: sample the text from the model itself
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -51,6 +67,11 @@ class SecondMoment:
     def tokens(self) -> int:
         return int(self.metadata["tokens"])
 
+    @property
+    def source(self) -> str:
+        """Which text the statistics came from, in words."""
+        return self.metadata.get("source", self.metadata.get("corpus", "?"))
+
 
 # ---- the corpus -------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -61,10 +82,14 @@ class Corpus:
 
 
 def resolve_corpus(corpus: str | os.PathLike | None) -> Corpus | None:
-    """The user's file, else a corpus file in the data folders, else None (self-sampled)."""
+    """The user's file, else a corpus file in the data folders, else the shipped text;
+    None for ``corpus="model"`` (self-sampled)."""
+    if corpus == SELF_SAMPLED:
+        return None
     if corpus is not None:
         path = Path(corpus).expanduser()
-        check(path.is_file(), f"corpus file {path} does not exist; give a .txt or .jsonl file of text")
+        check(path.is_file(), f"corpus file {path} does not exist; give a .txt or .jsonl file of text, "
+                              f"or corpus={SELF_SAMPLED!r} to sample one from the model")
         return _file_corpus(path)
     from tracekit.data.locate import search_folders
 
@@ -72,13 +97,18 @@ def resolve_corpus(corpus: str | os.PathLike | None) -> Corpus | None:
         for name in CORPUS_FILES:
             if (folder / name).is_file():
                 return _file_corpus(folder / name)
-    return None
+    digest = hashlib.sha256(SHIPPED_TEXT.read_bytes()).hexdigest()[:12]
+    return Corpus(f"shipped-{digest}", SHIPPED_TEXT, SHIPPED_DESCRIPTION)
 
 
 def _file_corpus(path: Path) -> Corpus:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return Corpus(f"file-{key}", path, str(path))
+
+
+# WikiText's raw files escape in-word hyphens and number separators: "1 @,@ 000", "well @-@ known".
+_WIKITEXT_ESCAPES = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 
 
 def _read_documents(path: Path) -> Iterator[str]:
@@ -103,10 +133,16 @@ def _read_documents(path: Path) -> Iterator[str]:
         yield "\n".join(paragraph)
 
 
+def _unescape_wikitext(doc: str) -> str:
+    for escaped, plain in _WIKITEXT_ESCAPES:
+        doc = doc.replace(escaped, plain)
+    return doc
+
+
 SELF_CHUNK = 32  # texts sampled per seeded batch; the corpus grows by whole batches
 
 
-def self_sampled_corpus(model, n_texts: int, length: int, seed: int = 0, cache_root=None, progress: bool = True) -> Path:
+def self_sampled_corpus(model: Model, n_texts: int, length: int, seed: int = 0, cache_root=None, progress: bool = True) -> Path:
     """At least ``n_texts`` texts of ``length`` tokens sampled from the model (top-k 40), cached as jsonl.
 
     Batch i of ``SELF_CHUNK`` texts is sampled with seed ``seed + i x SELF_CHUNK``, so a corpus only ever
@@ -118,49 +154,58 @@ def self_sampled_corpus(model, n_texts: int, length: int, seed: int = 0, cache_r
     length = min(length, model.n_ctx - starter_tokens)  # starter + sample must fit the model's context
     folder = cache_dir(cache_root) / "corpus" / f"{slug(model.spec)}-{weight_fingerprint(model)}"
     path = folder / f"self-{length}tok-s{seed}.jsonl"
-    have = _whole_batches(path)
-    if have >= n_texts:
+    if _whole_batches(path, repair=False) >= n_texts:
         return path
-    want = -(-n_texts // SELF_CHUNK) * SELF_CHUNK
-    warnings.warn(f"no text corpus given or found ({', '.join(CORPUS_FILES)} in $TRACEKIT_DATA or ../shared/data): "
-                  f"sampling {want - have} texts of {length} tokens from the model itself for key statistics "
-                  f"(cached at {path}); pass a corpus file for statistics of natural text", stacklevel=3)
-    folder.mkdir(parents=True, exist_ok=True)
-    with _progress(progress) as bar:
-        task = bar.add_task(f"sampling a corpus from {model.spec}", total=want, completed=have, rate="")
-        for batch in range(have // SELF_CHUNK, want // SELF_CHUNK):
-            starters = [STARTERS[(batch * SELF_CHUNK + i) % len(STARTERS)] for i in range(SELF_CHUNK)]
-            texts = model.generate(starters, max_new_tokens=length, top_k=40, seed=seed + batch * SELF_CHUNK)
-            with open(path, "a", encoding="utf-8") as out:  # whole lines only: a crash loses one batch
-                out.write("".join(json.dumps({"text": s + t}) + "\n" for s, t in zip(starters, texts)))
-            bar.update(task, advance=SELF_CHUNK)
+    with locked(path):  # a second process waits here, then finds the batches written
+        have = _whole_batches(path, repair=True)
+        if have >= n_texts:
+            return path
+        want = -(-n_texts // SELF_CHUNK) * SELF_CHUNK
+        warnings.warn(f"sampling {want - have} texts of {length} tokens from the model itself for key statistics "
+                      f"(cached at {path}); pass a corpus file for statistics of natural text", stacklevel=3)
+        with _progress(progress) as bar:
+            task = bar.add_task(f"sampling a corpus from {model.spec}", total=want, completed=have, rate="")
+            for batch in range(have // SELF_CHUNK, want // SELF_CHUNK):
+                starters = [STARTERS[(batch * SELF_CHUNK + i) % len(STARTERS)] for i in range(SELF_CHUNK)]
+                texts = model.generate(starters, max_new_tokens=length, top_k=40, seed=seed + batch * SELF_CHUNK)
+                with open(path, "a", encoding="utf-8") as out:  # whole lines only: a crash loses one batch
+                    out.write("".join(json.dumps({"text": s + t}) + "\n" for s, t in zip(starters, texts)))
+                bar.update(task, advance=SELF_CHUNK)
     return path
 
 
-def _whole_batches(path: Path) -> int:
-    """Texts in a self-sampled corpus, cut back to whole valid batches (after a crash mid-write)."""
+def _whole_batches(path: Path, repair: bool) -> int:
+    """Texts in whole valid batches of a self-sampled corpus; with ``repair`` (only under the
+    corpus lock: another process may be appending), the file is cut back to them (after a crash
+    mid-write)."""
     if not path.is_file():
         return 0
+    text = path.read_text(encoding="utf-8")
     lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines(keepends=True):
         try:
             json.loads(line)["text"]
         except (ValueError, KeyError, TypeError):
             break
-        lines.append(line)
+        if not line.endswith("\n"):
+            break  # a line still being written
+        lines.append(line.rstrip("\n"))
     keep = len(lines) - len(lines) % SELF_CHUNK
-    if keep != len(path.read_text(encoding="utf-8").splitlines()):
+    if repair and keep != len(text.splitlines()):
         write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in lines[:keep]), encoding="utf-8"))
     return keep
 
 
-def _samples(model, path: Path, n_samples: int, sample_tokens: int) -> Iterator[list[int]]:
+def _samples(model: Model, path: Path, n_samples: int, sample_tokens: int) -> Iterator[list[int]]:
     """Token samples of exactly ``sample_tokens`` tokens from the documents, in order."""
     buffer: list[int] = []
     produced = 0
+    wikitext = path.suffix == ".raw"
     for doc in _read_documents(path):
         if not doc.strip():
             continue
+        if wikitext:
+            doc = _unescape_wikitext(doc)
         buffer += model.tokenizer(doc)["input_ids"]
         while len(buffer) >= sample_tokens and produced < n_samples:
             yield buffer[:sample_tokens]
@@ -177,7 +222,7 @@ def _progress(enabled: bool) -> Progress:
 
 
 @torch.no_grad()
-def accumulate(model, layers: Sequence[int], batches: Iterator[torch.Tensor], total_tokens: int,
+def accumulate(model: Model, layers: Sequence[int], batches: Iterator[torch.Tensor], total_tokens: int,
                dtype: torch.dtype, progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
     """Sum of k k^T per layer over the keys of every position of every batch [B, T]."""
     layers = sorted(set(layers))
@@ -215,8 +260,8 @@ def accumulate(model, layers: Sequence[int], batches: Iterator[torch.Tensor], to
 
 
 # ---- cache and entry point ------------------------------------------------------------
-def _expected(model, layer: int, n_samples: int, sample_tokens: int, dtype: str, corpus_key: str) -> dict[str, str]:
-    identity = model_identity(model, layer)
+def _expected(model: Model, layer: int, n_samples: int, sample_tokens: int, dtype: str, corpus_key: str) -> dict[str, str]:
+    identity = cache_identity(model, layer)
     return {"format": FORMAT_VERSION, "spec": identity["spec"], "arch": identity["arch"],
             "fingerprint": identity["fingerprint"], "layer": str(layer), "n_samples": str(n_samples),
             "sample_tokens": str(sample_tokens), "dtype": dtype, "corpus": corpus_key}
@@ -226,7 +271,28 @@ def _mismatch(found: dict[str, str], expected: dict[str, str]) -> list[str]:
     return [f"{k}={found.get(k)!r} (expected {v!r})" for k, v in expected.items() if found.get(k) != v]
 
 
-def load_stats_file(path: Path, expected: dict[str, str] | None = None) -> tuple[torch.Tensor, dict[str, str]]:
+def matrix_sha256(matrix: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as stored (any dtype)."""
+    flat = matrix.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def key_dim(model: Model, layer: int) -> int:
+    """d_mlp: the size of layer ``layer``'s MLP keys (the down-projection's input)."""
+    return int(model.adapter.as_out_in(model.adapter.down_proj_weight(model.hf, layer)).shape[1])
+
+
+def check_matrix(matrix: torch.Tensor, d_mlp: int | None, where: str) -> None:
+    """A usable E[k k^T]: [d_mlp, d_mlp] and finite."""
+    if d_mlp is not None and tuple(matrix.shape) != (d_mlp, d_mlp):
+        raise TracekitError(f"{where} is a {tuple(matrix.shape)} matrix; this model's layer needs ({d_mlp}, {d_mlp})")
+    if not bool(torch.isfinite(matrix).all()):
+        raise TracekitError(f"{where} holds NaN or inf values")
+
+
+def load_stats_file(path: Path, expected: dict[str, str] | None = None,
+                    d_mlp: int | None = None) -> tuple[torch.Tensor, dict[str, str]]:
+    """Read a statistics file, checking its metadata against ``expected``, its checksum, shape and values."""
     from safetensors import safe_open
 
     try:
@@ -241,10 +307,14 @@ def load_stats_file(path: Path, expected: dict[str, str] | None = None) -> tuple
             what = "another model" if any(b.startswith(("fingerprint", "arch", "spec")) for b in bad) else "other settings"
             raise TracekitError(f"key statistics {path} were computed for {what}: {'; '.join(bad[:3])}; "
                                 "delete the file or compute new statistics (stats_file=None)")
+    if metadata.get("sha256") != matrix_sha256(matrix):
+        raise TracekitError(f"key statistics {path} do not match their checksum (the file was changed or "
+                            "damaged); delete it")
+    check_matrix(matrix, d_mlp, f"key statistics {path}")
     return matrix, metadata
 
 
-def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_tokens: int = 128, dtype: str = "float32",
+def second_moments(model: Model, layers: Sequence[int], *, n_samples: int, sample_tokens: int = 128, dtype: str = "float32",
                    corpus: str | os.PathLike | None = None, corpus_seed: int = 0, batch_size: int = 16,
                    cache: bool = True, cache_root=None, stats_file: str | os.PathLike | None = None,
                    progress: bool = True) -> dict[int, SecondMoment]:
@@ -264,21 +334,30 @@ def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_token
         check(len(layers) == 1, "stats_file holds one layer's statistics; give one layer")
         path = Path(stats_file).expanduser()
         check(path.is_file(), f"stats file {path} does not exist")
-        matrix, metadata = load_stats_file(path, expected[layers[0]])
+        matrix, metadata = load_stats_file(path, expected[layers[0]], key_dim(model, layers[0]))
         return {layers[0]: SecondMoment(matrix, layers[0], metadata, path)}
     found: dict[int, SecondMoment] = {}
     paths = {layer: _cache_path(model, expected[layer], cache_root) for layer in layers}
     for layer in layers:
         if cache and paths[layer].is_file():
             try:
-                matrix, metadata = load_stats_file(paths[layer], expected[layer])
+                matrix, metadata = load_stats_file(paths[layer], expected[layer], key_dim(model, layer))
                 found[layer] = SecondMoment(matrix, layer, metadata, paths[layer])
             except TracekitError as err:
                 warnings.warn(f"recomputing stale key statistics: {err}", stacklevel=2)
     todo = [layer for layer in layers if layer not in found]
     if not todo:
         return found
-    path = source.path if source is not None else self_sampled_corpus(model, n_texts, sample_tokens, corpus_seed, cache_root, progress)
+    if source is None:
+        path, description = self_sampled_corpus(model, n_texts, sample_tokens, corpus_seed, cache_root, progress), \
+            f"text sampled from {model.spec} itself (seed {corpus_seed})"
+    else:
+        path, description = source.path, source.description
+        if source.path == SHIPPED_TEXT:
+            warnings.warn(f"no text corpus given or found ({', '.join(CORPUS_FILES[:6])}, wikitext/ ... in "
+                          f"$TRACEKIT_DATA or ../shared/data): key statistics come from {SHIPPED_DESCRIPTION}; "
+                          "pass a corpus file (or set TRACEKIT_DATA) for statistics of Wikipedia-like text",
+                          stacklevel=2)
     samples = _samples(model, path, n_samples, sample_tokens)
 
     def batches():
@@ -294,10 +373,12 @@ def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_token
     sums, tokens = accumulate(model, todo, batches(), n_samples * sample_tokens, _DTYPES[dtype], progress)
     check(tokens > 0, f"the corpus {path} gave no samples of {sample_tokens} tokens")
     if tokens < n_samples * sample_tokens:
-        warnings.warn(f"the corpus {path} gave {tokens} tokens, fewer than the {n_samples} x {sample_tokens} asked", stacklevel=2)
+        warnings.warn(f"the corpus {path.name} gave {tokens // sample_tokens} samples of {sample_tokens} tokens, "
+                      f"fewer than the {n_samples} asked; the statistics use those", stacklevel=2)
     for layer in todo:
-        metadata = {**expected[layer], "tokens": str(tokens)}
         matrix = (sums[layer] / tokens).contiguous()
+        check_matrix(matrix, None, f"key statistics of {model.spec} at layer {layer} (the model gave NaN or inf keys)")
+        metadata = {**expected[layer], "tokens": str(tokens), "source": description, "sha256": matrix_sha256(matrix)}
         if cache:
             from safetensors.torch import save_file
 
@@ -306,7 +387,7 @@ def second_moments(model, layers: Sequence[int], *, n_samples: int, sample_token
     return found
 
 
-def _cache_path(model, expected: dict[str, str], cache_root) -> Path:
+def _cache_path(model: Model, expected: dict[str, str], cache_root) -> Path:
     corpus = hashlib.sha256(expected["corpus"].encode()).hexdigest()[:10]
     name = (f"layer{expected['layer']}-{expected['fingerprint']}-{corpus}-"
             f"{expected['n_samples']}x{expected['sample_tokens']}-{expected['dtype']}.safetensors")

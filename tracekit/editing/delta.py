@@ -1,4 +1,13 @@
-"""``Edit``: a set of new weights that can be applied and undone bit for bit."""
+"""``Edit``: a set of new weights that can be applied and undone bit for bit.
+
+Edits do not compose: each one is computed on particular weights and restores exactly those.
+``apply`` therefore checks that the model still holds the weights the edit was computed on, and
+``undo`` that it holds the edit's own weights; anything else (another edit applied on the same
+parameters, an edit computed on top of one since undone) is a one-line ``TracekitError``, never
+a silent mix of two edits. Edits on disjoint parameters can be applied together in any order.
+To stack edits on purpose, apply the first and compute the second on the edited model; undo
+them in reverse order.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +16,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from tracekit.errors import check
+from tracekit.errors import TracekitError, check
 
 
 class Edit:
     """New values for some parameters of a model.
 
     The originals are cloned when the Edit is made, so ``undo`` restores them exactly
-    (``torch.equal``), whatever happened to the weights in between. Usable as a context
-    manager: ``with edit: ...`` applies it and undoes it on exit.
+    (``torch.equal``). Usable as a context manager: ``with edit: ...`` applies it and undoes
+    it on exit. ``apply`` and ``undo`` are idempotent and check the weights (module doc).
     """
 
     def __init__(self, module: nn.Module, new_weights: Mapping[str, torch.Tensor], info: Any = None):
@@ -23,6 +32,9 @@ class Edit:
         for name, value in new_weights.items():
             check(name in params, f"the model has no parameter {name!r}")
             check(params[name].shape == value.shape, f"new value for {name} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise TracekitError(f"refusing an edit with non-finite (NaN or inf) values in {name}; check the key "
+                                    "statistics and hyperparameters it was computed from")
         self._params = {name: params[name] for name in new_weights}
         self._new = {name: value.detach().to(params[name].dtype).clone() for name, value in new_weights.items()}
         self._old = {name: params[name].detach().clone() for name in new_weights}
@@ -37,8 +49,19 @@ class Edit:
         """new - original, in the parameter's stored orientation."""
         return self._new[name] - self._old[name]
 
+    def _not_holding(self, values: Mapping[str, torch.Tensor]) -> list[str]:
+        return [name for name, param in self._params.items() if not torch.equal(param, values[name])]
+
     @torch.no_grad()
     def apply(self) -> "Edit":
+        """Write the new weights; the model must hold the weights this edit was computed on."""
+        if self.applied and not self._not_holding(self._new):
+            return self
+        changed = [name for name in self._not_holding(self._old) if not torch.equal(self._params[name], self._new[name])]
+        if changed:
+            raise TracekitError(
+                f"cannot apply this edit: {changed[0]} no longer holds the weights it was computed on (another "
+                "edit applied there?); undo that edit first, or compute this one on the current weights")
         for name, param in self._params.items():
             param.copy_(self._new[name])
         self.applied = True
@@ -46,6 +69,14 @@ class Edit:
 
     @torch.no_grad()
     def undo(self) -> "Edit":
+        """Restore the original weights; a no-op if this edit is not applied."""
+        if not self.applied:
+            return self
+        changed = self._not_holding(self._new)
+        if changed:
+            raise TracekitError(
+                f"cannot undo this edit: {changed[0]} has changed since it was applied (a later edit applied on top?); "
+                "undo the later edit first (edits undo in reverse order)")
         for name, param in self._params.items():
             param.copy_(self._old[name])
         self.applied = False

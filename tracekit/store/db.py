@@ -69,23 +69,59 @@ def _encode(value):
     return value
 
 
+JOURNAL_MODES = ("wal", "delete", "truncate", "persist")  # SQLite's journal modes that survive a crash
+
+
+def _check_table(table: str) -> str:
+    if table not in TABLES:
+        raise TracekitError(f"unknown result table {table!r}; choose one of {', '.join(TABLES)}")
+    return table
+
+
 class ResultStore:
-    """``ResultStore(path)``: open or create a store; ``readonly=True`` for analysis."""
+    """``ResultStore(path)``: open or create a store; ``readonly=True`` for analysis.
+
+    ``journal``: SQLite's journal mode, "wal" (default) or "delete" where WAL cannot work (NFS);
+    a store whose file system refuses the mode asked is an error, not a silent downgrade.
+    """
 
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False, journal: str = "wal"):
         self.path = Path(path)
-        if readonly:
-            if not self.path.is_file():
-                raise TracekitError(f"no result store at {self.path}; run a recipe with --store {self.path} first")
-            self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)  # autocommit
-            self.conn.execute(f"PRAGMA journal_mode={journal}")
-            self.conn.execute("PRAGMA synchronous=FULL")
-            for name, spec in TABLES.items():
-                self.conn.execute(_schema(name, spec))
-            self.conn.execute(MANIFEST_SCHEMA)
+        journal = str(journal).lower()
+        if journal not in JOURNAL_MODES:
+            raise TracekitError(f"unknown journal mode {journal!r}; choose one of {', '.join(JOURNAL_MODES)}")
+        if self.path.is_dir():
+            raise TracekitError(f"{self.path} is a folder; give the path of a .sqlite result store file")
+        if readonly and not self.path.is_file():
+            raise TracekitError(f"no result store at {self.path}; run a recipe with --store {self.path} first")
+        try:
+            if readonly:
+                self.conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)
+                self._check_is_store()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.conn = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)  # autocommit
+                self._check_is_store(allow_empty=True)
+                mode = self.conn.execute(f"PRAGMA journal_mode={journal}").fetchone()[0]
+                if mode.lower() != journal:
+                    self.conn.close()
+                    raise TracekitError(f"{self.path}: SQLite could not use journal mode {journal!r} here (got "
+                                        f"{mode!r}); put the store on a local disk or pass journal='delete'")
+                self.conn.execute("PRAGMA synchronous=FULL")
+                for name, spec in TABLES.items():
+                    self.conn.execute(_schema(name, spec))
+                self.conn.execute(MANIFEST_SCHEMA)
+        except sqlite3.DatabaseError as err:  # not SQLite at all, or unreadable
+            raise TracekitError(f"{self.path} is not a tracekit result store (SQLite says: {err})") from None
+
+    def _check_is_store(self, allow_empty: bool = False) -> None:
+        """The file is SQLite and holds tracekit's tables (or nothing yet, when creating)."""
+        tables = {row[0] for row in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables & {*TABLES, "manifest"} or (allow_empty and not tables):
+            return
+        self.conn.close()
+        found = ", ".join(sorted(tables)[:5]) or "no tables"
+        raise TracekitError(f"{self.path} is an SQLite file but not a tracekit result store ({found})")
 
     def close(self) -> None:
         self.conn.close()
@@ -127,7 +163,7 @@ class ResultStore:
     # ---- writing ----------------------------------------------------------------------------
     def put(self, table: str, key: dict, values: dict) -> bool:
         """Write one result in its own transaction; False if its key was already there."""
-        spec = TABLES[table]
+        spec = TABLES[_check_table(table)]
         if set(key) != set(spec.key):
             raise TracekitError(f"{table} key needs exactly {', '.join(spec.key)}")
         unknown = set(values) - set(spec.values)
@@ -158,21 +194,24 @@ class ResultStore:
 
     def delete_failed(self, table: str) -> int:
         """Forget rows that failed (not those skipped by design) so that a rerun retries them."""
+        if _check_table(table) == "known_facts":
+            return 0  # verdicts have no status
         return self.conn.execute(f"DELETE FROM {table} WHERE status LIKE 'failed%'").rowcount
 
     # ---- reading ----------------------------------------------------------------------------
     def done_keys(self, table: str) -> set[tuple]:
-        spec = TABLES[table]
+        spec = TABLES[_check_table(table)]
         return set(self.conn.execute(f"SELECT {', '.join(spec.key)} FROM {table}"))
 
     def count(self, table: str, status: str | None = None) -> int:
+        _check_table(table)
         if status is None:
             return self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
         return self.conn.execute(f"SELECT COUNT(*) FROM {table} WHERE status = ?", (status,)).fetchone()[0]
 
     def frame(self, table: str) -> pd.DataFrame:
         """The raw table, one row per stored result."""
-        TABLES[table]
+        _check_table(table)
         return pd.read_sql_query(f"SELECT * FROM {table}", self.conn)
 
     def traces_frame(self, *, long: bool = True, only_ok: bool = True) -> pd.DataFrame:
@@ -205,7 +244,7 @@ class ResultStore:
 
     def result(self, table: str, key: dict):
         """The full result JSON of one stored item (None if absent)."""
-        spec = TABLES[table]
+        spec = TABLES[_check_table(table)]
         row = self.conn.execute(f"SELECT result FROM {table} WHERE " + " AND ".join(f"{c} = ?" for c in spec.key),
                                 [_encode(key[c]) for c in spec.key]).fetchone()
         return None if row is None or row[0] is None else json.loads(row[0])

@@ -1,5 +1,5 @@
 """What a result store records about how its results were made: config hash, seed, versions,
-and the identity of the model (spec plus a fingerprint of its weights)."""
+and the identity of the model (``tracekit.identity.model_identity``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import platform
 import sys
 from importlib import metadata
 
-from tracekit.prompts import tokenization_probe
+from tracekit.identity import model_identity  # noqa: F401 - the store's model column
 
 
 def canonical_json(value) -> str:
@@ -34,22 +34,3 @@ def versions() -> dict[str, str]:
 
 def command_line() -> str:
     return " ".join(sys.argv)
-
-
-def model_identity(model) -> str:
-    """``spec#fingerprint``: the fingerprint hashes how the tokenizer encodes a probe text and
-    every parameter's name, shape and first values, so two different weight sets (a re-saved
-    local folder, an applied edit) or prompt conventions under one spec never share cached
-    verdicts, while hashing stays cheap even for GPT-J."""
-    spec = getattr(model, "spec", None) or type(model).__name__
-    module = getattr(model, "hf", None)
-    if module is None or not hasattr(module, "named_parameters"):
-        return str(spec)
-    digest = hashlib.sha256()
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is not None:
-        digest.update(tokenization_probe(tokenizer))
-    for name, param in module.named_parameters():
-        head = param.detach().reshape(-1)[:64].float().cpu().numpy().tobytes()
-        digest.update(name.encode() + str(tuple(param.shape)).encode() + head)
-    return f"{spec}#{digest.hexdigest()[:12]}"

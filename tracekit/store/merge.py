@@ -28,15 +28,28 @@ class MergeReport:
 
 
 def merge_stores(output: str | os.PathLike, inputs: list[str | os.PathLike]) -> MergeReport:
-    """Merge ``inputs`` into ``output`` (created if missing; its own rows are kept)."""
+    """Merge ``inputs`` into ``output`` (created if missing; its own rows are kept). A merge that
+    fails leaves no trace: an output it created is removed, an existing one keeps its rows."""
     if not inputs:
         raise TracekitError("give at least one store to merge")
     output = Path(output)
     for path in inputs:
-        if not Path(path).is_file():
-            raise TracekitError(f"no result store at {path}")
         if Path(path).resolve() == output.resolve():
             raise TracekitError(f"{path} is the output store; merge other stores into it")
+        ResultStore(path, readonly=True).close()  # a one-line error for a missing or foreign file
+    created = not output.exists()
+    try:
+        return _merge_into(output, inputs)
+    except BaseException as err:
+        if created:
+            for leftover in (output, output.with_name(output.name + "-wal"), output.with_name(output.name + "-shm")):
+                leftover.unlink(missing_ok=True)
+        if isinstance(err, sqlite3.Error):  # e.g. a store from an older tracekit without some table
+            raise TracekitError(f"cannot merge into {output}: SQLite says {err}") from None
+        raise
+
+
+def _merge_into(output: Path, inputs) -> MergeReport:
     report = MergeReport()
     with ResultStore(output) as out:
         conn = out.conn

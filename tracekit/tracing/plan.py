@@ -90,11 +90,12 @@ class Prompt:
         return out
 
 
-def prepare_prompt(model, prompt: str, subject: str, target: str | None) -> Prompt:
-    """Tokenise, find the subject and pick the answer (the model's own top token if no target)."""
+def prepare_prompt(model, prompt: str, subject: str, target: str | None, occurrence: int | None = None) -> Prompt:
+    """Tokenise, find the subject (``occurrence``: see ``prompts.subject_span``) and pick the
+    answer (the model's own top token if no target)."""
     check(isinstance(prompt, str) and prompt.strip() != "", "empty prompt: give some text")
     batch = model.encode([prompt])
-    span = model.subject_span(prompt, subject)
+    span = model.subject_span(prompt, subject, occurrence)
     if target is None:
         logits = model.run(batch.input_ids, positions=batch.last).logits
         answer_id = int(logits[0].argmax())

@@ -52,7 +52,7 @@ def _trace_rows(positions: list[int], n_layers: int, window: int, samples: int, 
 
 def trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
           samples: int = 10, noise="s3", tokens="all", seed: int = 0, noise_draws=None,
-          batch_tokens: int | None = None, engine: str = "auto") -> TraceResult:
+          batch_tokens: int | None = None, engine: str = "auto", occurrence: int | None = None) -> TraceResult:
     """Causal tracing of one prompt (method-notes "Causal tracing").
 
     Noise the subject's token embeddings (``samples`` seeded draws, the same for every
@@ -61,14 +61,15 @@ def trace(model, prompt: str, subject: str, target: str | None = None, kind: str
     restore the clean ``kind`` state at that token in layers ``window_layers(l)``.
     ``target=None`` traces the model's own top prediction. ``engine``: "fast" (hf
     backend), "generic" (any backend) or "auto"; ``batch_tokens`` caps rows x positions
-    per forward pass (default: from a memory budget).
+    per forward pass (default: from a memory budget). ``occurrence``: which appearance of a
+    repeated subject to noise (0 = first, -1 = last; None: the first, with a warning).
     """
     if noise_draws is not None:
         noise_draws = torch.as_tensor(noise_draws)
         samples = int(noise_draws.shape[0]) if noise_draws.ndim == 3 else samples
     settings = Settings.make(model.n_layers, kind=kind, window=window, samples=samples, noise=noise, seed=seed,
                              tokens=tokens, engine=engine)
-    p = prepare_prompt(model, prompt, subject, target)
+    p = prepare_prompt(model, prompt, subject, target, occurrence)
     start, end = p.span
     draws = scaled_noise(model, samples, end - start, noise, seed, draws=noise_draws)
     positions = p.positions(settings.tokens)
@@ -85,11 +86,12 @@ def trace(model, prompt: str, subject: str, target: str | None = None, kind: str
 
 
 def zero_trace(model, prompt: str, subject: str, target: str | None = None, kind: str = "mlp", window: int = 10,
-               tokens="subject", batch_tokens: int | None = None, engine: str = "auto") -> ZeroResult:
+               tokens="subject", batch_tokens: int | None = None, engine: str = "auto",
+               occurrence: int | None = None) -> ZeroResult:
     """Representation zeroing: on the clean run, zero ``kind`` at the subject tokens (or
     ``tokens``) in the window around each layer; effect = fraction of p_clean removed."""
     settings = Settings.make(model.n_layers, kind=kind, window=window, tokens=tokens, engine=engine, zeroing=True)
-    p = prepare_prompt(model, prompt, subject, target)
+    p = prepare_prompt(model, prompt, subject, target, occurrence)
     positions = p.positions(settings.tokens)
     chosen = _engine(model, settings.engine)
     p_clean, _ = _clean(model, p, kind)
@@ -147,13 +149,13 @@ class NoisedPrediction:
 
 
 def noised_prediction(model, prompt: str, subject: str, noise="s3", samples: int = 10, seed: int = 0,
-                      noise_draws=None) -> NoisedPrediction:
+                      noise_draws=None, occurrence: int | None = None) -> NoisedPrediction:
     """o_noise: the top next token of the corrupted run (probabilities averaged over samples),
     with the same noise ``trace`` uses for these arguments (Tracing Reversal's target)."""
     if noise_draws is not None:
         noise_draws = torch.as_tensor(noise_draws)
         samples = int(noise_draws.shape[0]) if noise_draws.ndim == 3 else samples
-    start, end = model.subject_span(prompt, subject)
+    start, end = model.subject_span(prompt, subject, occurrence)
     draws = scaled_noise(model, samples, end - start, noise, seed, draws=noise_draws)
     batch = model.encode([prompt])
     ids = batch.input_ids.expand(samples, -1)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tracekit.cli import add_model_args, console, load_from_args
-from tracekit.tracing.plan import KINDS
+from tracekit.cli.common import add_model_args, add_prompt_args, console, fill, load_from_args, prompt_template
+
+KINDS = ("mlp", "attn", "resid")  # == tracekit.tracing.plan.KINDS (tested)
 
 
 def _tokens(text: str):
@@ -18,17 +19,26 @@ def _tokens(text: str):
         raise argparse.ArgumentTypeError("use all, subject, subject_last or comma-separated indices") from None
 
 
+def _noise(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _trace(args) -> None:
     from tracekit.tracing import trace, zero_trace
 
+    prompt, occurrence = fill(prompt_template(args.prompt, args.subject, args.occurrence), args.subject)
     model = load_from_args(args)
     with console.status(f"{'zeroing' if args.zero else 'tracing'} {args.kind} (window {args.window})"):
         if args.zero:
-            result = zero_trace(model, args.prompt, args.subject, args.target, kind=args.kind, window=args.window,
-                                tokens=args.tokens if args.tokens != "all" else "subject")
+            result = zero_trace(model, prompt, args.subject, args.target, kind=args.kind, window=args.window,
+                                tokens=args.tokens if args.tokens != "all" else "subject", occurrence=occurrence)
         else:
-            result = trace(model, args.prompt, args.subject, args.target, kind=args.kind, window=args.window,
-                           samples=args.samples, noise=_noise(args.noise), tokens=args.tokens, seed=args.seed)
+            result = trace(model, prompt, args.subject, args.target, kind=args.kind, window=args.window,
+                           samples=args.samples, noise=_noise(args.noise), tokens=args.tokens, seed=args.seed,
+                           occurrence=occurrence)
     console.print(result)
     if args.out:
         out = Path(args.out)
@@ -39,21 +49,13 @@ def _trace(args) -> None:
         console.print(f"wrote {out / stem}.json and {out / stem}.png")
 
 
-def _noise(text: str):
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def register(sub) -> None:
     p = sub.add_parser(
         "trace", help="causal tracing (or representation zeroing) of one prompt",
         description="Noise the subject's embeddings, restore clean states token by token and layer by layer, "
                     "and show how much of p(answer) each restoration brings back.",
     )
-    p.add_argument("--prompt", required=True, help="the full prompt, e.g. 'The Eiffel Tower is located in the city of'")
-    p.add_argument("--subject", required=True, help="the subject as it appears in the prompt")
+    add_prompt_args(p, subject="the subject whose token embeddings are noised, as written in the prompt")
     p.add_argument("--target", default=None, help="answer to trace, with its leading space (default: the top prediction)")
     p.add_argument("--kind", default="mlp", choices=KINDS, help="state to restore; default: %(default)s")
     p.add_argument("--window", type=int, default=10, help="layers restored around each layer; default: %(default)s")

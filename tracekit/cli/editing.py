@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import math
 
-from rich.table import Table
-
+from tracekit.cli.common import add_model_args, add_prompt_args, console, fill, load_from_args, prompt_template
 from tracekit.errors import check
+
+METHODS = ("rome", "memit", "ft-1", "ft-5")  # == tracekit.editing.api.METHODS (tested)
+PROBLEMS = ("error-injection", "tracing-reversal", "fact-erasure", "fact-amplification",
+            "fact-forcing")  # == tracekit.editing.problems.problem_names() (tested)
 
 # Stand-ins used when the user gives no paraphrases / neighbours (said so in the output).
 DEFAULT_FILLERS = ("The weather was mild that spring.", "He closed the book and looked up.")
@@ -15,22 +18,18 @@ DEFAULT_NEIGHBOUR_SUBJECTS = ("Albert Einstein", "Barack Obama", "Pablo Picasso"
 
 
 def register(sub) -> None:
-    from tracekit.cli import add_model_args
-    from tracekit.editing.api import METHODS
-    from tracekit.editing.problems import problem_names
-
     p = sub.add_parser(
         "edit", help="edit one fact (ROME, MEMIT, FT-1, FT-5) and score it",
         description="Edit one fact and print p(object) before/after on the edit prompt, paraphrases and "
                     "neighbourhood prompts, with rewrite/paraphrase/neighborhood/overall/essence scores "
                     "and Meng et al.'s unscaled metrics. The model is not saved.")
-    p.add_argument("--prompt", required=True, help='template with {} for the subject: "The mother tongue of {} is"')
-    p.add_argument("--subject", required=True)
+    add_prompt_args(p, subject="the subject whose fact is edited, as written in the prompt")
     p.add_argument("--target", default=None, help='new object, with its leading space: " English"')
     p.add_argument("--true", dest="o_true", default=None,
                    help="the true object (default: the model's top prediction)")
-    p.add_argument("--method", default="rome", choices=METHODS, help="default: %(default)s")
-    p.add_argument("--problem", default="error-injection", choices=problem_names(), help="default: %(default)s")
+    p.add_argument("--method", default="rome", choices=METHODS, help="editor; default: %(default)s")
+    p.add_argument("--problem", default="error-injection", choices=PROBLEMS,
+                   help="editing problem (what the edit writes); default: %(default)s")
     p.add_argument("--layer", type=int, default=None, help="edit layer (default: the preset's)")
     p.add_argument("--paraphrase", action="append", default=[], help="a paraphrase prompt (repeatable)")
     p.add_argument("--neighbor", action="append", default=[], help="a neighbourhood prompt (repeatable)")
@@ -64,17 +63,13 @@ def noise_rule(text: str) -> str:
     return text
 
 
-def _fill(template: str, subject: str) -> str:
-    return template.replace("{}", subject, 1)
-
-
 def build_record(model, args):
     """A FactRecord from the command line, and notes on every default filled in."""
     from tracekit.data import FactRecord
 
-    check("{}" in args.prompt, f"--prompt {args.prompt!r} needs a '{{}}' where the subject goes")
-    text = _fill(args.prompt, args.subject)
-    model.subject_span(text, args.subject)  # a one-line error if the subject is not there
+    template = prompt_template(args.prompt, args.subject, args.occurrence)
+    text, occurrence = fill(template, args.subject)
+    model.subject_span(text, args.subject, occurrence)  # a one-line error if no token covers it
     notes = []
     target = args.target
     check(target is None or target.strip() != "", "empty --target: give the new object, e.g. ' English'")
@@ -99,17 +94,16 @@ def build_record(model, args):
     neighbours = tuple(args.neighbor)
     if not neighbours:
         others = [s for s in DEFAULT_NEIGHBOUR_SUBJECTS if s != args.subject]
-        neighbours = tuple(_fill(args.prompt, s) for s in others)
+        neighbours = tuple(fill(template, s)[0] for s in others)
         notes.append(f"no --neighbor given: using the prompt with stand-in subjects ({', '.join(others)}); "
                      "unlike CounterFact neighbours they need not share the true object")
-    record = FactRecord(case_id=0, prompt=args.prompt, subject=args.subject, target_true=o_true,
+    record = FactRecord(case_id=0, prompt=template, subject=args.subject, target_true=o_true,
                         target_new=o_false, paraphrase_prompts=paraphrases, neighborhood_prompts=neighbours,
                         source="cli")
     return record, notes
 
 
 def _edit(args) -> None:
-    from tracekit.cli import console, load_from_args
     from tracekit.editing.api import edit, nan_to_none
     from tracekit.editing.metrics import MetricsConfig
 
@@ -137,8 +131,10 @@ def print_edit_tables(result, console) -> None:
     console.print(score_table(result))
 
 
-def probability_table(result) -> tuple[Table, list[str]]:
-    """p(object) before/after per prompt (tagged R, P1.., N1..), and the legend of tags."""
+def probability_table(result):
+    """p(object) before/after per prompt (tagged R, P1.., N1..) as a rich Table, and the legend of tags."""
+    from rich.table import Table
+
     s = result.scores
     title = (f"{result.method} at layer{'s' if len(result.layers) > 1 else ''} "
              f"{', '.join(map(str, result.layers))}, {result.problem or 'request'}: "
@@ -169,7 +165,9 @@ def probability_table(result) -> tuple[Table, list[str]]:
     return table, legend
 
 
-def score_table(result) -> Table:
+def score_table(result):
+    from rich.table import Table
+
     table = Table(title="scores")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -1,0 +1,7 @@
+"""``python -m tracekit``: the command line."""
+
+import sys
+
+from tracekit.cli import main
+
+sys.exit(main())
