@@ -28,7 +28,7 @@ import torch
 
 import tracekit
 from tracekit.editing.covariance import second_moments
-from tracekit.editing.hparams import memit_preset, rome_preset
+from tracekit.editing.presets import memit_preset, rome_preset
 from tracekit.editing.memit import apply_memit
 from tracekit.editing.request import EditRequest
 from tracekit.editing.rome import apply_rome
@@ -108,7 +108,8 @@ def bench(args) -> dict:
         "memit": lambda: apply_memit(model, REQUEST, memit_layer, memit_hp, progress=False),
     }
     try:
-        from tracekit.editing.finetune import apply_ft, ft_preset
+        from tracekit.editing.finetune import apply_ft
+        from tracekit.editing.presets import ft_preset
 
         for n in (1, 5):
             if n > model.n_layers:
@@ -122,17 +123,15 @@ def bench(args) -> dict:
     for name, run in runs.items():
         repeats = 1 if "whole-forward" in name and not args.smoke else args.repeats
         median, times, edit = timed(run, repeats)
-        entry = {"seconds": median, "all_seconds": times, "layers": edit.info.get("layers")}
-        if "seconds" in edit.info and isinstance(edit.info["seconds"], dict):
-            entry["parts"] = edit.info["seconds"]
-        steps = edit.info.get("steps_taken")
-        if steps:
-            entry["steps"] = steps
-            if isinstance(edit.info.get("seconds"), dict) and "v_star" in edit.info["seconds"]:
-                entry["seconds_per_v_step"] = edit.info["seconds"]["v_star"] / (steps + 1)
-        for key in ("final_nll", "delta_norm"):
-            if key in edit.info:
-                entry[key] = edit.info[key]
+        info = edit.info
+        entry = {"seconds": median, "all_seconds": times, "layers": info.layers, "parts": info.seconds}
+        if info.steps_taken:
+            entry["steps"] = info.steps_taken
+            if "v_star" in info.seconds:  # one forward pass per trace entry, a backward per step
+                entry["seconds_per_v_step"] = info.seconds["v_star"] / len(info.losses)
+        entry["final_nll"] = info.final_nll
+        if "delta_norm" in info.details:
+            entry["delta_norm"] = info.details["delta_norm"]
         report["methods"][name] = entry
         edits[name] = edit
     fast, slow = report["methods"]["rome"], report["methods"]["rome (whole-forward engine)"]

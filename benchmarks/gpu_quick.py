@@ -225,8 +225,8 @@ def stage_tracing(run: Run, model, args) -> dict:
 
 
 def edit_hparams(model, args):
-    from tracekit.editing.finetune import ft_preset
-    from tracekit.editing.hparams import memit_preset, rome_preset
+    from tracekit.editing.presets import ft_preset
+    from tracekit.editing.presets import memit_preset, rome_preset
 
     stats = dict(mom2_n_samples=args.mom2_samples, mom2_sample_tokens=args.mom2_tokens, mom2_ridge=1e-2)
     rome, memit = rome_preset(model), memit_preset(model)

@@ -77,17 +77,17 @@ def test_fact_forcing_scores_under_the_noise():
     """The edit is made on the noised subject, and scored with the same noise on the subject."""
     model = tiny("random:gptj-tiny")
     result = edit(model, RECORD, method="ft-1", problem="fact-forcing", layer=1, hparams=STRONG, seed=3,
-                  metrics=M.MetricsConfig(essence=False))
+                  metrics=M.MetricsConfig(essence=False), convention="tracekit")
     noise = result.request.noise
-    assert noise is not None
+    assert noise is not None and result.row()["noise_scale"] == pytest.approx(noise.scale.scale)
     rows = {(r.kind, r.role): r for r in result.scores.rows}
     assert rows[("rewrite", "target")].noised and rows[("paraphrase", "target")].noised
     assert not rows[("neighborhood", "true")].noised
-    noised_q = text_query(model, RECORD.text, " French", RECORD.subject, noise)
+    noised_q = text_query(model, RECORD.text, " French", RECORD.subject)
     clean_q = text_query(model, RECORD.text, " French")
     with result.edit:
-        noised_after, clean_after = [float(lp[0].exp()) for lp in token_logprobs(model, [noised_q, clean_q])]
-    noised_before, clean_before = [float(lp[0].exp()) for lp in token_logprobs(model, [noised_q, clean_q])]
+        noised_after, clean_after = [float(lp[0].exp()) for lp in token_logprobs(model, [noised_q, clean_q], noise=noise)]
+    noised_before, clean_before = [float(lp[0].exp()) for lp in token_logprobs(model, [noised_q, clean_q], noise=noise)]
     assert rows[("rewrite", "target")].p_before == pytest.approx(noised_before, rel=1e-5)
     assert rows[("rewrite", "target")].p_after == pytest.approx(noised_after, rel=1e-5)
     assert abs(noised_before - clean_before) > 1e-5  # the noise matters to the score
@@ -96,6 +96,35 @@ def test_fact_forcing_scores_under_the_noise():
     clean_scores = M.evaluate_edit(model, clean, result.edit, M.MetricsConfig(essence=False)).scores
     assert result.scores.scores["rewrite"] == pytest.approx(M.rewrite_score(noised_before, noised_after), rel=1e-4)
     assert clean_scores["rewrite"] != pytest.approx(result.scores.scores["rewrite"], rel=1e-3)
+
+
+def test_fact_forcing_paper_code_noise_is_fresh_per_pass_and_restarts_for_scoring():
+    """Paper code: the scoring pass starts a new RandomState(1) stream; the rewrite prompt is its
+    first row, so its noise is the stream's first values, before and after the edit alike."""
+    import numpy as np
+
+    from tracekit.adapters import Site
+
+    model = tiny("random:gptj-tiny")
+    result = edit(model, RECORD, method="ft-1", problem="fact-forcing", layer=1, hparams=STRONG,
+                  metrics=M.MetricsConfig(essence=False))
+    noise = result.request.noise
+    assert noise.convention == "paper-code" and result.row()["noise_convention"] == "paper-code"
+    b, e = model.subject_span(RECORD.text, RECORD.subject)
+    draw = torch.from_numpy(np.random.RandomState(1).randn(1, e - b, model.d_model)).float() * noise.scale.scale
+
+    def p_noised():
+        def add(h):
+            h = h.clone()
+            h[:, b:e] += draw
+            return h
+        logits = model.run(model.encode([RECORD.text]).input_ids, edits={Site("embed"): add}).logits[0, -1]
+        return float(torch.softmax(logits.float(), -1)[model.target_ids(" French")[0]])
+
+    rows = {(r.kind, r.role): r for r in result.scores.rows}
+    assert rows[("rewrite", "target")].p_before == pytest.approx(p_noised(), rel=1e-5)
+    with result.edit:
+        assert rows[("rewrite", "target")].p_after == pytest.approx(p_noised(), rel=1e-5)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -4,7 +4,7 @@ import pytest
 
 import tracekit
 from tracekit.data import FactRecord
-from tracekit.editing.finetune import ft_preset
+from tracekit.editing.presets import ft_preset
 from tracekit.editing.metrics import MetricsConfig
 
 DARRIEUX = FactRecord(

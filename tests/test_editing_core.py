@@ -55,15 +55,47 @@ def test_rows_score_every_target_token_after_its_prefix():
     assert int(rows.lengths[3]) == len(model.tokenizer("The Eiffel Tower is a")["input_ids"])
 
 
-def test_noise_is_added_to_subject_tokens_of_every_row():
+def _embed_noise(model, rows):
+    """What the edit passes add to the token embeddings of every row (one pass's plan)."""
+    from tracekit.editing.kv_core import NoisePasses
+
+    hook = NoisePasses(rows, model.d_model).edits(range(rows.input_ids.shape[0]))[Site("embed")]
+    return hook(torch.zeros(*rows.input_ids.shape, model.d_model))
+
+
+def test_tracekit_noise_is_added_to_subject_tokens_of_every_row():
     model = tiny("random:llama-tiny")
     start, end = model.subject_span(REQUEST.text, REQUEST.subject)
     noise = torch.randn(end - start, model.d_model)
     rows = build_rows(model, EditRequest(REQUEST.prompt, REQUEST.subject, REQUEST.target, noise=noise), TEMPLATES, None)
+    added = _embed_noise(model, rows)
     for r in range(3):
         last = int(rows.subject_last[r])
-        assert torch.equal(rows.noise[r, last - (end - start) + 1: last + 1], noise)
-        assert float(rows.noise[r].abs().sum()) == pytest.approx(float(noise.abs().sum()), rel=1e-6)  # nowhere else
+        assert torch.equal(added[r, last - (end - start) + 1: last + 1], noise)
+        assert float(added[r].abs().sum()) == pytest.approx(float(noise.abs().sum()), rel=1e-6)  # nowhere else
+
+
+def test_paper_code_noise_lands_on_the_prompts_span_in_every_row_afresh_each_pass():
+    """google/belief-localization's Fact Forcing: x[:, b:e] += noise for every row of the batch,
+    (b, e) the edit prompt's subject span, a new RandomState(1) draw per pass."""
+    import numpy as np
+
+    from tracekit.editing.subject_noise import make_subject_noise
+    from tracekit.editing.kv_core import NoisePasses
+
+    model = tiny("random:gpt2-tiny")
+    noise = make_subject_noise(model, REQUEST.text, REQUEST.subject, noise=0.1, convention="paper-code")
+    rows = build_rows(model, EditRequest(REQUEST.prompt, REQUEST.subject, REQUEST.target, noise=noise), TEMPLATES, "{} is a")
+    b, e = noise.prompt_span
+    passes = NoisePasses(rows, model.d_model)
+    shape = (*rows.input_ids.shape, model.d_model)
+    first = passes.edits(range(4))[Site("embed")](torch.zeros(shape))
+    second = passes.edits(range(4))[Site("embed")](torch.zeros(shape))
+    rng = np.random.RandomState(1)
+    for added in (first, second):
+        expected = torch.from_numpy(rng.randn(4, e - b, model.d_model)).float() * 0.1
+        torch.testing.assert_close(added[:, b:e], expected)
+        assert float(added.abs().sum()) == pytest.approx(float(expected.abs().sum()), rel=1e-5)
 
 
 # ---- the two engines ----------------------------------------------------------------------
@@ -82,7 +114,8 @@ def test_blocks_engine_equals_whole_forward_with_mlp_hook(spec):
         x = delta.clone().requires_grad_()
         nll, kl = objective(x)
         (nll + kl).backward()
-        results.append((nll.detach(), kl.detach(), x.grad, objective.keys, objective.mlp_out))
+        results.append((nll.detach(), kl.detach(), x.grad, objective.initial.keys, objective.initial.mlp_out,
+                        objective.initial.resid))
     fast, full = results
     assert float(fast[1]) > 0  # the delta moved the KL prompt's distribution
     for a, b in zip(fast, full):

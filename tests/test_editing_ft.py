@@ -10,7 +10,9 @@ from tracekit import TracekitError
 from tracekit.adapters import adapter_for
 from tracekit.adapters.backends import HFBackend
 from tracekit.editing import finetune as F
-from tracekit.editing.finetune import FTHyperParams, apply_ft, edit_window, ft_preset
+from tracekit.editing import presets
+from tracekit.editing.finetune import LEGACY_FT, FTHyperParams, apply_ft, edit_window
+from tracekit.editing.presets import ft_preset
 from tracekit.editing.request import EditRequest
 from tracekit.models import Model
 from tracekit.models.random_models import offline_tokenizer
@@ -53,13 +55,16 @@ def test_ft1_raises_target_stays_in_ball_and_undoes(spec, backend):
     p0 = _p(model, REQUEST)
     edit = apply_ft(model, REQUEST, 2, STRONG)
     assert all(torch.equal(before[n], p) for n, p in model.hf.named_parameters())  # returned un-applied
-    (name,) = edit.parameter_names
-    assert name.endswith(".weight") and edit.info["layers"] == [2]
-    delta = edit.delta(name)
-    old = before[name]
-    new = old + delta
-    assert torch.all(new <= old + STRONG.norm_constraint) and torch.all(new >= old - STRONG.norm_constraint)
-    assert delta.abs().max() > 0.5 * STRONG.norm_constraint  # the ball is actually used
+    name = F.down_proj_name(model, 2)
+    has_bias = getattr(model.adapter.down_proj_module(model.hf, 2), "bias", None) is not None
+    assert sorted(edit.parameter_names) == sorted([name] + ([name[: -len("weight")] + "bias"] if has_bias else []))
+    assert edit.info.layers == [2]
+    for changed in edit.parameter_names:  # weight and bias alike stay in the ball (the paper's code)
+        delta = edit.delta(changed)
+        old = before[changed]
+        new = old + delta
+        assert torch.all(new <= old + STRONG.norm_constraint) and torch.all(new >= old - STRONG.norm_constraint)
+    assert edit.delta(name).abs().max() > 0.5 * STRONG.norm_constraint  # the ball is actually used
     with edit:
         assert _p(model, REQUEST) > 2 * p0
     assert all(torch.equal(before[n], p) for n, p in model.hf.named_parameters())
@@ -70,9 +75,9 @@ def test_ft5_changes_exactly_five_layers(arch):
     model = six_layers(arch)
     before = _snapshot(model)
     p0 = _p(model, REQUEST)
-    hp = FTHyperParams(n_layers=5, lr=5e-2, norm_constraint=5e-2, stop_loss=None)
+    hp = FTHyperParams(n_layers=5, lr=5e-2, norm_constraint=5e-2, stop_loss=None, train_bias=False)
     edit = apply_ft(model, REQUEST, 3, hp)
-    assert edit.info["layers"] == [1, 2, 3, 4, 5]
+    assert edit.info.layers == [1, 2, 3, 4, 5]
     with edit:
         changed = {n for n, p in model.hf.named_parameters() if not torch.equal(p, before[n])}
         assert _p(model, REQUEST) > 1.5 * p0
@@ -129,7 +134,9 @@ def test_loss_is_teacher_forced_over_every_target_token():
         after = float(model.sequence_logprobs([request.text], [request.target])[0])
         later = model.sequence_logprobs([request.text + " Paris"], [" Tower of"])[0]
     assert after > before + 1.0
-    assert edit.info["losses"][0] == pytest.approx(-before / 3, rel=1e-4)  # mean NLL over the 3 tokens
+    assert edit.info.losses[0] == pytest.approx(-before, rel=1e-4)  # the NLL summed over the 3 tokens (paper code)
+    legacy = apply_ft(model, request, 1, FTHyperParams(**{**STRONG.__dict__, **LEGACY_FT}))
+    assert legacy.info.losses[0] == pytest.approx(-before / 3, rel=1e-4)  # tracekit 0.1: the mean
     with torch.no_grad():
         assert float(later) > float(model.sequence_logprobs([request.text + " Paris"], [" Tower of"])[0])
 
@@ -140,11 +147,13 @@ def test_block_driven_steps_equal_whole_forward_passes(spec, monkeypatch):
     noise = torch.randn(3, model.d_model) * 0.5
     request = EditRequest(REQUEST.prompt, REQUEST.subject, " Paris Tower", noise=noise)
     fast = apply_ft(model, request, 2, STRONG)
-    monkeypatch.setattr(F, "_scorer", lambda m, q, lowest_layer: (lambda: F.token_logprobs(m, [q], grad=True)[0]))
+    assert fast.info.engine == "blocks"
+    monkeypatch.setattr(F.BlockDriver, "unsupported_reason", lambda self: "forced off")
     slow = apply_ft(model, request, 2, STRONG)
-    name = fast.parameter_names[0]
-    assert torch.allclose(fast.delta(name), slow.delta(name), atol=1e-7)
-    assert fast.info["losses"] == pytest.approx(slow.info["losses"], abs=1e-5)
+    assert slow.info.engine == "forward"
+    for name in fast.parameter_names:
+        assert torch.allclose(fast.delta(name), slow.delta(name), atol=1e-7)
+    assert fast.info.losses == pytest.approx(slow.info.losses, abs=1e-5)
 
 
 def test_noise_changes_the_edit():
@@ -159,7 +168,24 @@ def test_noise_changes_the_edit():
 def test_stop_loss_ends_early():
     model = tiny("random:gpt2-tiny")
     edit = apply_ft(model, REQUEST, 2, FTHyperParams(lr=5e-2, norm_constraint=None, steps=40, stop_loss=5.5))
-    assert edit.info["steps_taken"] < 40 and edit.info["losses"][-1] < 5.5 < edit.info["losses"][0]
+    assert edit.info.steps_taken < 40 and edit.info.losses[-1] < 5.5 < edit.info.losses[0]
+    assert edit.info.steps_taken == len(edit.info.losses) - 1  # no step once below; fixed inputs: nothing moves again
+
+
+def test_fresh_noise_runs_ten_noised_copies_and_waits_five_passes():
+    """Fact Forcing under the paper code's noise: 10 rows per pass, a new draw each pass, and the
+    run ends after 5 passes in a row below stop_loss (noise can lift the loss again)."""
+    from tracekit.editing.subject_noise import make_subject_noise
+
+    model = tiny("random:gpt2-tiny")
+    noise = make_subject_noise(model, REQUEST.text, REQUEST.subject, noise=0.05, convention="paper-code")
+    request = EditRequest(REQUEST.prompt, REQUEST.subject, REQUEST.target, noise=noise)
+    edit = apply_ft(model, request, 2, FTHyperParams(lr=5e-2, norm_constraint=None, steps=60, stop_loss=60.0))
+    losses = edit.info.losses
+    assert edit.info.engine == "forward" and edit.info.noise["noise_convention"] == "paper-code"
+    below = [x < 60.0 for x in losses]
+    assert below[-5:] == [True] * 5 and len(losses) < 60  # five in a row below, then stop
+    assert losses[0] > 10 * 4  # ten rows' NLLs summed
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -178,6 +204,7 @@ def test_bad_hyperparameters(bad, message):
 def test_presets():
     gptj = ft_preset(tiny("random:gptj-tiny"), "error-injection", 1)
     assert gptj.source.startswith("public GPT-J constrained")  # a tiny GPT-J is not GPT-J 6B
+    F = presets
     assert F.FT_PRESETS["gpt-j-6b/constrained"] == FTHyperParams(steps=25, lr=5e-4, norm_constraint=5e-5, layer=21,
                                                                source=F.FT_PRESETS["gpt-j-6b/constrained"].source)
     assert F.FT_PRESETS["gpt-j-6b/error-injection/ft-1"].norm_constraint == 1e-4

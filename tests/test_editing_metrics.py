@@ -1,7 +1,9 @@
 """Edit metrics: formulas against hand-computed values, and the batched gathering of probabilities."""
 
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from tracekit.editing import metrics as M
 from tracekit.editing.delta import Edit
 from tracekit.editing.logprobs import text_query, token_logprobs
 from tracekit.editing.problems import prepare
+from tracekit.memo import drop_memo
 
 from conftest import BACKENDS, TINY_SPECS, tiny
 
@@ -103,15 +106,24 @@ def _bump_edit(model, layer=1, scale=0.05):
     return Edit(model.hf, {name: weight + scale * torch.randn(weight.shape, generator=gen)})
 
 
-def _perplexity(model, rows):
-    """Pooled perplexity of every token after the first, one plain forward per text."""
-    logps = []
+def _logps(model, rows):
+    out = []
     for row in rows:
         ids = torch.tensor([row])
         with torch.no_grad():
             logp = torch.log_softmax(model.hf(ids).logits[0].float(), dim=-1)
-        logps.append(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]])
-    return math.exp(-float(torch.cat(logps).mean()))
+        out.append(logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]])
+    return out
+
+
+def _perplexity(model, rows):
+    """The paper code's essence perplexity: per text exp(-sum log p / n_tokens), the mean over texts."""
+    return float(np.mean([math.exp(-float(lp.sum()) / (len(lp) + 1)) for lp in _logps(model, rows)]))
+
+
+def _pooled_perplexity(model, rows):
+    """tracekit 0.1: pooled over every token after the first."""
+    return math.exp(-float(torch.cat(_logps(model, rows)).mean()))
 
 
 @pytest.mark.parametrize("spec", TINY_SPECS)
@@ -140,12 +152,40 @@ def test_evaluate_edit_matches_separate_forward_passes(spec):
     assert result.ppl_after == pytest.approx(ppl_after, rel=1e-4)
     assert result.scores["essence"] == pytest.approx(M.essence_score(ppl_before, ppl_after), abs=1e-3)
     assert "first token" in result.scoring
+    pooled = M.evaluate_edit(model, setup, edit, M.MetricsConfig(essence_new_tokens=8, essence_perplexity="pooled"))
+    assert pooled.ppl_before == pytest.approx(_pooled_perplexity(model, rows), rel=1e-4)
+
+
+def test_paper_code_scoring_uses_whole_objects_and_first_prompts():
+    """make_editing_results_df: p of the whole " " + object, the first paraphrase and neighbour
+    only, the neighbourhood score on p(target), floors at 2e-8."""
+    model = tiny("random:gpt2-tiny")
+    record = dataclasses.replace(RECORD, target_new=" English French",
+                                 paraphrase_prompts=(*RECORD.paraphrase_prompts, "Darrieux talk. Danielle Darrieux speaks"))
+    setup = prepare(model, record, "error-injection")
+    edit = _bump_edit(model)
+    result = M.evaluate_edit(model, setup, edit, M.MetricsConfig(scoring="paper-code", essence=False))
+    prompts = [record.text, record.paraphrase_prompts[0], record.neighborhood_prompts[0]]
+
+    def seq_p():
+        return [float(model.sequence_logprobs([p], [" English French"])[0].exp()) for p in prompts]
+
+    before = seq_p()
+    with edit:
+        after = seq_p()
+    s = result.scores
+    assert s["rewrite"] == pytest.approx(max(2e-8, 1 - (1 - after[0]) / (1 - before[0])), rel=1e-4, abs=1e-12)
+    assert s["paraphrase"] == pytest.approx(max(2e-8, 1 - (1 - after[1]) / (1 - before[1])), rel=1e-4, abs=1e-12)
+    assert s["neighborhood"] == pytest.approx(1 - abs(after[2] - before[2]) / (abs(before[2] - 0.5) + 0.5), rel=1e-6)
+    assert "whole object" in result.scoring
+    assert M.paper_code_scores(0.3, 0.1, minimize=False) == 2e-8 and M.paper_code_scores(0.3, 0.4, minimize=True) == 0.0
 
 
 def test_essence_texts_are_seeded():
     model = tiny("random:gpt2-tiny")
     a = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=1))
-    model.__dict__.pop("_essence_texts")
+    drop_memo(model, "essence_texts")
+    assert not any(k.startswith("_") for k in vars(model))  # nothing kept on the model itself
     b = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=1))
     c = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=2))
     assert a == b and a != c and len(set(a)) > 1
@@ -167,7 +207,7 @@ def test_a_sweep_runs_each_points_before_pass_once(monkeypatch):
     monkeypatch.setattr(M, "token_logprobs", lambda m, q, **k: passes.append(len(q)) or token_logprobs(m, q, **k))
     with M.baseline_cached(model):
         cached = [M.evaluate_edit(model, setup, e, config).scores for e in (first, second)]
-    assert len(passes) == 3  # one "before", two "after"
+    assert len(passes) == 6  # one "before" (prompts, essence texts), two "after"
     assert cached == plain
     M.evaluate_edit(model, setup, first, config)
-    assert len(passes) == 5  # outside the block nothing is reused
+    assert len(passes) == 10  # outside the block nothing is reused

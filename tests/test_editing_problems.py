@@ -8,9 +8,9 @@ import torch
 from tracekit import TracekitError
 from tracekit.data import FactRecord
 from tracekit.editing import problems as PR
-from tracekit.editing.logprobs import text_query
 from tracekit.editing.problems import PointSkipped, Problem, prepare
 from tracekit.tracing import noised_prediction, scaled_noise
+from tracekit.tracing.noise import noise_scale, subject_noise_bump
 
 from conftest import tiny
 
@@ -72,39 +72,82 @@ def test_fact_erasure_needs_p_true_above_threshold(monkeypatch):
 def test_tracing_reversal_targets_the_noised_prediction():
     model = tiny("random:llama-tiny")
     found = noised_prediction(model, RECORD.text, RECORD.subject, samples=10, seed=4)
-    tr = prepare(model, RECORD, "tracing-reversal", seed=4)
+    tr = prepare(model, RECORD, "tracing-reversal", seed=4, convention="tracekit")
     assert tr.request.target == found.token and tr.counter == found.token and tr.o_true == " French"
     assert model.target_ids(tr.request.target)[0] == found.token_id
     same = FactRecord(case_id=1, prompt=RECORD.prompt, subject=RECORD.subject, target_true=found.token, target_new=None)
     with pytest.raises(PointSkipped, match="still predicts o_true"):
-        prepare(model, same, "tracing-reversal", seed=4)
+        prepare(model, same, "tracing-reversal", seed=4, convention="tracekit")
+
+
+def test_tracing_reversal_paper_code_samples_a_noised_continuation():
+    """The paper's code: o_noise is generate_fast's top-k (5) sample, to 12 tokens in all, of one
+    noised run (RandomState(1) draw); the continuation is the target."""
+    import numpy as np
+
+    from tracekit.adapters import Site
+    from tracekit import prompts as P
+
+    model = tiny("random:gpt2-tiny")
+    tr = prepare(model, RECORD, "tracing-reversal", seed=0)
+    ids = P.token_ids(model.tokenizer, RECORD.text)
+    b, e = model.subject_span(RECORD.text, RECORD.subject)
+    scale = noise_scale(model, "s3")
+    draw = torch.from_numpy(np.random.RandomState(1).randn(1, e - b, model.d_model)).float() * scale
+    gen, new = torch.Generator().manual_seed(0), []
+    while len(ids) + len(new) < 12 or not new:
+        def noised(h, draw=draw):
+            h = h.clone()
+            h[:, b:e] += draw
+            return h
+        logits = model.run(torch.tensor([ids + new]), edits={Site("embed"): noised}).logits[0, -1]
+        probs = torch.softmax(logits.float(), -1)
+        top = torch.topk(probs, 5).indices
+        new.append(int(top[torch.multinomial(probs[top] / probs[top].sum(), 1, generator=gen)]))
+    assert tr.request.target == model.tokenizer.decode(new)
+    assert tr.baseline == RECORD.target_true and tr.counter == tr.request.target
 
 
 def test_fact_forcing_carries_the_tracer_noise():
     model = tiny("random:gptj-tiny")
-    ff = prepare(model, RECORD, "fact-forcing", seed=5)
+    ff = prepare(model, RECORD, "fact-forcing", seed=5, convention="tracekit")
     start, end = model.subject_span(RECORD.text, RECORD.subject)
     # "Danielle Darrieux" is 2 tokens after a space but 4 at a text's start (a context template's
     # KL prompt): the draw covers the longest, and each prompt noises its subject with the last rows
     longest = len(model.target_ids(RECORD.subject))
     assert (end - start, longest) == (2, 4)
-    assert ff.request.target == " French" and ff.request.noise.shape == (longest, model.d_model)
-    assert torch.equal(ff.request.noise, scaled_noise(model, 1, longest, "s3", 5)[0])
-    query = text_query(model, RECORD.text, " French", RECORD.subject, ff.request.noise)
-    assert query.noise_start == start and torch.equal(query.noise, ff.request.noise[-2:])
-    other = prepare(model, RECORD, "fact-forcing", seed=6)
-    assert not torch.equal(ff.request.noise, other.request.noise)
+    noise = ff.request.noise
+    assert ff.request.target == " French" and noise.draw.shape == (longest, model.d_model)
+    assert torch.equal(noise.draw, scaled_noise(model, 1, longest, "s3", 5)[0])
+    bump = subject_noise_bump((1, 8, model.d_model), [(start, end)], *noise.eval_plan(None, [(start, end)])[1:])
+    assert torch.equal(bump[0, start:end], noise.draw[-2:])  # aligned to the subject's end
+    assert noise.as_dict()["noise_scale"] == pytest.approx(noise_scale(model, "s3"))  # recorded
+    other = prepare(model, RECORD, "fact-forcing", seed=6, convention="tracekit")
+    assert not torch.equal(noise.draw, other.request.noise.draw)
+
+
+def test_fact_forcing_paper_code_names_o_noise_as_baseline():
+    model = tiny("random:gptj-tiny")
+    ff = prepare(model, RECORD, "fact-forcing", seed=0, noised_rows=10)
+    assert ff.request.noise.convention == "paper-code" and ff.request.noise.fresh_per_pass
+    import numpy as np
+
+    b, e = model.subject_span(RECORD.text, RECORD.subject)
+    draws = torch.from_numpy(np.random.RandomState(1).randn(10, e - b, model.d_model)).float()
+    found = noised_prediction(model, RECORD.text, RECORD.subject, noise=ff.request.noise.scale.scale, noise_draws=draws)
+    assert ff.baseline == found.token and ff.counter == found.token
 
 
 def test_fact_forcing_scores_a_paraphrase_whose_subject_tokenises_longer():
     model = tiny("random:gptj-tiny")
     record = dataclasses.replace(RECORD, paraphrase_prompts=("(Danielle Darrieux) spoke the language",))
-    ff = prepare(model, record, "fact-forcing", seed=5)
-    start, end = model.subject_span(record.paraphrase_prompts[0], record.subject)
-    query = text_query(model, record.paraphrase_prompts[0], " French", record.subject, ff.request.noise)
-    assert end - start == 4 and torch.equal(query.noise, ff.request.noise[-4:])
+    ff = prepare(model, record, "fact-forcing", seed=5, convention="tracekit")
+    span = model.subject_span(record.paraphrase_prompts[0], record.subject)
+    spans, draws, align = ff.request.noise.eval_plan(None, [span])
+    bump = subject_noise_bump((1, 10, model.d_model), spans, draws, align)
+    assert span[1] - span[0] == 4 and torch.equal(bump[0, span[0]:span[1]], ff.request.noise.draw[-4:])
     with pytest.raises(TracekitError, match="noise covers only 2"):
-        text_query(model, record.paraphrase_prompts[0], " French", record.subject, ff.request.noise[-2:])
+        subject_noise_bump((1, 10, model.d_model), spans, ff.request.noise.draw[None, -2:], align)
 
 
 def test_bad_records():

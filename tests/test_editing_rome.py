@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY_SPECS, tiny
-from tracekit.editing.hparams import MEMITHyperParams, ROMEHyperParams, memit_preset, rome_preset
+from tracekit.editing.hparams import LEGACY, MEMITHyperParams, ROMEHyperParams
+from tracekit.editing.presets import memit_preset, rome_preset
 from tracekit.editing.kv_core import build_rows, weights_by_tokenisation
 from tracekit.editing.memit import apply_memit
 from tracekit.editing.request import EditRequest
@@ -94,9 +95,41 @@ def test_rome_raises_p_target_with_a_rank_one_change(spec, corpus):
     change = model.adapter.as_out_in(edit.delta(name)).double()
     singular = torch.linalg.svdvals(change)
     assert singular[1] < 1e-5 * singular[0]  # rank one
-    # W' k* = W k* + delta: the edited layer maps the averaged key exactly onto v*
-    torch.testing.assert_close(change.float() @ edit.info["key"], edit.info["delta"], rtol=1e-3, atol=1e-4)
-    assert edit.info["final_nll"] < edit.info["loss_trace"][0]["nll"]
+    # the public code's update: the bare prompt's own key k_p goes exactly onto v*
+    details = edit.info.details
+    (k_p,), (residual,) = details["keys"], details["residuals"]
+    torch.testing.assert_close(change.float() @ k_p, residual, rtol=1e-3, atol=1e-4)
+    assert edit.info.final_nll < details["loss_trace"][0]["nll"]
+    assert edit.info.steps_taken == len(details["loss_trace"]) - 1  # the last pass only evaluates
+
+
+def test_rome_paper_equation_maps_the_mean_key_onto_v_star(corpus):
+    model = tiny("random:gpt2-tiny")
+    edit = apply_rome(model, REQUEST, 2, rome_hp(corpus, **LEGACY["rome"]), progress=False)
+    (name,) = edit.parameter_names
+    change = model.adapter.as_out_in(edit.delta(name)).float()
+    # W' k* = W k* + delta (with v* based on the templates' mean MLP output)
+    torch.testing.assert_close(change @ edit.info.details["key"], edit.info.details["delta"], rtol=1e-3, atol=1e-4)
+    assert edit.info.steps_taken == len(edit.info.losses)  # tracekit 0.1 stepped after every pass
+
+
+def test_rome_value_is_sized_on_the_bare_prompt(corpus):
+    """Clamp radius and weight decay use the MLP output at row 0 (the bare prompt), not the mean."""
+    model = tiny("random:gpt2-tiny")
+    templates = ["{}", "The capital of Japan is Tokyo. {}", "I went there. {}"]
+    first = apply_rome(model, REQUEST, 2, rome_hp(corpus, clamp_norm_factor=0.5), templates=templates, progress=False)
+    mean = apply_rome(model, REQUEST, 2, rome_hp(corpus, clamp_norm_factor=0.5, value_reference="mean"),
+                      templates=templates, progress=False)
+    from tracekit.adapters import Site
+    from tracekit.editing.kv_core import subject_states
+
+    rows = build_rows(model, REQUEST, templates, None)
+    out = subject_states(model, rows, [Site("mlp", 2)])[Site("mlp", 2)]
+    assert first.info.details["value_norm"] == pytest.approx(float(out[0].norm()), rel=1e-5)
+    assert mean.info.details["value_norm"] == pytest.approx(float(out.mean(0).norm()), rel=1e-5)
+    # the clamp binds in both, at different radii
+    assert first.info.details["delta_norm"] == pytest.approx(0.5 * float(out[0].norm()), rel=1e-4)
+    assert mean.info.details["delta_norm"] == pytest.approx(0.5 * float(out.mean(0).norm()), rel=1e-4)
 
 
 # "Paris" opening a prompt is Par|is in the offline tokenizer; after a space it is one token.
@@ -115,15 +148,15 @@ def test_key_per_tokenisation_maps_each_subject_form_onto_v_star(corpus):
     change = model.adapter.as_out_in(edit.delta(name)).double()
     singular = torch.linalg.svdvals(change)
     assert singular[1] > 1e-3 * singular[0] and singular[2] < 1e-6 * singular[0]  # rank two: one per form
-    keys, residuals = edit.info["keys"], edit.info["residuals"]
+    keys, residuals = edit.info.details["keys"], edit.info.details["residuals"]
     assert keys.shape[0] == 2
     torch.testing.assert_close(change.float() @ keys.T, residuals.T, rtol=1e-3, atol=1e-4)  # W' k_g = v*
 
 
 def test_key_per_tokenisation_is_rome_when_the_subject_tokenises_one_way(corpus):
     model = tiny("random:gpt2-tiny")
-    templates = TWO_FORMS[1:]  # the subject follows a space in both
-    plain = apply_rome(model, SUBJECT_FIRST, 2, rome_hp(corpus), templates=templates, progress=False)
+    templates = TWO_FORMS[1:]  # the subject follows a space in both: one group, whose mean key is k*
+    plain = apply_rome(model, SUBJECT_FIRST, 2, rome_hp(corpus, update_key="mean"), templates=templates, progress=False)
     grouped = apply_rome(model, SUBJECT_FIRST, 2, rome_hp(corpus, key_per_tokenisation=True), templates=templates,
                          progress=False)
     (name,) = plain.parameter_names
@@ -147,31 +180,53 @@ def test_memit_changes_exactly_its_five_layers_and_raises_p_target(corpus):
     model = six_layer_llama()
     before = p_target(model)
     edit = apply_memit(model, REQUEST, 3, memit_hp(corpus), progress=False)
-    assert edit.info["layers"] == [1, 2, 3, 4, 5] and edit.info["z_layer"] == 5
+    assert edit.info.layers == [1, 2, 3, 4, 5] and edit.info.details["z_layer"] == 5
     assert sorted(edit.parameter_names) == [f"model.layers.{i}.mlp.down_proj.weight" for i in range(1, 6)]
     assert all(edit.delta(n).abs().max() > 0 for n in edit.parameter_names)
     with edit:
         assert p_target(model) > 1.5 * before
     # each layer takes its share of what is left: 1/5, 1/4, ... of the remaining residual
-    shares = edit.info["per_layer"]
+    shares = edit.info.details["per_layer"]
     assert shares[-1]["share_norm"] == pytest.approx(shares[-1]["residual_norm"])
     assert shares[0]["share_norm"] == pytest.approx(shares[0]["residual_norm"] / 5)
 
 
+def _as_memit(rome: ROMEHyperParams, **kw) -> MEMITHyperParams:
+    shared = {f.name for f in dataclasses.fields(MEMITHyperParams)}
+    fields = {f.name: getattr(rome, f.name) for f in dataclasses.fields(ROMEHyperParams) if f.name in shared}
+    return MEMITHyperParams(**{**fields, "window": 1, "mom2_update_weight": 0.0, "clamp_to": "mlp", **kw})
+
+
 @pytest.mark.parametrize("spec", TINY_SPECS)
 def test_memit_with_one_layer_reduces_to_rome(spec, corpus):
-    """One layer, lambda = 0 and the delta clamped relative to the MLP output: ROME exactly."""
+    """One layer, lambda = 0, the delta clamped relative to the MLP output, uniform keys and
+    values from the templates' mean: ROME's equation form exactly."""
     model = tiny(spec)
-    rome = apply_rome(model, REQUEST, 2, rome_hp(corpus, clamp_norm_factor=0.5), progress=False)
-    shared = {f.name for f in dataclasses.fields(MEMITHyperParams)}
-    fields = {f.name: getattr(rome_hp(corpus, clamp_norm_factor=0.5), f.name)
-              for f in dataclasses.fields(ROMEHyperParams) if f.name in shared}
-    memit = apply_memit(model, REQUEST, 2, MEMITHyperParams(**fields, window=1, mom2_update_weight=0.0, clamp_to="mlp"),
-                        progress=False)
-    assert rome.parameter_names == memit.parameter_names and memit.info["layers"] == [2]
-    assert rome.info["delta_norm"] == pytest.approx(0.5 * rome.info["value_norm"], rel=1e-4)  # the clamp was active
+    rome_legacy = rome_hp(corpus, clamp_norm_factor=0.5, **LEGACY["rome"])
+    rome = apply_rome(model, REQUEST, 2, rome_legacy, progress=False)
+    memit = apply_memit(model, REQUEST, 2, _as_memit(rome_legacy, **LEGACY["memit"]), progress=False)
+    assert rome.parameter_names == memit.parameter_names and memit.info.layers == [2]
+    assert rome.info.details["delta_norm"] == pytest.approx(0.5 * rome.info.details["value_norm"], rel=1e-4)  # clamped
     (name,) = rome.parameter_names
     torch.testing.assert_close(memit.delta(name), rome.delta(name), rtol=1e-4, atol=1e-6)
+
+
+def test_memit_with_one_layer_and_one_template_is_the_public_rome(corpus):
+    """With the bare prompt alone k* = k_p: the public ROME and MEMIT updates coincide."""
+    model = tiny("random:gpt2-tiny")
+    hp = rome_hp(corpus, clamp_norm_factor=0.5)
+    rome = apply_rome(model, REQUEST, 2, hp, templates=["{}"], progress=False)
+    memit = apply_memit(model, REQUEST, 2, _as_memit(hp), templates=["{}"], progress=False)
+    (name,) = rome.parameter_names
+    torch.testing.assert_close(memit.delta(name), rome.delta(name), rtol=1e-4, atol=1e-6)
+
+
+def test_memit_keys_average_each_context_type_first(corpus):
+    from tracekit.editing.kv_core import average_keys
+
+    keys = torch.tensor([[1.0], [3.0], [5.0], [7.0]])
+    assert float(average_keys(keys, (1, 3), "per-context-type")) == pytest.approx((1 + 5) / 2)
+    assert float(average_keys(keys, (1, 3), "uniform")) == pytest.approx(4.0)
 
 
 def test_same_rome_edit_under_every_backend(corpus):
@@ -180,7 +235,7 @@ def test_same_rome_edit_under_every_backend(corpus):
     for backend in ("hf", "transformer_lens", "nnsight"):
         model = tiny("random:gpt2-tiny", backend)
         edits[backend] = apply_rome(model, REQUEST, 2, rome_hp(corpus), templates=templates, progress=False)
-        assert edits[backend].info["engine"] == ("hooks" if backend == "transformer_lens" else "blocks")
+        assert edits[backend].info.engine == ("hooks" if backend == "transformer_lens" else "blocks")
     reference = edits["hf"].delta(edits["hf"].parameter_names[0])
     for backend in ("transformer_lens", "nnsight"):
         delta = edits[backend].delta(edits[backend].parameter_names[0])
@@ -207,7 +262,7 @@ def test_fact_forcing_edits_under_the_subject_noise(corpus):
     noised = EditRequest(REQUEST.prompt, REQUEST.subject, REQUEST.target, noise=noise)
     plain_edit = apply_rome(model, REQUEST, 2, rome_hp(corpus), progress=False)
     noised_edit = apply_rome(model, noised, 2, rome_hp(corpus), progress=False)
-    assert not torch.allclose(noised_edit.info["key"], plain_edit.info["key"])  # keys taken on the noised subject
+    assert not torch.allclose(noised_edit.info.details["key"], plain_edit.info.details["key"])  # keys on the noised subject
     from tracekit.editing.kv_core import ValueObjective, build_rows
 
     rows = build_rows(model, noised, ["{}"], None)
@@ -237,7 +292,7 @@ def test_bad_layers_are_one_line_errors(corpus):
 def test_memit_window_may_be_clipped(corpus):
     model = tiny("random:gpt2-tiny")
     edit = apply_memit(model, REQUEST, 3, memit_hp(corpus, clip_window=True), progress=False)
-    assert edit.info["layers"] == [1, 2, 3]
+    assert edit.info.layers == [1, 2, 3]
 
 
 def test_stats_file_from_another_model_fails_the_edit(corpus):
@@ -252,11 +307,16 @@ def test_presets():
     assert rome_preset("gpt-j-6b").layer == 5 and rome_preset("gpt2-xl").layer == 17
     assert rome_preset("gpt-j-6b", "error-injection").kl_factor == 1.0
     assert rome_preset("gpt-j-6b", "fact-forcing").v_num_grad_steps == 25
+    assert rome_preset("gpt-j-6b", "fact-forcing").v_lr == 5e-2  # the paper's get_override_hparams
     assert rome_preset("gpt-j-6b", "fact-erasure") == rome_preset("gpt-j-6b")
     memit = memit_preset("gpt-j-6b", "error-injection")
     assert (memit.kl_factor, memit.mom2_update_weight, memit.clamp_norm_factor, memit.v_num_grad_steps) == (0.9, 15000.0, 0.75, 25)
     assert memit_preset("gpt2-xl").mom2_update_weight == 20000.0
     assert rome_preset(tiny("random:gpt2-tiny")).source.endswith("(unknown model)")
+    # presets follow the spec, never the shape: a random model shaped like GPT2-XL is generic
+    assert rome_preset("random:gpt2-xl") == rome_preset("generic")
+    assert rome_preset("EleutherAI/gpt-j-6B") == rome_preset("gpt-j-6b")
+    assert rome_preset("/models/gpt2-xl/") == rome_preset("gpt2-xl")
     with pytest.raises(TracekitError, match="no ROME preset 'nope'"):
         rome_preset("nope")
 
@@ -292,7 +352,7 @@ def test_rome_on_the_bundled_model_at_the_preset_layer(smollm):
     edit = apply_rome(smollm, DARRIEUX, None, hparams)
     rewrite, paraphrase, neighbourhood = scores(smollm, edit)
     print(f"ROME layer {hparams.layer}: rewrite {rewrite:.3f} paraphrase {paraphrase:.3f} "
-          f"neighbourhood {neighbourhood:.3f}; {edit.info['seconds']}")
+          f"neighbourhood {neighbourhood:.3f}; {edit.info.seconds}")
     assert rewrite >= 0.9 and paraphrase >= 0.5 and neighbourhood >= 0.8
 
 

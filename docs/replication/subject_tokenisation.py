@@ -14,7 +14,9 @@ ROME rewrite scores, with four template sets:
     two-keys  ROME's templates with ``key_per_tokenisation`` (tracekit's extension: the update
               maps the key of each subject tokenisation onto v*, instead of their average)
 and prints rewrite / paraphrase / neighbourhood scores (the paraphrases put a space before the
-subject).
+subject). ``--conventions``: ROME as the public code (tracekit's default; the edited prompt's own
+key k_p goes onto v*) or tracekit 0.1's (the paper's equation: the average key k* goes onto v*),
+with which the store and the first tables of the README were made.
 
     python docs/replication/subject_tokenisation.py --store docs/replication/store.sqlite --n 10
     python docs/replication/subject_tokenisation.py --store docs/replication/store.sqlite \\
@@ -35,8 +37,9 @@ import tracekit
 from tracekit.cli import console
 from tracekit.data.loaders import load_dataset
 from tracekit.editing.context import context_templates
-from tracekit.editing.hparams import rome_preset
-from tracekit.editing.metrics import evaluate_edit
+from tracekit.editing.hparams import LEGACY
+from tracekit.editing.metrics import MetricsConfig, evaluate_edit
+from tracekit.editing.presets import rome_preset
 from tracekit.editing.problems import prepare
 from tracekit.editing.rome import apply_rome
 from tracekit.store import ResultStore
@@ -58,6 +61,9 @@ def main(argv=None) -> int:
     parser.add_argument("--relation", default=None, help="only facts of this relation (e.g. city-country)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                         help="template sets to run: space, newline, mixed, two-keys (default: all)")
+    parser.add_argument("--conventions", default="reference", choices=("reference", "tracekit-0.1"),
+                        help="ROME as the public code, or as tracekit 0.1 (the paper's equation form); "
+                             "default: %(default)s")
     parser.add_argument("--out", default=None, help="JSON file for the scores (default: beside this script)")
     args = parser.parse_args(argv)
 
@@ -74,6 +80,8 @@ def main(argv=None) -> int:
     rows = rows.sort_values("rewrite").head(args.n)
     model = tracekit.load_model(rows["model"].iloc[0].split("#")[0])
     hparams = rome_preset(model, "error-injection")
+    if args.conventions == "tracekit-0.1":
+        hparams = dataclasses.replace(hparams, **LEGACY["rome"])
     per_form = dataclasses.replace(hparams, key_per_tokenisation=True)
     sets = template_sets(context_templates(model, hparams.context_lengths, hparams.context_seed))
     unknown = set(args.variants or ()) - set(sets)
@@ -89,13 +97,13 @@ def main(argv=None) -> int:
         for name, templates in sets.items():
             chosen = per_form if name == "two-keys" else hparams
             edit = apply_rome(model, setup.request, args.layer, chosen, templates=templates, progress=False)
-            got = evaluate_edit(model, setup, edit).scores
+            got = evaluate_edit(model, setup, edit, MetricsConfig(essence=False)).scores
             scores[name] = {k: float(got[k]) for k in SCORES}
         results.append({"case_id": int(row.case_id), "prompt": fact.text, "scores": scores})
         console.print(f"{fact.text!r}: " + "; ".join(
             f"{name} " + "/".join(f"{s[k]:.2f}" for k in SCORES) for name, s in scores.items()))
 
-    table = Table(title=f"ROME at layer {args.layer}, {len(results)} facts with the lowest stored rewrite"
+    table = Table(title=f"ROME ({args.conventions}) at layer {args.layer}, {len(results)} facts with the lowest stored rewrite"
                         f"{'' if args.relation is None else f' ({args.relation})'}: mean scores")
     table.add_column("templates")
     for k in SCORES:
@@ -104,7 +112,7 @@ def main(argv=None) -> int:
         table.add_row(name, *(f"{sum(r['scores'][name][k] for r in results) / len(results):.3f}" for k in SCORES))
     console.print(table)
     out = Path(args.out) if args.out else Path(__file__).with_suffix(".json")
-    out.write_text(json.dumps({"layer": args.layer, "facts": results}, indent=1) + "\n")
+    out.write_text(json.dumps({"layer": args.layer, "conventions": args.conventions, "facts": results}, indent=1) + "\n")
     console.print(f"wrote {out}")
     return 0
 

@@ -58,7 +58,7 @@ def _demo(args) -> None:
 
 def _demo_hparams(model, method: str):
     """The method's preset, with 64 key-statistics samples for ROME/MEMIT (64 instead of 256 move
-    the demo's scores by < 0.01, ``tracekit.editing.hparams.SMOLLM2_NOTE``)."""
+    the demo's scores by < 0.01, ``tracekit.editing.presets.SMOLLM2_NOTE``)."""
     from tracekit.editing.api import default_hparams
     from tracekit.editing.problems import Problem
 

@@ -34,11 +34,33 @@ def register(sub) -> None:
     p.add_argument("--paraphrase", action="append", default=[], help="a paraphrase prompt (repeatable)")
     p.add_argument("--neighbor", action="append", default=[], help="a neighbourhood prompt (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="noise and essence-sampling seed; default: %(default)s")
-    p.add_argument("--noise", default="s3", help="noise rule for tracing-reversal / fact-forcing; default: %(default)s")
+    p.add_argument("--noise", default="s3", type=noise_rule,
+                   help="noise rule for tracing-reversal / fact-forcing: 's3' (3 x the embedding std of known_1000 "
+                        "subjects), a float, or 'u<scale>'; default: %(default)s")
+    p.add_argument("--convention", default="paper-code", choices=("paper-code", "tracekit"),
+                   help="how o_noise and the subject noise are made: as the paper's code, or tracekit's single "
+                        "seeded draw (docs/fidelity.md); default: %(default)s")
+    p.add_argument("--scoring", default="paper-text", choices=("paper-text", "paper-code"),
+                   help="score formulas as the paper's text states them (first-token p, every paraphrase) or as "
+                        "its code computes them (whole-object p, first prompt of each kind); default: %(default)s")
     p.add_argument("--no-essence", action="store_true", help="skip the essence score (saves sampling time)")
     p.add_argument("--json", default=None, help="also write the result row to this JSON file")
     add_model_args(p)
     p.set_defaults(func=_edit)
+
+
+def noise_rule(text: str) -> str:
+    """argparse type: a valid noise rule, or a one-line usage error (inf, nan, <= 0 included)."""
+    import argparse
+
+    from tracekit.errors import TracekitError
+    from tracekit.tracing.noise import NoiseRule
+
+    try:
+        NoiseRule.parse(text)
+    except TracekitError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def build_record(model, args):
@@ -89,7 +111,8 @@ def _edit(args) -> None:
     record, notes = build_record(model, args)
     with console.status(f"{args.method} edit ({args.problem}) and evaluation"):
         result = edit(model, record, method=args.method, problem=args.problem, layer=args.layer, seed=args.seed,
-                      noise=args.noise, metrics=MetricsConfig(essence=not args.no_essence, seed=args.seed))
+                      noise=args.noise, convention=args.convention,
+                      metrics=MetricsConfig(scoring=args.scoring, essence=not args.no_essence, seed=args.seed))
     print_edit_tables(result, console)
     for note in [*notes, *result.scores.notes, f"scoring: {result.scores.scoring}"]:
         console.print(f"[dim]- {note}[/dim]", highlight=False)

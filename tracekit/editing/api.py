@@ -10,8 +10,9 @@ from typing import Any
 
 from tracekit.data.loaders import parse_record
 from tracekit.editing.delta import Edit
-from tracekit.editing.finetune import FTHyperParams, apply_ft, ft_preset
+from tracekit.editing.finetune import FTHyperParams, apply_ft
 from tracekit.editing.metrics import EditScores, MetricsConfig, evaluate_edit
+from tracekit.editing.presets import ft_preset, memit_preset, rome_preset
 from tracekit.editing.problems import EditSetup, Problem, prepare, setup_from_request
 from tracekit.editing.request import EditRequest
 from tracekit.errors import TracekitError, check
@@ -44,6 +45,12 @@ class EditResult:
             "o_true": self.setup.o_true, "hparams": _plain(self.hparams),
             **{f"seconds_{k}": v for k, v in self.seconds.items()},
         }
+        info = self.edit.info
+        if info is not None:
+            out["steps_taken"] = info.steps_taken
+            out.update({k: v for k, v in info.conventions.items()})
+            if info.noise:
+                out.update(info.noise)
         if self.scores is not None:
             out.update(self.scores.scores)
             out["scoring"] = self.scores.scoring
@@ -67,7 +74,7 @@ def parse_method(method: str) -> str:
 def edit(model, record_or_request, method: str = "rome", problem: str | Problem = "error-injection",
          layer: int | None = None, hparams=None, evaluate: bool = True, *, seed: int = 0, noise="s3",
          metrics: MetricsConfig = MetricsConfig(), leave_applied: bool = False,
-         clip_window: bool | None = None) -> EditResult:
+         clip_window: bool | None = None, convention: str = "paper-code") -> EditResult:
     """Edit one fact and (by default) score it.
 
     ``record_or_request``: a ``tracekit.data.FactRecord`` (or a raw record of any dataset format),
@@ -76,6 +83,9 @@ def edit(model, record_or_request, method: str = "rome", problem: str | Problem 
     The model is returned unchanged unless ``leave_applied``; apply the edit with
     ``result.edit.apply()`` or ``with result.edit: ...``. ``clip_window``: overrides the
     hparams' choice for MEMIT and FT-5 windows that pass the model's first or last layer.
+    ``convention``: how the problems pick o_noise and noise the subject ("paper-code", the
+    paper's code, or "tracekit"; ``tracekit.editing.problems``); ``noise``: the noise rule
+    (its scale is recorded in ``result.row()``).
     """
     method = parse_method(method)
     if isinstance(record_or_request, EditRequest):
@@ -83,7 +93,9 @@ def edit(model, record_or_request, method: str = "rome", problem: str | Problem 
     else:
         if isinstance(record_or_request, dict):  # a raw dataset record, in whichever format
             record_or_request = parse_record(record_or_request)
-        setup = prepare(model, record_or_request, problem, seed=seed, noise=noise)
+        noised_rows = 10 if method in ("ft-1", "ft-5") else 1  # the paper code's num_noise_samples
+        setup = prepare(model, record_or_request, problem, seed=seed, noise=noise, convention=convention,
+                        noised_rows=noised_rows)
     request = setup.request
     warn_if_inside_word(request.text, request.subject, request.prompt.index("{}"))
     problem_name = None if setup.problem is None else setup.problem.value
@@ -102,7 +114,7 @@ def edit(model, record_or_request, method: str = "rome", problem: str | Problem 
         seconds["evaluate"] = time.perf_counter() - started
     if leave_applied:
         the_edit.apply()
-    layers = the_edit.info.get("layers", [layer])
+    layers = the_edit.info.layers if the_edit.info is not None else [layer]
     return EditResult(the_edit, method, problem_name, layer, list(layers), hparams, setup, scores, seconds)
 
 
@@ -111,8 +123,6 @@ def default_hparams(model, method: str, problem: Problem):
     method = parse_method(method)
     if method in ("ft-1", "ft-5"):
         return ft_preset(model, problem.value, 1 if method == "ft-1" else 5)
-    from tracekit.editing.hparams import memit_preset, rome_preset
-
     return (rome_preset if method == "rome" else memit_preset)(model, problem.value)
 
 

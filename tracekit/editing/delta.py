@@ -27,7 +27,7 @@ class Edit:
     it on exit. ``apply`` and ``undo`` are idempotent and check the weights (module doc).
     """
 
-    def __init__(self, module: nn.Module, new_weights: Mapping[str, torch.Tensor], info: Mapping[str, Any] | None = None):
+    def __init__(self, module: nn.Module, new_weights: Mapping[str, torch.Tensor], info: Any = None):
         params = dict(module.named_parameters())
         for name, value in new_weights.items():
             check(name in params, f"the model has no parameter {name!r}")
@@ -38,7 +38,7 @@ class Edit:
         self._params = {name: params[name] for name in new_weights}
         self._new = {name: value.detach().to(params[name].dtype).clone() for name, value in new_weights.items()}
         self._old = {name: params[name].detach().clone() for name in new_weights}
-        self.info: dict[str, Any] = dict(info or {})
+        self.info = info  # an editing.info.EditInfo from tracekit's editors
         self.applied = False
 
     @property

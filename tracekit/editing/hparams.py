@@ -1,16 +1,18 @@
-"""ROME and MEMIT hyperparameters: typed dataclasses and named presets.
+"""ROME and MEMIT hyperparameters: typed dataclasses (the presets are in ``editing.presets``).
 
-Values: the public ROME/MEMIT configurations (Meng et al. 2022a/b) for GPT-J and GPT2-XL,
-the per-problem values of Hase et al. 2023's appendix (tuned on GPT-J so the rewrite score
-stays <= 99%), and a preset for the bundled SmolLM2-135M. Layers are 0-based.
-FT's hyperparameters live in ``tracekit.editing.finetune``.
+Defaults follow the public code (kmeng01/rome, kmeng01/memit), which produced the published
+numbers; each convention where the paper's equations or earlier tracekit differ is a named
+field (docs/fidelity.md gives each one's measured effect). ``LEGACY`` holds the values that
+reproduce tracekit 0.1's editors. Layers are 0-based.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from tracekit.errors import TracekitError, check
+from tracekit.errors import check
+
+V_STOP_ON = ("loss", "nll", None)
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,17 @@ class KeyValueHyperParams:
     clamp_norm_factor: float = 4.0  # |delta| <= factor x |reference value|
     kl_factor: float = 0.0625  # KL on kl_prompt's next-token distribution at the subject's last token
     kl_prompt: str = "{} is a"
-    v_stop_nll: float | None = 0.05  # stop early once the target NLL is below this (maximising only)
+    # conventions of the public code (kmeng01/rome, kmeng01/memit); the alternatives are documented
+    value_reference: str = "first-row"  # clamp radius, weight decay and v*'s base: the bare prompt's value
+    #                                     ("first-row", public code) or the mean over templates ("mean")
+    v_stop_on: str | None = "loss"  # stop once this < v_stop_below: the total "loss" (public code), the "nll"
+    #                                 (tracekit 0.1), or None (never: the paper's code, whose patience counter resets)
+    v_stop_below: float = 0.05
+    v_final_step: bool = False  # False: v_num_grad_steps passes, an Adam step after each but the last (public code)
+    erasure_objective: str = "probability"  # Fact Erasure minimises exp(-NLL) (the paper's code) or -NLL ("log-probability")
+    # Fact Erasure in the paper's code never stops early; its ROME steps after every pass, its MEMIT
+    # not after the last one (an extra unconditional break)
+    erasure_final_step: bool = True
     # context templates: (tokens, count) pairs sampled from the model, plus the bare prompt
     context_lengths: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))
     context_seed: int = 0
@@ -47,6 +59,10 @@ class KeyValueHyperParams:
         check("{}" in self.kl_prompt, f"kl_prompt {self.kl_prompt!r} needs a '{{}}' for the subject")
         check(self.mom2_n_samples >= 1 and self.mom2_sample_tokens >= 1, "mom2_n_samples and mom2_sample_tokens must be >= 1")
         check(self.mom2_ridge >= 0, f"mom2_ridge must be >= 0, got {self.mom2_ridge}")
+        check(self.value_reference in ("first-row", "mean"), f"value_reference must be 'first-row' or 'mean', got {self.value_reference!r}")
+        check(self.v_stop_on in V_STOP_ON, f"v_stop_on must be 'loss', 'nll' or None, got {self.v_stop_on!r}")
+        check(self.erasure_objective in ("probability", "log-probability"),
+              f"erasure_objective must be 'probability' or 'log-probability', got {self.erasure_objective!r}")
 
 
 @dataclass(frozen=True)
@@ -54,11 +70,26 @@ class ROMEHyperParams(KeyValueHyperParams):
     """ROME: one rank-one update of one down-projection."""
 
     stats_file: str | None = None  # use this statistics file for C (must match the model and layer)
+    # The update maps the bare prompt's own key k_p onto v*: (v* - W k_p - b)(C^-1 k*)^T / ((C^-1 k*)^T k_p)
+    # ("prompt", public code: the edited prompt receives exactly the new value), or the paper's equation
+    # (v* - W k* - b)(C^-1 k*)^T / ((C^-1 k*)^T k*) ("mean": W' k* = v*).
+    update_key: str = "prompt"
+    # How C^-1 k* is found: "float64" (a float64 solve, tracekit's) or "inverse" (the public code's
+    # arithmetic: torch.inverse of C in its own dtype (mom2_dtype), cast to float32, times k*). They
+    # differ by C's condition number x float32 rounding (1e-3 relative on the golden models).
+    mom2_solve: str = "float64"
     # tracekit's extension, off in every preset: map the key of each distinct subject tokenisation
     # among the templates to v* (a rank-g update), instead of their average (ROME), and weigh the
     # tokenisations equally in v*'s objective. It helps prompts that open with the subject, which
     # tokenises differently there (docs/replication/README.md).
     key_per_tokenisation: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.update_key in ("prompt", "mean"), f"update_key must be 'prompt' or 'mean', got {self.update_key!r}")
+        check(self.mom2_solve in ("float64", "inverse"), f"mom2_solve must be 'float64' or 'inverse', got {self.mom2_solve!r}")
+        check(not (self.mom2_solve == "inverse" and self.key_per_tokenisation),
+              "key_per_tokenisation solves in float64; use mom2_solve='float64'")
 
 
 @dataclass(frozen=True)
@@ -69,99 +100,32 @@ class MEMITHyperParams(KeyValueHyperParams):
     clip_window: bool = False  # True: cut the window at the model's edges instead of an error
     mom2_update_weight: float = 15000.0  # lambda in (lambda C + K K^T)
     clamp_to: str = "resid"  # the delta is clamped relative to the block output ("resid") or MLP output ("mlp")
+    # public MEMIT: k* = mean over context types of each type's mean key ("per-context-type": the bare
+    # prompt weighs 1/2 with one length of templates), and the current value at the top layer is the
+    # bare prompt's ("prompt"); tracekit 0.1 averaged both uniformly over templates ("uniform", "mean").
+    key_average: str = "per-context-type"
+    z_current: str = "prompt"
     v_num_grad_steps: int = 25
     clamp_norm_factor: float = 0.75
     context_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
+    erasure_final_step: bool = False
 
     def __post_init__(self):
         super().__post_init__()
         check(isinstance(self.window, int) and self.window >= 1, f"MEMIT window must be >= 1, got {self.window}")
         check(self.mom2_update_weight >= 0, f"mom2_update_weight must be >= 0, got {self.mom2_update_weight}")
         check(self.clamp_to in ("resid", "mlp"), f"clamp_to must be 'resid' or 'mlp', got {self.clamp_to!r}")
+        check(self.key_average in ("per-context-type", "uniform"),
+              f"key_average must be 'per-context-type' or 'uniform', got {self.key_average!r}")
+        check(self.z_current in ("prompt", "mean"), f"z_current must be 'prompt' or 'mean', got {self.z_current!r}")
 
 
-# ---- presets ------------------------------------------------------------------------
-_PUBLIC = "public ROME/MEMIT configuration"
-_SMOLLM2_LAYER = 3  # see SMOLLM2_NOTE
-_SMOLLM2_STATS = dict(mom2_n_samples=256, mom2_sample_tokens=128, mom2_ridge=1e-3)
-
-ROME_PRESETS: dict[str, ROMEHyperParams] = {
-    "gpt-j-6b": ROMEHyperParams(layer=5, source=f"{_PUBLIC}, GPT-J"),
-    "gpt2-xl": ROMEHyperParams(layer=17, source=f"{_PUBLIC}, GPT2-XL"),
-    # Hase et al. 2023, appendix: ROME's KL weight tuned to 1 for Error Injection on GPT-J,
-    # 25 v* steps for Fact Forcing (both problems at the paper's default layer 6, 0-based 5).
-    "gpt-j-6b/error-injection": ROMEHyperParams(layer=5, kl_factor=1.0, source="paper appendix, GPT-J Error Injection"),
-    "gpt-j-6b/fact-forcing": ROMEHyperParams(layer=5, v_num_grad_steps=25, source="paper appendix, GPT-J Fact Forcing"),
-    "smollm2-135m": ROMEHyperParams(layer=_SMOLLM2_LAYER, **_SMOLLM2_STATS, source="tracekit, SmolLM2-135M (see SMOLLM2_NOTE)"),
-    # the paper's reason for 25 v* steps under the subject noise holds for any model
-    "smollm2-135m/fact-forcing": ROMEHyperParams(layer=_SMOLLM2_LAYER, v_num_grad_steps=25, **_SMOLLM2_STATS,
-                                                 source="tracekit, SmolLM2-135M, Fact Forcing (25 steps as the paper)"),
-    "generic": ROMEHyperParams(mom2_n_samples=1000, mom2_sample_tokens=128, mom2_ridge=1e-3,
-                               source=f"{_PUBLIC} with CPU-sized statistics (unknown model)"),
+# tracekit 0.1's conventions (before issue 12), for comparisons: dataclasses.replace(hp, **LEGACY[...]).
+LEGACY = {
+    "rome": dict(value_reference="mean", update_key="mean", v_stop_on="nll", v_final_step=True,
+                 erasure_objective="log-probability"),
+    "memit": dict(value_reference="mean", key_average="uniform", z_current="mean", v_stop_on="nll", v_final_step=True,
+                  erasure_objective="log-probability", erasure_final_step=True),
 }
-MEMIT_PRESETS: dict[str, MEMITHyperParams] = {
-    # public MEMIT: GPT-J layers 3-8, GPT2-XL 13-17; the paper edits 5 layers centred on the edit layer
-    "gpt-j-6b": MEMITHyperParams(layer=5, mom2_update_weight=15000.0, source=f"{_PUBLIC}, GPT-J (5-layer window)"),
-    "gpt2-xl": MEMITHyperParams(layer=15, v_num_grad_steps=20, mom2_update_weight=20000.0, source=f"{_PUBLIC}, GPT2-XL"),
-    "gpt-j-6b/error-injection": MEMITHyperParams(layer=5, kl_factor=0.9, source="paper appendix, GPT-J Error Injection"),
-    "smollm2-135m": MEMITHyperParams(layer=_SMOLLM2_LAYER, mom2_update_weight=1500.0, **_SMOLLM2_STATS,
-                                     source="tracekit, SmolLM2-135M (see SMOLLM2_NOTE)"),
-    "generic": MEMITHyperParams(mom2_n_samples=1000, mom2_sample_tokens=128, mom2_ridge=1e-3,
-                                source=f"{_PUBLIC} with CPU-sized statistics (unknown model)"),
-}
-# GPT-J Fact Forcing for MEMIT: "default parameters (already set to 25 steps)".
-
-SMOLLM2_NOTE = """How the SmolLM2-135M presets were chosen (bundled model, float32, CPU).
-
-Layer 3 (0-based), as ROME chose GPT-J's: the MLP tracing effect at the last subject token,
-averaged over facts the model knows, is largest there. ``benchmarks/rome_layer.py``: 40
-hand-written facts (known_1000-style prompts), 19 kept where the model's top-1 next token
-is the object's first token; ``tracekit.trace(kind="mlp", window=10, samples=10,
-noise="s3", seed=0, tokens="subject_last")``; effect = fraction restored, clipped at 0.
-Mean effect by layer 0..9: 0.704 0.730 0.728 0.761 0.757 0.744 0.345 0.344 0.343 0.320,
-then falling to 0.003 at layer 29 (benchmarks/results/rome_layer_smollm2-135m.json).
-Layer 4 is within 0.004 of layer 3, and the unnormalised indirect effect
-(p_restore - p_noise) peaks at 4 (0.368 vs 0.364): the curve is a plateau over layers 0-5
-(every window of 10 centred there contains layer 0's MLP) that drops at layer 6. ROME on
-"The mother tongue of Danielle Darrieux is" -> " English" gives rewrite / paraphrase /
-neighbourhood scores 0.981 / 0.796 / 0.998 at layer 3 and 0.984 / 0.688 / 0.993 at 4.
-
-Key statistics: no text corpus is shipped, so C comes from 256 samples of 128 tokens
-(32,768 keys, about 21 x d_mlp = 1536) sampled from the model itself (top-k 40, seed 0);
-C's smallest eigenvalue at layer 3 is 0.18 x its mean, so the small ridge (1e-3 x the mean
-eigenvalue) only guards against a corpus that leaves directions unseen. With 64 samples
-the Darrieux scores move by < 0.01.
-
-MEMIT: lambda (mom2_update_weight) = 1500, GPT-J's 15000 scaled by d_mlp (1536 / 16384)
-because k^T C^-1 k grows with d_mlp; on the Darrieux edit (window centred on layer 4)
-lambda = 15000 / 1500 / 500 give rewrite 0.746 / 0.939 / 0.936. Other values: public."""
 
 
-def _family(model) -> str:
-    shape = (model.adapter.name, model.n_layers, model.d_model)
-    return {("gptj", 28, 4096): "gpt-j-6b", ("gpt2", 48, 1600): "gpt2-xl", ("llama", 30, 576): "smollm2-135m"}.get(shape, "generic")
-
-
-def _preset(table: dict, kind: str, model_or_family, problem: str | None):
-    family = model_or_family if isinstance(model_or_family, str) else _family(model_or_family)
-    problem = None if problem is None else str(getattr(problem, "value", problem))
-    if problem is not None and f"{family}/{problem}" in table:
-        return table[f"{family}/{problem}"]
-    if family in table:
-        return table[family]
-    raise TracekitError(f"no {kind} preset {family!r}; choose one of {', '.join(k for k in table if '/' not in k)}")
-
-
-def rome_preset(model_or_family, problem: str | None = None) -> ROMEHyperParams:
-    """ROME hyperparameters for a model (or family name) and an editing problem."""
-    return _preset(ROME_PRESETS, "ROME", model_or_family, problem)
-
-
-def memit_preset(model_or_family, problem: str | None = None) -> MEMITHyperParams:
-    """MEMIT hyperparameters for a model (or family name) and an editing problem."""
-    return _preset(MEMIT_PRESETS, "MEMIT", model_or_family, problem)
-
-
-def with_overrides(hparams, **changes):
-    """A copy with some fields changed (validated again)."""
-    return replace(hparams, **changes)

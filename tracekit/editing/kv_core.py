@@ -1,31 +1,31 @@
 """The key/value core shared by ROME and MEMIT.
 
 - Rows: the edit prompt behind every context template, followed by the target's tokens
-  but the last (teacher forcing), plus the KL prompt "{subject} is a".
-- Keys: the down-projection input at the last subject token (``Site("mlp_in", l)``),
-  averaged over the templates: k*.
+  but the last (teacher forcing), plus the KL prompt "{subject} is a". Row 0 is the bare
+  prompt (template "{}").
+- Keys: the down-projection input at the last subject token (``Site("mlp_in", l)``).
 - The target value: a delta added at the last subject token to the output of block l
-  (which is where the MLP's output enters the residual stream: adding to the MLP output or
-  to the block output is the same thing, as the MLP is the last term of every block),
-  optimised by Adam on NLL(target) over all templates + kl_factor x KL(new || original) of
-  the next-token distribution at the KL prompt's last subject token (where the public ROME
-  code takes it; the delta is added there too) + weight decay, its norm clamped to
-  clamp_norm_factor x |reference|.
-- The update: dW = R (lambda I + K^T C^-1 K)^-1 (C^-1 K)^T, in (out, in) orientation. With
-  lambda = 0 and one key this is ROME's rank-one update; with lambda = mom2_update_weight it
-  is MEMIT's (lambda C + K K^T)^-1 K solve, rewritten so that lambda = 0 stays well defined.
+  (where the MLP's output enters the residual stream: adding to the MLP output or to the
+  block output is the same thing, the MLP being the last term of every block), optimised
+  by Adam on NLL(target) over all templates + kl_factor x KL(new || original) of the
+  next-token distribution at the KL prompt's last subject token + weight decay
+  v_weight_decay x |delta| / |reference|^2, |delta| clamped to clamp_norm_factor x |reference|.
+  As in the public ROME/MEMIT code, the reference is the value at row 0 (the bare
+  prompt) in the first forward pass; the loop runs ``v_num_grad_steps`` forward passes and
+  steps after each but the last, and stops early once the total loss < 5e-2
+  (``hparams.KeyValueHyperParams`` names the other conventions).
+- The update: dW = R (lambda I + K^T C^-1 K)^-1 (C^-1 K)^T, in (out, in) orientation; with
+  lambda = 0 and one key this is ROME's rank-one update, with lambda = mom2_update_weight
+  MEMIT's (lambda C + K K^T)^-1 K solve, rewritten so that lambda = 0 stays defined.
 
-Cost (``engine="blocks"``, any model whose blocks ``BlockDriver`` can drive): one pass
-without gradients runs every row through blocks 0..l and keeps block l's output. The
-positions before each row's last subject token s_i cannot see the delta (causal
-attention), so their keys/values in blocks l+1.. are computed once, also without
-gradients. Each optimisation step then runs one batch holding, for every row, only
-positions s_i up to its last scored position (a ragged batch: per-row positions and masks
-over the shared prefix) through blocks l+1.., with logits only at the positions that score
-the target and the KL prompt.
-``engine="hooks"`` is the plain reference: whole forward passes through
-``Model.run`` with a ``Site("mlp", l)`` hook adding the delta (used where blocks cannot be
-driven, e.g. the TransformerLens bridge, and by the tests).
+Engines. ``"blocks"`` (any model whose blocks ``BlockDriver`` can drive): one pass without
+gradients runs every row through blocks 0..l; the positions before each row's last subject
+token s_i cannot see the delta (causal attention), so their keys/values in blocks l+1.. are
+computed once; each step runs one ragged batch holding, for every row, only positions s_i up
+to its last scored position through blocks l+1.., with logits only where they are scored.
+``"hooks"``: whole forward passes through ``Model.run`` with a ``Site("mlp", l)`` hook adding
+the delta; used where blocks cannot be driven (TransformerLens bridge), and for subject noise
+drawn afresh for every pass (the paper code's Fact Forcing), where nothing can be reused.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ from tracekit import prompts as P
 from tracekit.adapters import Site
 from tracekit.adapters.blocks import BlockDriver, Positions
 from tracekit.editing.request import EditRequest
+from tracekit.editing.subject_noise import as_subject_noise
 from tracekit.errors import check
+from tracekit.tracing.noise import spans_noise_hook
 
 
 # ---- rows ---------------------------------------------------------------------------
@@ -47,11 +49,13 @@ class EditRows:
     input_ids: torch.Tensor  # [R, T] right-padded; rows 0..n_templates-1 are templates, then the KL row
     lengths: torch.Tensor  # [R]
     subject_last: torch.Tensor  # [R] position of each row's last subject token
+    spans: tuple[tuple[int, int], ...]  # [R] each row's subject span
     target_ids: torch.Tensor  # [m]
     target_pos: torch.Tensor  # [n_templates, m] positions whose logits score the target tokens
     n_templates: int
-    noise: torch.Tensor | None  # [R, T, d] added to the token embeddings (Fact Forcing), or None
+    noise: object | None  # a SubjectNoise (Fact Forcing), or None
     subject_tokens: tuple[tuple[int, ...], ...] = ()  # each template row's subject token ids
+    groups: tuple[int, ...] = ()  # template rows per context type ("{}" first), for MEMIT's key average
 
     @property
     def has_kl(self) -> bool:
@@ -64,40 +68,44 @@ def _subject_span(tokenizer, text: str, subject: str, after: int) -> tuple[int, 
     return P.subject_span(tokenizer, text, subject, occurrence)
 
 
-def build_rows(model, request: EditRequest, templates: list[str], kl_prompt: str | None) -> EditRows:
+def flatten_templates(templates) -> tuple[list[str], tuple[int, ...]]:
+    """Templates as a flat list and the size of each context type.
+
+    Groups are given as a list of lists (MEMIT's form: [["{}"], [...]]); a flat list is read
+    as the bare prompt (its first entry) followed by one group of the rest."""
+    templates = list(templates)
+    check(len(templates) > 0, "no context templates")
+    if all(isinstance(t, str) for t in templates):
+        return templates, tuple(x for x in (1, len(templates) - 1) if x)
+    groups = [list(g) for g in templates]
+    check(all(g and all(isinstance(t, str) for t in g) for g in groups), "context template groups must be lists of str")
+    return [t for g in groups for t in g], tuple(len(g) for g in groups)
+
+
+def build_rows(model, request: EditRequest, templates, kl_prompt: str | None) -> EditRows:
+    templates, groups = flatten_templates(templates)
     tok = model.tokenizer
     target = model.target_ids(request.target)
-    rows, last, starts, ends, target_pos, subject_tokens = [], [], [], [], [], []
+    rows, spans, target_pos, subject_tokens = [], [], [], []
     for template in templates:
         check("{}" in template, f"context template {template!r} has no '{{}}'")
         at = template.index("{}")
         text = template[:at] + request.text + template[at + 2:]
-        start, end = _subject_span(tok, text, request.subject, at + request.prompt.index("{}"))
+        span = _subject_span(tok, text, request.subject, at + request.prompt.index("{}"))
         prompt_ids = P.token_ids(tok, text)
         rows.append(prompt_ids + target[:-1])
-        starts.append(start), ends.append(end), last.append(end - 1)
-        subject_tokens.append(tuple(prompt_ids[start:end]))
+        spans.append(span)
+        subject_tokens.append(tuple(prompt_ids[span[0]:span[1]]))
         target_pos.append([len(prompt_ids) - 1 + j for j in range(len(target))])
     n_templates = len(rows)
     if kl_prompt is not None:
         text = kl_prompt.format(request.subject)
-        start, end = _subject_span(tok, text, request.subject, kl_prompt.index("{}"))
+        spans.append(_subject_span(tok, text, request.subject, kl_prompt.index("{}")))
         rows.append(P.token_ids(tok, text))
-        starts.append(start), ends.append(end), last.append(end - 1)
     batch = P.pad(rows, tok.pad_token_id)
-    noise = None
-    if request.noise is not None:
-        check(request.noise.dim() == 2 and request.noise.shape[1] == model.d_model,
-              f"subject noise must be [n_subject_tokens, {model.d_model}], got {tuple(request.noise.shape)}")
-        noise = torch.zeros(*batch.input_ids.shape, model.d_model)
-        n = request.noise.shape[0]
-        for row, (start, end) in enumerate(zip(starts, ends)):
-            # A subject that tokenises into a different number of pieces here (e.g. at the very
-            # start of the KL prompt, without its leading space): align the noise to its end.
-            k = min(n, end - start)
-            noise[row, end - k:end] = request.noise[n - k:].float()
-    return EditRows(batch.input_ids, batch.lengths, torch.tensor(last), torch.tensor(target),
-                    torch.tensor(target_pos), n_templates, noise, tuple(subject_tokens))
+    noise = as_subject_noise(model, request)
+    return EditRows(batch.input_ids, batch.lengths, torch.tensor([e - 1 for _, e in spans]), tuple(spans),
+                    torch.tensor(target), torch.tensor(target_pos), n_templates, noise, tuple(subject_tokens), groups)
 
 
 def tokenisation_groups(rows: EditRows) -> list[list[int]]:
@@ -126,32 +134,74 @@ def weights_by_tokenisation(rows: EditRows) -> torch.Tensor:
     return weights
 
 
-def _noise_edits(rows: EditRows, dtype, n_rows: int | None = None) -> dict:
-    """The subject noise of the first ``n_rows`` rows (all by default) as an embedding hook."""
-    if rows.noise is None:
-        return {}
-    noise = rows.noise[:n_rows]
-    return {Site("embed"): lambda h: h + noise.to(h.device, dtype)}
+def average_keys(keys: torch.Tensor, groups: tuple[int, ...], how: str) -> torch.Tensor:
+    """k* from the template rows' keys: "uniform" (ROME's compute_u) or "per-context-type"
+    (MEMIT's compute_ks: the mean of each context type's mean, so the bare prompt weighs as
+    much as all sampled templates of one length together)."""
+    if how == "uniform":
+        return keys.mean(0)
+    check(how == "per-context-type", f"unknown key average {how!r}; choose uniform or per-context-type")
+    check(sum(groups) == keys.shape[0], f"context groups {groups} do not cover {keys.shape[0]} template rows")
+    return torch.stack([chunk.mean(0) for chunk in torch.split(keys, list(groups))]).mean(0)
+
+
+# ---- subject noise inside edit passes ----------------------------------------------------------
+class NoisePasses:
+    """The subject noise of one edit, pass by pass (one stream per edit, as the paper's code)."""
+
+    def __init__(self, rows: EditRows, d_model: int):
+        self.rows = rows
+        self.noise = rows.noise
+        self.source = None if self.noise is None else self.noise.source(d_model)
+
+    @property
+    def fresh(self) -> bool:
+        return self.noise is not None and self.noise.fresh_per_pass
+
+    def edits(self, row_index) -> dict:
+        """The embedding hook for a pass over rows ``row_index`` (draws from the stream)."""
+        if self.noise is None:
+            return {}
+        spans = [self.rows.spans[i] for i in row_index]
+        spans, draws, align = self.noise.edit_plan(self.source, spans)
+        return {Site("embed"): spans_noise_hook(spans, draws, align)}
+
+    def suspended(self):
+        """Draws made inside this block leave the stream where it was (extra passes for reporting)."""
+        return _Suspended(self.source)
+
+
+class _Suspended:
+    def __init__(self, source):
+        self.source = source
+
+    def __enter__(self):
+        self.state = None if self.source is None or not hasattr(self.source, "state") else self.source.state()
+
+    def __exit__(self, *exc):
+        if self.state is not None:
+            self.source.restore(self.state)
 
 
 # ---- states at the last subject token ---------------------------------------------------------
 @torch.no_grad()
-def subject_states(model, rows: EditRows, sites: list[Site]) -> dict[Site, torch.Tensor]:
-    """Each site's value at every template row's last subject token: {site: [n_templates, d]}."""
-    ids = rows.input_ids[: rows.n_templates]
-    captured = _run_prefix(model, ids, rows, sites, max(s.layer for s in sites))[1]
-    index = torch.arange(rows.n_templates)
-    return {site: value[index, rows.subject_last[: rows.n_templates]].float() for site, value in captured.items()}
+def subject_states(model, rows: EditRows, sites: list[Site], row_index=None,
+                   noise: NoisePasses | None = None) -> dict[Site, torch.Tensor]:
+    """Each site's value at the last subject token of rows ``row_index`` (default: the template
+    rows), from one forward pass over those rows alone: {site: [len(row_index), d]}."""
+    row_index = list(range(rows.n_templates)) if row_index is None else list(row_index)
+    ids = rows.input_ids[row_index]
+    width = int(rows.lengths[row_index].max())
+    edits = noise.edits(row_index) if noise is not None else {}
+    out = model.run(ids[:, :width], edits=edits, capture=sites, positions=torch.zeros(len(row_index), dtype=torch.long))
+    index = torch.arange(len(row_index))
+    last = rows.subject_last[row_index]
+    return {site: value[index, last.to(value.device)].float() for site, value in out.captured.items()}
 
 
-def _run_prefix(model, ids, rows, sites, last_layer):
-    """Blocks 0..last_layer without gradients; captures ``sites`` (whole tensors)."""
+def _run_prefix(model, rows: EditRows, sites, last_layer, noise: NoisePasses):
+    """Blocks 0..last_layer over every row without gradients; captures ``sites`` (whole tensors)."""
     driver = BlockDriver(model.hf, model.adapter)
-    dtype = next(model.hf.parameters()).dtype
-    edits = _noise_edits(rows, dtype, ids.shape[0])
-    if driver.unsupported_reason() is not None:
-        out = model.run(ids, edits=edits, capture=sites, positions=torch.zeros(ids.shape[0], dtype=torch.long))
-        return None, out.captured
     captured: dict[Site, torch.Tensor] = {}
     handles = []
     for site in sites:
@@ -162,8 +212,8 @@ def _run_prefix(model, ids, rows, sites, last_layer):
             handles.append(module.register_forward_hook(
                 lambda m, a, o, s=site: captured.__setitem__(s, o[0] if isinstance(o, tuple) else o)))
     try:
-        hidden = driver.block0_input(ids, edits)
-        pos = driver.positions(0, ids.shape[1], hidden)
+        hidden = driver.block0_input(rows.input_ids, noise.edits(range(rows.input_ids.shape[0])))
+        pos = driver.positions(0, rows.input_ids.shape[1], hidden)
         for layer in range(last_layer + 1):
             hidden, _ = driver.block(layer, hidden, pos)
     finally:
@@ -185,37 +235,50 @@ def ragged_positions(driver: BlockDriver, starts: torch.Tensor, width: int, pref
     return driver.make_positions(ids, allowed, like)
 
 
+@dataclass(frozen=True)
+class SubjectValues:
+    """The template rows' states at the last subject token in the first (delta = 0) pass."""
+
+    keys: torch.Tensor  # [n, d_in] down-projection inputs
+    mlp_out: torch.Tensor  # [n, d_model] MLP outputs
+    resid: torch.Tensor  # [n, d_model] block outputs
+
+
 class ValueObjective:
-    """NLL of the target and KL on the KL prompt as functions of the delta at block ``layer``."""
+    """NLL of the target and KL on the KL prompt as functions of the delta at block ``layer``.
+
+    The first call (at delta = 0; one is made first if need be) records ``initial`` (the template
+    rows' key, MLP output and block output at the last subject token) and the KL prompt's
+    original distribution, as the public code records target_init and kl_distr_init."""
 
     def __init__(self, model, rows: EditRows, layer: int, engine: str = "auto",
-                 template_weights: torch.Tensor | None = None):
+                 template_weights: torch.Tensor | None = None, noise: NoisePasses | None = None):
         """``template_weights`` [n_templates], summing to 1: weigh the templates' NLL (default: equally)."""
         self.model, self.rows, self.layer = model, rows, layer
         self.template_weights = template_weights
+        self.noise = noise if noise is not None else NoisePasses(rows, model.d_model)
         self.driver = BlockDriver(model.hf, model.adapter)
+        reason = self.driver.unsupported_reason()
+        if self.noise.fresh:
+            reason = reason or "the subject noise is drawn afresh for every pass"
         if engine == "auto":
-            engine = "blocks" if self.driver.unsupported_reason() is None else "hooks"
+            engine = "blocks" if reason is None else "hooks"
         check(engine in ("blocks", "hooks"), f"unknown engine {engine!r}; choose blocks or hooks")
-        check(engine == "hooks" or self.driver.unsupported_reason() is None,
-              f"the blocks engine cannot drive this model: {self.driver.unsupported_reason()}")
+        check(engine == "hooks" or reason is None, f"the blocks engine cannot run this edit: {reason}")
         self.engine = engine
-        n = rows.n_templates
-        sites = [Site("mlp_in", layer), Site("mlp", layer), Site("resid", layer)]
-        with torch.no_grad():
-            hidden, captured = _run_prefix(model, rows.input_ids, rows, sites, layer)
-        index = torch.arange(n)
-        at = rows.subject_last[:n]
-        self.keys = captured[sites[0]][index, at].float()  # [n, d_in]
-        self.mlp_out = captured[sites[1]][index, at].float()  # [n, d_model]
-        self.resid = captured[sites[2]][index, at].float()
-        self.dtype = captured[sites[2]].dtype
+        self.initial: SubjectValues | None = None
+        self.kl_init: torch.Tensor | None = None
+        self.calls = 0
         if engine == "blocks":
+            sites = [Site("mlp_in", layer), Site("mlp", layer), Site("resid", layer)]
+            with torch.no_grad():
+                hidden, captured = _run_prefix(model, rows, sites, layer, self.noise)
+            index, at = torch.arange(rows.n_templates), rows.subject_last[: rows.n_templates]
+            self.initial = SubjectValues(*(captured[s][index, at.to(captured[s].device)].float() for s in sites))
+            self.dtype = hidden.dtype
             self._prepare_suffix(hidden)
-        with torch.no_grad():
-            self.kl_init = self._logits(torch.zeros(model.d_model, device=self.resid.device))[1]
-            if self.kl_init is not None:
-                self.kl_init = torch.log_softmax(self.kl_init.float(), -1)
+        else:
+            self.dtype = next(model.hf.parameters()).dtype
 
     # -- blocks engine -------------------------------------------------------------------
     @torch.no_grad()
@@ -256,7 +319,7 @@ class ValueObjective:
         kl = self.driver.unembed(self.driver.norm(x[n, 0])) if rows.has_kl else None
         return logits, kl
 
-    # -- hooks engine (reference) ---------------------------------------------------------------
+    # -- hooks engine ---------------------------------------------------------------------------
     def _hooks_logits(self, delta: torch.Tensor):
         rows, n = self.rows, self.rows.n_templates
         index = torch.arange(rows.input_ids.shape[0])
@@ -266,19 +329,26 @@ class ValueObjective:
             bump[index.to(h.device), rows.subject_last.to(h.device)] = delta.to(h.device, h.dtype)
             return h + bump
 
-        edits = {**_noise_edits(rows, self.dtype), Site("mlp", self.layer): add_delta}
-        out = self.model.run(rows.input_ids, edits=edits, grad=torch.is_grad_enabled())
+        sites = [Site("mlp_in", self.layer), Site("mlp", self.layer), Site("resid", self.layer)]
+        edits = {**self.noise.edits(range(len(index))), Site("mlp", self.layer): add_delta}
+        out = self.model.run(rows.input_ids, edits=edits, grad=torch.is_grad_enabled(),
+                             capture=sites if self.initial is None else ())
+        if self.initial is None:  # delta = 0 here: the captured values are the original ones
+            at = rows.subject_last[:n]
+            self.initial = SubjectValues(*(out.captured[s][torch.arange(n), at.to(out.captured[s].device)]
+                                           .detach().float() for s in sites))
         logits = out.logits[torch.arange(n)[:, None], rows.target_pos]
         kl = out.logits[n, rows.subject_last[n]] if rows.has_kl else None
         return logits, kl
 
-    def _logits(self, delta):
-        return self._blocks_logits(delta) if self.engine == "blocks" else self._hooks_logits(delta)
-
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL of the target tokens per template, averaged over templates (or weighted by
         ``template_weights``); KL(new || original))."""
-        logits, kl_logits = self._logits(delta)
+        if self.calls == 0 and bool(delta.detach().any()):  # record the originals at delta = 0 first
+            with torch.no_grad():
+                self(torch.zeros_like(delta.detach()))
+        self.calls += 1
+        logits, kl_logits = self._blocks_logits(delta) if self.engine == "blocks" else self._hooks_logits(delta)
         logp = torch.log_softmax(logits.float(), -1)
         target = self.rows.target_ids.to(logp.device)
         token_logp = logp.gather(-1, target.expand(logp.shape[0], -1)[..., None])[..., 0]
@@ -290,6 +360,8 @@ class ValueObjective:
         kl = torch.zeros((), device=logp.device)
         if kl_logits is not None:
             new = torch.log_softmax(kl_logits.float(), -1)
+            if self.kl_init is None:
+                self.kl_init = new.detach()
             kl = (new.exp() * (new - self.kl_init)).sum()
         return nll, kl
 
@@ -298,53 +370,79 @@ class ValueObjective:
 @dataclass
 class ValueResult:
     delta: torch.Tensor
-    reference_norm: float
-    trace: list[dict[str, float]]  # per step: loss, nll, kl, weight decay, |delta|
+    reference: torch.Tensor  # the value the clamp radius and the weight decay are sized on
+    trace: list[dict[str, float]]  # per forward pass: loss, nll, kl, weight decay, |delta|
     final_nll: float
+    steps: int  # optimiser steps taken
+
+    @property
+    def reference_norm(self) -> float:
+        return float(self.reference.norm())
 
 
-def optimize_value(objective: ValueObjective, reference: torch.Tensor, hp, minimize: bool = False) -> ValueResult:
-    """Adam on the delta (see module doc). ``hp``: a KeyValueHyperParams."""
-    ref_norm = float(reference.norm())
-    max_norm = hp.clamp_norm_factor * ref_norm
-    delta = torch.zeros(reference.shape[-1], device=reference.device, requires_grad=True)
+def optimize_value(objective: ValueObjective, hp, minimize: bool = False, reference_site: str = "mlp") -> ValueResult:
+    """Adam on the delta (module doc). ``hp``: a KeyValueHyperParams. ``reference_site``:
+    "mlp" (ROME: the MLP output) or "resid" (MEMIT: the block output) sizes the clamp."""
+    model = objective.model
+    delta = torch.zeros(model.d_model, device=model.device, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-    trace = []
-    for step in range(hp.v_num_grad_steps):
+    probability = minimize and hp.erasure_objective == "probability"
+    trace, steps, reference = [], 0, None
+    for it in range(hp.v_num_grad_steps):
         nll, kl = objective(delta)
-        # The public ROME/MEMIT objective's weight decay: |delta| / |reference|^2 (not squared).
-        decay = hp.v_weight_decay * delta.norm() / max(ref_norm, 1e-12) ** 2
-        loss = (-nll if minimize else nll) + hp.kl_factor * kl + decay
-        trace.append({"step": step, "loss": float(loss.detach()), "nll": float(nll.detach()), "kl": float(kl.detach()),
+        if reference is None:
+            values = getattr(objective.initial, "mlp_out" if reference_site == "mlp" else "resid")
+            reference = values[0] if hp.value_reference == "first-row" else values.mean(0)
+            reference = reference.to(delta.device)
+            ref_norm = float(reference.norm())
+        target_term = torch.exp(-nll) if probability else (-nll if minimize else nll)
+        decay = hp.v_weight_decay * delta.norm() / max(ref_norm, 1e-30) ** 2
+        loss = target_term + hp.kl_factor * kl + decay
+        trace.append({"step": it, "loss": float(loss.detach()), "nll": float(nll.detach()), "kl": float(kl.detach()),
                       "decay": float(decay.detach()), "delta_norm": float(delta.detach().norm())})
-        if not minimize and hp.v_stop_nll is not None and float(nll.detach()) < hp.v_stop_nll:
+        last = it == hp.v_num_grad_steps - 1
+        if not minimize:
+            watched = {"loss": trace[-1]["loss"], "nll": trace[-1]["nll"]}.get(hp.v_stop_on)
+            if watched is not None and watched < hp.v_stop_below:
+                break
+            if last and not hp.v_final_step:
+                break
+        elif last and not hp.erasure_final_step:  # the paper's Fact Erasure code never stops early
             break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        steps += 1
         with torch.no_grad():
+            max_norm = hp.clamp_norm_factor * ref_norm
             norm = delta.norm()
             if norm > max_norm:
                 delta.mul_(max_norm / norm)
-    with torch.no_grad():
-        final_nll = float(objective(delta)[0])
-    return ValueResult(delta.detach().clone(), ref_norm, trace, final_nll)
+    if steps < len(trace):  # the last pass saw the final delta
+        final_nll = trace[-1]["nll"]
+    else:
+        with torch.no_grad(), objective.noise.suspended():
+            final_nll = float(objective(delta)[0])
+    return ValueResult(delta.detach().clone(), reference, trace, final_nll, steps)
 
 
 def solve_update(C: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, lam: float = 0.0,
-                 ridge: float = 0.0) -> torch.Tensor:
-    """dW [d_out, d_in] = R (lam I + K^T A^-1 K)^-1 (A^-1 K)^T, A = C + ridge x mean eigenvalue x I.
+                 ridge: float = 0.0, denominator_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """dW [d_out, d_in] = R (lam I + D^T A^-1 K)^-1 (A^-1 K)^T, A = C + ridge x mean eigenvalue x I.
 
-    ``keys`` [d_in, n], ``residuals`` [d_out, n]. lam = 0, n = 1: ROME's
-    (v* - W k*)(C^-1 k*)^T / ((C^-1 k*)^T k*). lam > 0: MEMIT's R ((lam C + K K^T)^-1 K)^T.
-    Solved in float64.
+    ``keys`` K [d_in, n], ``residuals`` R [d_out, n]; D = ``denominator_keys`` (default K).
+    lam = 0, n = 1: ROME's (v* - W k* - b)(C^-1 k*)^T / ((C^-1 k*)^T k*), or with D = k_p
+    the public code's (v* - W k_p - b)(C^-1 k*)^T / ((C^-1 k*)^T k_p). lam > 0: MEMIT's
+    R ((lam C + K K^T)^-1 K)^T. Solved in float64.
     """
     A = C.double()
     if ridge:
         A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     K = keys.double().to(A.device)
+    D = K if denominator_keys is None else denominator_keys.double().to(A.device)
     AK = torch.linalg.solve(A, K)
-    M = lam * torch.eye(K.shape[1], dtype=A.dtype, device=A.device) + K.T @ AK
+    M = lam * torch.eye(K.shape[1], dtype=A.dtype, device=A.device) + D.T @ AK
+    check(bool(torch.isfinite(M).all()), "the key statistics give a non-finite update; check C and the key")
     return (residuals.double().to(A.device) @ torch.linalg.solve(M, AK.T)).float()
 
 

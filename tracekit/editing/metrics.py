@@ -2,12 +2,22 @@
 
 The score formulas are pure functions over probabilities (tests feed hand-computed
 numbers). ``evaluate_edit`` gathers the probabilities: every prompt of the point (edit
-prompt, paraphrases, neighbourhood prompts) x every object, plus the essence texts, in ONE
-batched pass before the edit and ONE after.
+prompt, paraphrases, neighbourhood prompts) x every object, in ONE batched pass before the
+edit and ONE after, plus the essence texts.
 
-Scoring rule (``SCORING_RULE``): p(o | prompt) is the probability of the object's FIRST
-token at the end of the prompt, as in the paper; the full object's mean per-token
-log-prob (teacher forced) is reported beside it for multi-token objects.
+Two scorings (``MetricsConfig.scoring``):
+- ``"paper-text"`` (default): the paper's definitions as its text states them: p(o | prompt) is
+  the probability of the object's FIRST token, the paraphrase and neighbourhood scores average
+  over every paraphrase and neighbourhood prompt, the neighbourhood score follows p(o_true).
+- ``"paper-code"``: what google/belief-localization's ``make_editing_results_df`` computes:
+  p is the probability of the whole object (" " + object, teacher forced), only the FIRST
+  paraphrase and neighbourhood prompt count, the neighbourhood score follows p(target) on it,
+  and the rewrite and paraphrase scores are floored at 2e-8 (raising) or 0 (erasure).
+The essence score is the paper code's in both: five texts sampled (top-k 5) from the unedited
+model given "{s} is a", 100 tokens each with the prompt, and the mean over texts of each text's
+perplexity exp(-sum log p / n_tokens) (the code divides by every token, the first included);
+essence = 1 - clip(ppl_after - ppl_before, 0, 5) / 5. Fact Forcing scores under the subject
+noise (``editing.subject_noise``; with the paper-code noise the essence texts are noised too).
 """
 
 from __future__ import annotations
@@ -26,11 +36,18 @@ from tracekit.editing.delta import Edit
 from tracekit.editing.logprobs import Query, text_query, token_logprobs
 from tracekit.editing.problems import EditSetup
 from tracekit.errors import check
+from tracekit.memo import model_memo, peek_memo
 
 SCORING_RULE = ("p(o|prompt) = probability of the object's first token after the prompt (paper); "
                 "full-object mean log-prob, teacher forced, reported alongside")
+SCORING_RULES = {
+    "paper-text": SCORING_RULE,
+    "paper-code": ("p(o|prompt) = probability of the whole object (paper code); first paraphrase and first "
+                   "neighbourhood prompt only; neighbourhood on p(target); rewrite/paraphrase floored at 2e-8 (0 erasing)"),
+}
 ESSENCE_PROMPT = "{} is a"
 ESSENCE_CAP = 5.0  # a perplexity rise of 5 or more is maximally bad
+RECOVERED_FLOOR = 2e-8  # make_editing_results_df: max(2e-8, recovered)
 
 
 # ---- pure formulas -----------------------------------------------------------------------
@@ -64,6 +81,20 @@ def essence_score(ppl_before: float, ppl_after: float) -> float:
 def perplexity(logprobs: Sequence[float]) -> float:
     """exp of the mean negative log-prob over the given tokens (pooled)."""
     return math.exp(-float(np.mean(logprobs))) if len(logprobs) else math.nan
+
+
+def text_perplexity(logprobs: Sequence[float]) -> float:
+    """The paper code's perplexity of one text from the log-probs of its tokens 2..n:
+    exp(-sum / n), n counting the first token too."""
+    return math.exp(-float(np.sum(logprobs)) / (len(logprobs) + 1))
+
+
+def paper_code_scores(p_before: float, p_after: float, minimize: bool) -> float:
+    """make_editing_results_df's rewrite/paraphrase score: erased share floored at 0 (erasure),
+    else recovered share floored at 2e-8."""
+    if minimize:
+        return max(0.0, (p_before - p_after) / p_before)
+    return max(RECOVERED_FLOOR, 1 - (1 - p_after) / (1 - p_before))
 
 
 def success_rate(p_win: Sequence[float], p_lose: Sequence[float]) -> float:
@@ -127,15 +158,22 @@ def compute_scores(before: Mapping[str, KindProbs], after: Mapping[str, KindProb
 # ---- gathering the probabilities ---------------------------------------------------------------
 @dataclass(frozen=True)
 class MetricsConfig:
+    scoring: str = "paper-text"  # "paper-text" or "paper-code" (module doc)
     essence: bool = True
     essence_samples: int = 5
     essence_top_k: int = 5
-    essence_new_tokens: int = 30
+    essence_max_tokens: int = 100  # tokens per essence text, the prompt included (the paper code's max_out_len)
+    essence_new_tokens: int | None = None  # instead: exactly this many sampled tokens (tracekit 0.1: 30)
+    essence_perplexity: str = "per-text"  # mean of per-text perplexities (paper code), or "pooled" (tracekit 0.1)
     seed: int = 0
 
     def __post_init__(self):
-        check(self.essence_samples >= 1 and self.essence_top_k >= 1 and self.essence_new_tokens >= 1,
-              "essence_samples, essence_top_k and essence_new_tokens must be >= 1")
+        check(self.scoring in SCORING_RULES, f"scoring must be one of {', '.join(SCORING_RULES)}, got {self.scoring!r}")
+        check(self.essence_samples >= 1 and self.essence_top_k >= 1 and self.essence_max_tokens >= 2,
+              "essence_samples and essence_top_k must be >= 1, essence_max_tokens >= 2")
+        check(self.essence_new_tokens is None or self.essence_new_tokens >= 1, "essence_new_tokens must be >= 1")
+        check(self.essence_perplexity in ("per-text", "pooled"),
+              f"essence_perplexity must be 'per-text' or 'pooled', got {self.essence_perplexity!r}")
 
 
 @dataclass(frozen=True)
@@ -170,28 +208,31 @@ def sample_essence_texts(model, subject: str, config: MetricsConfig = MetricsCon
 def sample_essence_tokens(model, subject: str, config: MetricsConfig = MetricsConfig()) -> list[tuple[int, ...]]:
     """Token rows of the essence texts (scored as sampled: no decode/re-encode round trip).
 
-    Sampled through ``model.run`` (whole forward passes, no KV cache: a few dozen short
-    passes), so every backend gives the same texts. Cached on the model object per
-    (subject, settings): sample them before applying an edit."""
-    key = (subject, config.essence_samples, config.essence_top_k, config.essence_new_tokens, config.seed)
-    cache = model.__dict__.setdefault("_essence_texts", {})
-    if key not in cache:
-        prompt_ids = P.token_ids(model.tokenizer, ESSENCE_PROMPT.format(subject))
+    Sampled through ``model.run`` (whole forward passes, no KV cache), so every backend gives
+    the same texts. Memoised per model and (subject, settings): sample them before applying an
+    edit (``evaluate_edit`` does)."""
+    prompt_ids = P.token_ids(model.tokenizer, ESSENCE_PROMPT.format(subject))
+    new_tokens = config.essence_new_tokens
+    if new_tokens is None:
+        new_tokens = max(0, config.essence_max_tokens - len(prompt_ids))
+    key = (subject, config.essence_samples, config.essence_top_k, new_tokens, config.seed)
+    memo = model_memo(model, "essence_texts")
+    if key not in memo:
         rows = [list(prompt_ids) for _ in range(config.essence_samples)]
         gen = torch.Generator().manual_seed(config.seed)
-        for _ in range(config.essence_new_tokens):
+        for _ in range(new_tokens):
             batch = P.pad(rows, model.tokenizer.pad_token_id)
             logits = model.run(batch.input_ids, positions=batch.last).logits.float().cpu()
             top_logits, top_ids = logits.topk(config.essence_top_k, dim=-1)
             picks = torch.multinomial(torch.softmax(top_logits, dim=-1), 1, generator=gen)
             for row, token in zip(rows, top_ids.gather(1, picks)[:, 0].tolist()):
                 row.append(token)
-        cache[key] = tuple(tuple(r) for r in rows)
-    return list(cache[key])
+        memo[key] = tuple(tuple(r) for r in rows)
+    return list(memo[key])
 
 
-def _queries(model, setup: EditSetup, essence_rows):
-    """(kind, role, object, noised) labels and their queries, for one batched pass."""
+def _queries(model, setup: EditSetup, noise):
+    """paper-text: (kind, prompt, role, object, noised) labels and their queries, for one batched pass."""
     req = setup.request
     prompts = [("rewrite", req.text)] + [("paraphrase", p) for p in setup.paraphrases]
     prompts += [("neighborhood", p) for p in setup.neighbours]
@@ -202,39 +243,133 @@ def _queries(model, setup: EditSetup, essence_rows):
         for role, obj in (neighbour if kind == "neighborhood" else own).items():
             if obj is None:
                 continue
-            noised = req.noise is not None and req.subject in prompt
-            queries.append(text_query(model, prompt, obj, req.subject, req.noise if noised else None))
+            noised = noise is not None and req.subject in prompt
+            queries.append(text_query(model, prompt, obj, req.subject if noised else None))
             labels.append((kind, prompt, role, obj, noised))
-    # perplexity over every token of each text after its first
-    essence = [Query(ids[:1], ids[1:]) for ids in essence_rows if len(ids) > 1]
-    return labels, queries, essence
+    return labels, queries
 
 
-def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig()) -> EditScores:
-    """Score ``edit`` (not applied on entry; left as found) on the point described by ``setup``."""
+def _paper_code_queries(model, setup: EditSetup, noise):
+    """paper-code: each prompt (rewrite, paraphrases, neighbours, in this order) scored for the
+    target then the request baseline, as ``test_batch_prediction`` lays out its batch.
+
+    Its subject noise, reproduced by ``paper_code_row_spans``: row i is noised at the subject
+    span of PROMPT i, while the batch holds two rows per prompt, so that of the noised rows only
+    the edit prompt's target row has the noise on its subject."""
+    req = setup.request
+    baseline = setup.baseline if setup.baseline is not None else model.tokenizer.eos_token
+    prompts = [("rewrite", req.text)] + [("paraphrase", p) for p in setup.paraphrases]
+    prompts += [("neighborhood", p) for p in setup.neighbours]
+    labels, queries = [], []
+    for kind, prompt in prompts:
+        noised = noise is not None and req.subject in prompt
+        for role, obj in (("target", setup.target), ("baseline", baseline)):
+            queries.append(text_query(model, prompt, obj, req.subject if noised else None))
+            labels.append((kind, prompt, role, obj, noised))
+    return labels, queries
+
+
+def paper_code_row_spans(labels, queries) -> list:
+    """The span each row of the paper-code batch is noised at (see ``_paper_code_queries``)."""
+    prompt_spans, seen = [], set()
+    for (kind, prompt, *_), query in zip(labels, queries):
+        if (kind, prompt) not in seen:
+            seen.add((kind, prompt))
+            prompt_spans.append(query.span)
+    return [prompt_spans[i] if i < len(prompt_spans) else None for i in range(len(queries))]
+
+
+def _essence_queries(model, setup: EditSetup, essence_rows, noised: bool) -> list[Query]:
+    """Every token of each text after its first; noised at the subject when ``noised``."""
+    span = model.subject_span(ESSENCE_PROMPT.format(setup.request.subject), setup.request.subject) if noised else None
+    return [Query(ids[:1], ids[1:], span) for ids in essence_rows if len(ids) > 1]
+
+
+def _essence_pass(model, queries: list[Query], noise) -> list[torch.Tensor]:
+    if noise is not None and noise.fresh_per_pass:  # the paper's code: one pass, and one new stream, per text
+        return [token_logprobs(model, [q], noise=noise)[0] for q in queries]
+    return token_logprobs(model, queries) if queries else []
+
+
+def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig(),
+                  essence_texts: Sequence[str] | None = None) -> EditScores:
+    """Score ``edit`` (not applied on entry; left as found) on the point described by ``setup``.
+
+    ``essence_texts``: score these texts (tokenised as the paper's code does, to
+    ``essence_max_tokens``) instead of sampling them from the model."""
+    from tracekit.editing.subject_noise import as_subject_noise
+
     check(not edit.applied, "evaluate_edit needs the edit un-applied: the 'before' pass runs the original model")
-    essence_rows = sample_essence_tokens(model, setup.request.subject, config) if config.essence else []
-    labels, queries, essence = _queries(model, setup, essence_rows)
-    before = _before_pass(model, queries + essence)
+    noise = as_subject_noise(model, setup.request)
+    paper_code = config.scoring == "paper-code"
+    labels, queries = (_paper_code_queries if paper_code else _queries)(model, setup, noise)
+    if essence_texts is not None:
+        essence_rows = [tuple(P.token_ids(model.tokenizer, t)[: config.essence_max_tokens]) for t in essence_texts]
+    else:
+        essence_rows = sample_essence_tokens(model, setup.request.subject, config) if config.essence else []
+    essence_noised = noise is not None and noise.fresh_per_pass
+    essence = _essence_queries(model, setup, essence_rows, essence_noised)
+    row_spans = paper_code_row_spans(labels, queries) if paper_code and noise is not None and noise.fresh_per_pass \
+        else None
+    before = _cached_pass(model, queries, noise, row_spans=row_spans)
+    essence_before = _cached_pass(model, essence, noise if essence_noised else None, essence=True)
     with edit:
-        after = token_logprobs(model, queries + essence)
-    rows = [PromptRow(*label, p_before=float(b[0].exp()), p_after=float(a[0].exp()),
-                      logprob_before=float(b.mean()), logprob_after=float(a.mean()))
-            for label, b, a in zip(labels, before, after)]
-    n = len(queries)
-    ppl_b = perplexity(torch.cat(before[n:]).tolist()) if essence else None
-    ppl_a = perplexity(torch.cat(after[n:]).tolist()) if essence else None
-    scores = compute_scores(_by_kind(rows, "p_before"), _by_kind(rows, "p_after"), minimize=setup.request.minimize,
-                            toward_true=setup.toward_true, ppl_before=ppl_b, ppl_after=ppl_a)
+        after = token_logprobs(model, queries, noise=noise, row_spans=row_spans)
+        essence_after = _essence_pass(model, essence, noise if essence_noised else None)
+
+    def prob(logp: torch.Tensor) -> float:
+        return float((logp.sum() if paper_code else logp[0]).exp())
+
+    rows = [PromptRow(*label, p_before=prob(b), p_after=prob(a), logprob_before=float(b.mean()),
+                      logprob_after=float(a.mean())) for label, b, a in zip(labels, before, after)]
+    ppl = text_perplexity if config.essence_perplexity == "per-text" else None
+    ppl_b = ppl_a = None
+    if essence:
+        if ppl is not None:
+            ppl_b = float(np.mean([ppl(x.tolist()) for x in essence_before]))
+            ppl_a = float(np.mean([ppl(x.tolist()) for x in essence_after]))
+        else:
+            ppl_b, ppl_a = perplexity(torch.cat(essence_before).tolist()), perplexity(torch.cat(essence_after).tolist())
+    if paper_code:
+        scores = paper_code_point_scores(rows, minimize=setup.request.minimize, ppl_before=ppl_b, ppl_after=ppl_a)
+    else:
+        scores = compute_scores(_by_kind(rows, "p_before"), _by_kind(rows, "p_after"), minimize=setup.request.minimize,
+                                toward_true=setup.toward_true, ppl_before=ppl_b, ppl_after=ppl_a)
     texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in essence_rows]
     notes = setup.notes
-    if setup.request.noise is not None:
-        notes += ("neighbourhood prompts (other subjects) and essence texts are scored without noise",)
+    if noise is not None:
+        notes += ((f"scored under the subject noise ({noise.convention}); neighbourhood prompts (other subjects) "
+                   f"clean; essence texts {'noised' if essence_noised else 'clean'}"),)
     return EditScores(scores, rows, texts, ppl_b if ppl_b is not None else math.nan,
-                      ppl_a if ppl_a is not None else math.nan, notes=notes)
+                      ppl_a if ppl_a is not None else math.nan, scoring=SCORING_RULES[config.scoring], notes=notes)
 
 
-_BASELINE = "_baseline_logprobs"  # attribute of a model inside ``baseline_cached``
+def paper_code_point_scores(rows: Sequence["PromptRow"], *, minimize: bool, ppl_before: float | None = None,
+                            ppl_after: float | None = None) -> dict[str, float]:
+    """make_editing_results_df on one point: rewrite/paraphrase/neighbourhood scores from the FIRST
+    prompt of each kind (p of the target), the unscaled metrics over all prompts (target vs baseline)."""
+    def probs(kind, role, when):
+        return [getattr(r, when) for r in rows if r.kind == kind and r.role == role]
+
+    out: dict[str, float] = {}
+    for kind in ("rewrite", "paraphrase", "neighborhood"):
+        before, after = probs(kind, "target", "p_before"), probs(kind, "target", "p_after")
+        if not before:
+            out[kind] = math.nan
+        elif kind == "neighborhood":
+            out[kind] = 1 - abs(after[0] - before[0]) / (abs(before[0] - 0.5) + 0.5)
+        else:
+            out[kind] = paper_code_scores(before[0], after[0], minimize)
+    out["overall"] = overall_score(out["rewrite"], out["paraphrase"], out["neighborhood"])
+    out["essence"] = essence_score(ppl_before, ppl_after) if ppl_before is not None and ppl_after is not None else math.nan
+    for name, kind in (("efficacy", "rewrite"), ("paraphrase", "paraphrase"), ("neighborhood", "neighborhood")):
+        target, baseline = probs(kind, "target", "p_after"), probs(kind, "baseline", "p_after")
+        win, lose = (baseline, target) if kind == "neighborhood" else (target, baseline)
+        out[f"{name}_success"], out[f"{name}_magnitude"] = success_rate(win, lose), magnitude(win, lose)
+    return out
+
+
+_BASELINE = "baseline_logprobs"  # the memo table of a model inside ``baseline_cached``
 _BASELINE_ENTRIES = 64
 
 
@@ -246,24 +381,35 @@ def baseline_cached(model):
     The caller promises that the weights are the original ones whenever an edit is evaluated
     in the block, as a sweep that undoes each edit guarantees.
     """
-    outer = model.__dict__.get(_BASELINE)
-    model.__dict__[_BASELINE] = {} if outer is None else outer
+    from tracekit.memo import drop_memo
+
+    outer = peek_memo(model, _BASELINE) is not None
+    model_memo(model, _BASELINE)
     try:
         yield
     finally:
-        if outer is None:
-            model.__dict__.pop(_BASELINE, None)
+        if not outer:
+            drop_memo(model, _BASELINE)
 
 
-def _before_pass(model, queries: Sequence[Query]) -> list[torch.Tensor]:
-    cache = model.__dict__.get(_BASELINE)
-    if cache is None:
-        return token_logprobs(model, queries)
-    key = tuple((q.prefix, q.continuation, q.noise_start, _tensor_digest(q.noise)) for q in queries)
+def _noise_key(noise) -> tuple | None:
+    if noise is None:
+        return None
+    return (noise.convention, noise.scale.scale, noise.seed, noise.prompt_span, _tensor_digest(noise.draw))
+
+
+def _cached_pass(model, queries: Sequence[Query], noise, essence: bool = False, row_spans=None) -> list[torch.Tensor]:
+    run = (lambda: _essence_pass(model, list(queries), noise)) if essence else \
+        (lambda: token_logprobs(model, queries, noise=noise, row_spans=row_spans))
+    cache = peek_memo(model, _BASELINE)
+    if cache is None or not queries:
+        return run() if queries else []
+    key = (essence, tuple((q.prefix, q.continuation, q.span) for q in queries), _noise_key(noise),
+           None if row_spans is None else tuple(row_spans))
     if key not in cache:
         if len(cache) >= _BASELINE_ENTRIES:
             cache.pop(next(iter(cache)))  # oldest first: a sweep moves on point by point
-        cache[key] = token_logprobs(model, queries)
+        cache[key] = run()
     return cache[key]
 
 

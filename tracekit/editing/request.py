@@ -23,16 +23,17 @@ def check_template(prompt, what: str = "prompt template") -> None:
 class EditRequest:
     """Make the model complete ``prompt.format(subject)`` with ``target`` (or stop it, if ``minimize``).
 
-    ``noise`` (Fact Forcing): a scaled noise tensor [n_subject_tokens, d_model] added to the
-    subject's token embeddings whenever an editor or a metric runs a prompt containing the
-    subject, so the edit is made, and scored, on the noised subject.
+    ``noise`` (Fact Forcing): a ``tracekit.editing.subject_noise.SubjectNoise`` (or a scaled noise
+    tensor [n_subject_tokens, d_model], drawn once) added to the subject's token embeddings
+    whenever an editor or a metric runs a prompt containing the subject, so the edit is made,
+    and scored, on the noised subject.
     """
 
     prompt: str  # a template with "{}" where the subject goes
     subject: str
     target: str  # with its leading space: " English"
     minimize: bool = False  # Fact Erasure: lower p(target) instead of raising it
-    noise: torch.Tensor | None = None
+    noise: "torch.Tensor | SubjectNoise | None" = None  # noqa: F821
 
     def __post_init__(self):
         check_template(self.prompt)
@@ -41,8 +42,8 @@ class EditRequest:
             check(isinstance(value, str), f"the edit's {name} must be a string, got {value!r}")
             check(value.strip() != "", f"empty {name}")
         check(isinstance(self.minimize, bool), f"minimize must be True or False, got {self.minimize!r}")
-        check(self.noise is None or isinstance(self.noise, torch.Tensor),
-              f"noise must be a tensor or None, got a {type(self.noise).__name__}")
+        check(self.noise is None or isinstance(self.noise, torch.Tensor) or hasattr(self.noise, "fresh_per_pass"),
+              f"noise must be a SubjectNoise, a tensor or None, got a {type(self.noise).__name__}")
 
     @property
     def text(self) -> str:

@@ -1,16 +1,19 @@
-"""ROME: a rank-one update of one MLP down-projection (Meng et al. 2022a).
+"""ROME: a rank-one update of one MLP down-projection (Meng et al. 2022a), as the public code.
 
-W' = W + (v* - W k*) (C^-1 k*)^T / ((C^-1 k*)^T k*), in the (out, in) orientation of the
-adapter (GPT-2's Conv1D stores W transposed), where k* is the key averaged over the context
-templates, C = E[k k^T] over a corpus, and v* = W k* + b + delta with the delta found by
-``kv_core.optimize_value`` at the MLP output. As W k* + b is the templates' mean MLP output,
-v* - (W k* + b) is the delta itself: W' k* = v* exactly.
+k* is the key averaged over the context templates, C = E[k k^T] over a corpus, and
+v* = v_0 + delta with v_0 the MLP output at the bare prompt's last subject token and the delta
+from ``kv_core.optimize_value``. The update, in the adapter's (out, in) orientation (GPT-2's
+Conv1D stores W transposed), is the public code's
 
-With ``key_per_tokenisation`` (off in every preset), the templates' keys are averaged per
-distinct subject tokenisation instead, and the same solve makes W' k_g = v* for each group
-(a rank-g update); v*'s objective weighs the groups equally. A subject that opens a prompt
-often tokenises differently from one after a space, and ROME's average key then fits mostly
-the majority form (docs/replication/README.md).
+    W' = W + (v* - W k_p - b) (C^-1 k*)^T / ((C^-1 k*)^T k_p),
+
+k_p being the bare prompt's own key: the edited prompt receives exactly v*. The paper's
+equation (``update_key="mean"``) divides by (C^-1 k*)^T k* and subtracts W k* + b, so that
+W' k* = v*; the edited prompt then receives v* only in proportion to how close k_p is to k*.
+
+With ``key_per_tokenisation`` (tracekit's extension, off in every preset) the templates' keys
+are averaged per distinct subject tokenisation instead, and the same solve makes W' k_g = v*
+for each group (a rank-g update); v*'s objective then weighs the groups equally.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ import time
 
 import torch
 
+from tracekit.adapters import Site
 from tracekit.editing.context import context_templates
 from tracekit.editing.covariance import second_moments
 from tracekit.editing.delta import Edit
-from tracekit.editing.hparams import ROMEHyperParams, rome_preset
-from tracekit.editing.kv_core import (ValueObjective, build_rows, keys_by_tokenisation, optimize_value, param_name,
-                                      solve_update, weights_by_tokenisation)
+from tracekit.editing.hparams import ROMEHyperParams
+from tracekit.editing.info import EditInfo
+from tracekit.editing.kv_core import (NoisePasses, ValueObjective, build_rows, keys_by_tokenisation, optimize_value,
+                                      param_name, solve_update, subject_states, weights_by_tokenisation)
+from tracekit.editing.presets import rome_preset
 from tracekit.editing.request import EditRequest
 from tracekit.errors import check
 
@@ -36,57 +42,119 @@ def resolve_layer(model, layer, hparams) -> int:
     return model.adapter.check_layer(model.hf, layer)
 
 
+class Laps:
+    """Seconds per phase of an edit."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.started = self.clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self.clock
+        self.clock = now
+
+    def done(self) -> dict[str, float]:
+        self.seconds["total"] = time.perf_counter() - self.started
+        return self.seconds
+
+
+def key_statistics(model, layers, hparams, second_moment=None, progress=True) -> tuple[dict, dict]:
+    """C per layer ({layer: [d_in, d_in]}) and a record of where it came from.
+
+    ``second_moment``: C given directly ({layer: tensor}, or one tensor for one layer)."""
+    if second_moment is not None:
+        given = second_moment if isinstance(second_moment, dict) else {layers[0]: second_moment}
+        check(all(layer in given for layer in layers), f"second_moment gives C for layers {sorted(given)}, need {layers}")
+        return {layer: given[layer] for layer in layers}, {layer: {"path": "given"} for layer in layers}
+    stats = second_moments(model, layers, n_samples=hparams.mom2_n_samples, sample_tokens=hparams.mom2_sample_tokens,
+                           dtype=hparams.mom2_dtype, corpus=hparams.corpus,
+                           stats_file=getattr(hparams, "stats_file", None), progress=progress)
+    return ({layer: s.matrix for layer, s in stats.items()},
+            {layer: {"path": str(s.path), "tokens": s.tokens} for layer, s in stats.items()})
+
+
+def rank_one(C: torch.Tensor, key: torch.Tensor, residual: torch.Tensor, denominator_key: torch.Tensor,
+             hparams) -> torch.Tensor:
+    """residual (C^-1 k*)^T / ((C^-1 k*)^T d), [d_out, d_in]; d = ``denominator_key``."""
+    if hparams.mom2_solve == "float64":
+        return solve_update(C, key[:, None], residual[:, None], 0.0, hparams.mom2_ridge,
+                            denominator_keys=denominator_key[:, None])
+    A = C.to(getattr(torch, hparams.mom2_dtype))
+    if hparams.mom2_ridge:
+        A = A + hparams.mom2_ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    u = torch.inverse(A).float() @ key.float().to(A.device)  # the public code's compute_u ...
+    u = u / u.norm()
+    right = residual.float().to(u.device) / torch.dot(denominator_key.float().to(u.device), u)  # ... and compute_v
+    return right[:, None] @ u[None]
+
+
+def conventions(hparams, names) -> dict:
+    return {name: getattr(hparams, name) for name in names}
+
+
 def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: ROMEHyperParams | None = None,
-               *, engine: str = "auto", templates: list[str] | None = None, progress: bool = True) -> Edit:
-    """Compute (not apply) ROME's edit of ``request`` at ``layer``; ``.apply()`` or ``with`` it."""
+               *, engine: str = "auto", templates=None, progress: bool = True, second_moment=None) -> Edit:
+    """Compute (not apply) ROME's edit of ``request`` at ``layer``; ``.apply()`` or ``with`` it.
+
+    ``templates``: the context templates (default: sampled from the model, cached);
+    ``second_moment``: C itself instead of statistics from a corpus (tests, golden runs)."""
     hparams = rome_preset(model) if hparams is None else hparams
     check(isinstance(hparams, ROMEHyperParams), f"ROME needs ROMEHyperParams, got {type(hparams).__name__}")
     layer = resolve_layer(model, layer, hparams)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name):
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[name] = now - clock
-        clock = now
-
+    lap = Laps()
     if templates is None:
         templates = context_templates(model, hparams.context_lengths, hparams.context_seed)
     lap("templates")
-    stats = second_moments(model, [layer], n_samples=hparams.mom2_n_samples, sample_tokens=hparams.mom2_sample_tokens,
-                           dtype=hparams.mom2_dtype, corpus=hparams.corpus, stats_file=hparams.stats_file,
-                           progress=progress)[layer]
+    C, stats_info = key_statistics(model, [layer], hparams, second_moment, progress)
     lap("stats")
-    rows = build_rows(model, request, templates, hparams.kl_prompt if hparams.kl_factor > 0 else None)
+    rows = build_rows(model, request, templates, hparams.kl_prompt)
+    noise = NoisePasses(rows, model.d_model)
     # With one key per tokenisation, each tokenisation gets an equal share of v*'s objective too:
     # ROME's templates hold the bare prompt once and the subject after a space twenty times.
     weights = weights_by_tokenisation(rows) if hparams.key_per_tokenisation else None
-    objective = ValueObjective(model, rows, layer, engine, template_weights=weights)
+    objective = ValueObjective(model, rows, layer, engine, template_weights=weights, noise=noise)
+    key_in, mlp_out = Site("mlp_in", layer), Site("mlp", layer)
+    # Noise drawn afresh per pass: keep the public code's order of passes (compute_u's pass over
+    # the templates, then compute_v's passes, then one pass over the bare prompt).
+    template_keys = subject_states(model, rows, [key_in], noise=noise)[key_in] if noise.fresh else None
     lap("prefix")
-    key = objective.keys.mean(0)
-    value = objective.mlp_out.mean(0)  # W k* + b
-    found = optimize_value(objective, value, hparams, request.minimize)
+    found = optimize_value(objective, hparams, request.minimize, reference_site="mlp")
     lap("v_star")
+    initial = objective.initial
+    template_keys = initial.keys if template_keys is None else template_keys
+    key = template_keys.mean(0)
+    v_star = found.reference + found.delta
     if hparams.key_per_tokenisation:  # W' k_g = v* for every tokenisation's key k_g
-        keys, outputs = keys_by_tokenisation(rows, objective.keys, objective.mlp_out)
-        residuals = (value + found.delta)[:, None] - outputs.T  # v* - (W k_g + b)
-    else:
-        keys, residuals = key[None], found.delta[:, None]
-    update = solve_update(stats.matrix, keys.T, residuals, 0.0, hparams.mom2_ridge)
+        keys, outputs = keys_by_tokenisation(rows, template_keys, initial.mlp_out)
+        residuals = v_star[:, None] - outputs.T
+        update = solve_update(C[layer], keys.T, residuals, 0.0, hparams.mom2_ridge)
+    elif hparams.update_key == "prompt":
+        if noise.fresh:
+            bare = subject_states(model, rows, [key_in, mlp_out], row_index=[0], noise=noise)
+            k_p, out_p = bare[key_in][0], bare[mlp_out][0]
+        else:
+            k_p, out_p = initial.keys[0], initial.mlp_out[0]
+        keys, residuals = k_p[None], (v_star - out_p)[:, None]  # W' k_p = v*
+        update = rank_one(C[layer], key, residuals[:, 0], k_p, hparams)
+    else:  # the paper's equation: W' k* = v*
+        keys, residuals = key[None], (v_star - initial.mlp_out.mean(0))[:, None]
+        update = rank_one(C[layer], key, residuals[:, 0], key, hparams)
     weight = model.adapter.down_proj_weight(model.hf, layer)
     adapter = model.adapter
     new = adapter.from_out_in(adapter.as_out_in(weight.detach()).float() + update.to(weight.device))
     lap("update")
-    seconds["total"] = sum(seconds.values())
-    info = {
-        "method": "rome", "layer": layer, "layers": [layer], "engine": objective.engine,
-        "templates": len(templates), "loss_trace": found.trace, "final_nll": found.final_nll,
-        "steps_taken": len(found.trace), "delta_norm": float(found.delta.norm()), "value_norm": found.reference_norm,
-        "v_star_norm": float((value + found.delta).norm()), "key_norm": float(key.norm()),
-        "update_norm": float(update.norm()), "stats": {"path": str(stats.path), "tokens": stats.tokens},
-        "key": key, "delta": found.delta,  # k* and v* - (W k* + b), for checks
-        "keys": keys, "residuals": residuals.T,  # each key the update maps onto v*, and v* - (W k + b)
-        "seconds": seconds,
-    }
+    info = EditInfo(
+        method="rome", layers=[layer], seconds=lap.done(), steps_taken=found.steps,
+        losses=[t["loss"] for t in found.trace], final_nll=found.final_nll, engine=objective.engine,
+        conventions=conventions(hparams, ("value_reference", "update_key", "v_stop_on", "v_final_step",
+                                          "erasure_objective", "erasure_final_step", "key_per_tokenisation", "mom2_solve")),
+        noise=None if rows.noise is None else rows.noise.as_dict(),
+        details={"templates": len(rows.spans) - 1, "loss_trace": found.trace, "delta_norm": float(found.delta.norm()),
+                 "value_norm": found.reference_norm, "v_star_norm": float(v_star.norm()), "key_norm": float(key.norm()),
+                 "update_norm": float(update.norm()), "stats": stats_info[layer],
+                 "key": key, "delta": found.delta, "v_star": v_star,  # k*, v* - v_0, v*
+                 "mean_output": initial.mlp_out.mean(0),  # W k* + b
+                 "keys": keys, "residuals": residuals.T,  # keys the update maps onto v*, and v* - (W k + b) for each
+                 "update": update})
     return Edit(model.hf, {param_name(model, weight): new}, info)

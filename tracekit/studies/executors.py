@@ -55,7 +55,7 @@ def preset_layer(model) -> int | None:
     if isinstance(card, ModelCard):
         return card.preset_layer
     try:
-        from tracekit.editing.hparams import rome_preset
+        from tracekit.editing.presets import rome_preset
 
         return rome_preset(model).layer
     except (ImportError, TracekitError):
