@@ -273,10 +273,9 @@ def stage_editing(run: Run, model, args) -> dict:
             continue
         first, _ = clocked(fn)  # the first call fills the caches (context templates)
         seconds, edit = clocked(fn)
-        parts = edit.info.get("seconds")
-        out["methods"][method] = {"seconds": seconds, "first_call_seconds": first,
-                                  "parts": parts if isinstance(parts, dict) else None,
-                                  "steps": edit.info.get("steps_taken"), "layers": edit.info.get("layers")}
+        parts = edit.info.seconds
+        out["methods"][method] = {"seconds": seconds, "first_call_seconds": first, "parts": parts,
+                                  "steps": edit.info.steps_taken, "layers": edit.info.layers}
         run.log(f"  {method}: {seconds:.2f} s per edit (first call {first:.1f} s), parts {parts}")
     return out
 

@@ -168,7 +168,7 @@ def test_zeroing_engines_agree_on_every_window():
     (dict(samples=0), "samples must be an integer >= 1"),
     (dict(kind="ffn"), "unknown kind"),
     (dict(noise="x3"), "unknown noise rule"),
-    (dict(noise=-1.0), "must give a positive scale"),
+    (dict(noise=-1.0), "must give a finite, positive scale"),
     (dict(target=""), "empty target"),
     (dict(tokens="first"), "unknown tokens"),
     (dict(tokens=[40]), "outside the prompt"),
