@@ -2,7 +2,7 @@
 """The numbers behind docs/fidelity.md: how close tracekit is to the reference code, and what each
 convention where the two can differ changes.
 
-Three parts, each writing its section of ``fidelity_effects.json`` (beside this file; the other
+Five parts, each writing its section of ``fidelity_effects.json`` (beside this file; the other
 sections are kept):
 
 golden    on the golden fixture's two tiny GPT-2 models (tests/golden, offline, ~2 min): tracekit's
@@ -16,10 +16,16 @@ smollm2   Error Injection edits on the bundled SmolLM2-135M (a few CounterFact p
           scoring and, for the reference edits, the paper's code scoring), the weight update's
           change relative to the reference one, and for ROME gamma = (C^-1 k*)^T k_p / (C^-1 k*)^T k*,
           what the paper's equation delivers to the edited prompt as a fraction of the public code's.
+essence   the essence score of ROME's reference edits on the same points, as the paper's code
+          computes it and as tracekit 0.1 did.
+bare      ROME on "Paris is a city in the country of" with and without SmolLM2's document-start
+          token, under both forms of the update (the README's attention-sink sentence).
 
     python docs/fidelity_effects.py golden
     TRACEKIT_DATA=../shared/data python docs/fidelity_effects.py s3
     TRACEKIT_DATA=../shared/data python docs/fidelity_effects.py smollm2 --methods rome
+    TRACEKIT_DATA=../shared/data python docs/fidelity_effects.py essence
+    python docs/fidelity_effects.py bare
 """
 
 from __future__ import annotations
@@ -233,13 +239,15 @@ PAPER_FORM = "update_key=mean, same v* (the paper's equation on the reference's 
 SMOLLM2_VARIANTS = {
     "rome": {"reference (public code)": {}, PAPER_FORM: None, **ROME_SWITCHES},
     "memit": {"reference (public code)": {}, **MEMIT_SWITCHES},
-    # SmolLM2's down-projections have no bias: train_bias changes nothing here (golden: GPT-2)
-    "ft-1": {"reference (paper's code)": {}, "loss_reduction=mean": {"loss_reduction": "mean"},
-             "tracekit 0.1 (LEGACY_FT)": LEGACY_FT},
+    # SmolLM2's down-projections have no bias, so LEGACY_FT only averages the loss (golden: GPT-2)
+    "ft-1": {"reference (paper's code)": {}, "tracekit 0.1 (LEGACY_FT)": LEGACY_FT},
 }
-# not run here: C's float32 inverse (arithmetic: the golden cases measure it), and the paper code's
-# never-stopping loop, identical to the reference wherever the reference ran all its steps ("steps")
-SMOLLM2_SKIP = {"mom2_solve=inverse (public arithmetic)", "v_stop_on=None (the paper's code)"}
+# Not run here (each SmolLM2 edit costs minutes on the shared CPU; the golden part measures them all):
+# C's float32 inverse (arithmetic), the paper code's never-stopping loop (identical to the reference
+# wherever the reference ran all its steps: see "steps"), and MEMIT's single switches but key_average.
+SMOLLM2_SKIP = {"rome": {"mom2_solve=inverse (public arithmetic)", "v_stop_on=None (the paper's code)"},
+                "memit": {"z_current=mean", "value_reference=mean", "v_stop_on=nll, v_final_step=True"},
+                "ft-1": set()}
 
 
 def _edit(model, method: str, setup, changes: dict):
@@ -286,7 +294,7 @@ def smollm2_section(methods, cases, only=None, previous=None) -> dict:
         out["facts"][str(c)] = {"prompt": records[c].text, "subject": records[c].subject, "target": records[c].target_new,
                                 "target_tokens": len(model.target_ids(records[c].target_new))}
     for method in methods:
-        names = [n for n in SMOLLM2_VARIANTS[method] if n not in SMOLLM2_SKIP]
+        names = [n for n in SMOLLM2_VARIANTS[method] if n not in SMOLLM2_SKIP[method]]
         names = [n for i, n in enumerate(names) if i == 0 or only is None or n in only]
         block = out["methods"].setdefault(method, {})
         for case_id in cases:
@@ -332,10 +340,58 @@ def _means(rows: list[dict]) -> dict:
     return means
 
 
+def essence_section(cases) -> dict:
+    """The essence score of ROME's reference edits, as the paper's code computes it (5 texts of 100
+    tokens with the prompt, the mean of per-text perplexities) and as tracekit 0.1 did (30 new
+    tokens, one pooled perplexity)."""
+    from tracekit.data import load_dataset
+
+    model = tracekit.load_model("smollm2-135m")
+    records = {r.case_id: r for r in load_dataset("counterfact") if r.case_id in cases}
+    configs = {"paper code (default)": MetricsConfig(),
+               "tracekit 0.1": MetricsConfig(essence_new_tokens=30, essence_perplexity="pooled")}
+    out: dict = {"model": model.spec, "method": "rome (reference conventions, preset)", "problem": "error-injection",
+                 "rows": []}
+    for case_id in cases:
+        setup = prepare(model, records[case_id], "error-injection")
+        edit = _edit(model, "rome", setup, {})
+        row: dict = {"case_id": case_id}
+        for name, config in configs.items():
+            got = evaluate_edit(model, setup, edit, config)
+            row[name] = {"essence": float(got.scores["essence"]), "ppl_before": got.ppl_before, "ppl_after": got.ppl_after}
+        out["rows"].append(row)
+        log(f"essence case {case_id}: " + json.dumps({k: v for k, v in row.items() if k != "case_id"}))
+    out["n"] = len(out["rows"])
+    out["mean"] = {name: {k: statistics.fmean(r[name][k] for r in out["rows"]) for k in ("essence", "ppl_before", "ppl_after")}
+                   for name in configs}
+    return out
+
+
+def bare_section() -> dict:
+    """The README's attention-sink check: ROME on a subject-first prompt with and without SmolLM2's
+    document-start token, under the public code's update and under tracekit 0.1's."""
+    from tracekit.data import load_dataset
+
+    fact = next(f for f in load_dataset("worldfacts") if f.text == "Paris is a city in the country of")
+    out: dict = {"fact": fact.text, "target": fact.target_new, "method": "rome, preset layer", "rows": []}
+    for prepend in (True, False):
+        model = tracekit.load_model("smollm2-135m", prepend_bos=prepend)
+        setup = prepare(model, fact, "error-injection")
+        p_true = float(model.target_probs([fact.text], fact.target_true)[0])
+        for name, changes in (("reference (public code)", {}), ("tracekit 0.1 (LEGACY['rome'])", LEGACY["rome"])):
+            edit = _edit(model, "rome", setup, changes)
+            scores = evaluate_edit(model, setup, edit, MetricsConfig(essence=False)).scores
+            row = {"document_start": prepend, "conventions": name, "p_true_before": p_true,
+                   **{k: float(scores[k]) for k in SCORES}}
+            out["rows"].append(row)
+            log("bare " + json.dumps(row))
+    return out
+
+
 # ---- main ----------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("golden", "s3", "smollm2"))
+    parser.add_argument("part", choices=("golden", "s3", "smollm2", "essence", "bare"))
     parser.add_argument("--methods", nargs="+", default=list(SMOLLM2_VARIANTS), choices=list(SMOLLM2_VARIANTS),
                         help="smollm2: editors to run (default: all)")
     parser.add_argument("--cases", type=int, nargs="+", default=list(COUNTERFACT_CASES),
@@ -352,6 +408,10 @@ def main(argv=None) -> int:
         section = golden_section()
     elif args.part == "s3":
         section = s3_section(args.facts)
+    elif args.part == "essence":
+        section = essence_section(args.cases)
+    elif args.part == "bare":
+        section = bare_section()
     else:
         known = {n for m in SMOLLM2_VARIANTS.values() for n in m}
         if args.variants and set(args.variants) - known:
