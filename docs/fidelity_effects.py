@@ -274,10 +274,11 @@ def _paper_form(model, edit, C):
     return Edit(model.hf, {name: new}, edit.info)
 
 
-def smollm2_section(methods, cases, only=None, previous=None) -> dict:
+def smollm2_section(methods, cases, only=None, previous=None, save=None) -> dict:
     """Rows per (method, variant) and their means; ``only``: these variants besides the reference
     (which every fact needs first: the others' update change is measured against it); rows of
-    ``previous`` (an earlier run's section) for other facts or variants are kept."""
+    ``previous`` (an earlier run's section) for other facts or variants are kept; ``save(section)``
+    is called after every fact, so an interrupted run keeps what it measured."""
     from tracekit.data import load_dataset
 
     model = tracekit.load_model("smollm2-135m")
@@ -323,9 +324,12 @@ def smollm2_section(methods, cases, only=None, previous=None) -> dict:
                 log(f"{method} / {name} / case {case_id}: " + " ".join(
                     f"{k} {row[k]:.3f}" for k in (*SCORES, "update_change"))
                     + (f" gamma {row['gamma']:.3f}" if "gamma" in row else "") + f" ({row['seconds']} s)")
+            for variant in block.values():
+                variant["n"] = len(variant["rows"])
+                variant["mean"] = _means(variant["rows"])
+            if save is not None:
+                save(out)
         for name, variant in block.items():
-            variant["n"] = len(variant["rows"])
-            variant["mean"] = _means(variant["rows"])
             log(f"{method} mean / {name} (n {variant['n']}): " + json.dumps(variant["mean"]))
     return out
 
@@ -416,17 +420,26 @@ def main(argv=None) -> int:
         known = {n for m in SMOLLM2_VARIANTS.values() for n in m}
         if args.variants and set(args.variants) - known:
             parser.error(f"unknown variants {sorted(set(args.variants) - known)}")
-        section = smollm2_section(args.methods, args.cases, args.variants, payload.get("smollm2"))
+        section = smollm2_section(args.methods, args.cases, args.variants, payload.get("smollm2"),
+                                  save=lambda partial: _write(out, "smollm2", partial))
     run = {"seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "machine": platform.machine()}
     if args.part == "smollm2":
         section.setdefault("runs", []).append({"methods": args.methods, "cases": args.cases, "variants": args.variants, **run})
     else:
         section["run"] = run
-    payload[args.part] = section
-    out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    _write(out, args.part, section)
     log(f"wrote {out} ({args.part}, {time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def _write(out: Path, part: str, section: dict) -> None:
+    """Replace one section of the JSON file (re-read first: other parts may have written since)."""
+    payload = json.loads(out.read_text()) if out.exists() else {}
+    payload[part] = section
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":
