@@ -19,7 +19,7 @@ smollm2   Error Injection edits on the bundled SmolLM2-135M (a few CounterFact p
 essence   the essence score of ROME's reference edits on the same points, as the paper's code
           computes it and as tracekit 0.1 did.
 bare      ROME on "Paris is a city in the country of" with and without SmolLM2's document-start
-          token, under both forms of the update (the README's attention-sink sentence).
+          token, with both forms of the update (the README's attention-sink sentence).
 
     python docs/fidelity_effects.py golden
     TRACEKIT_DATA=../shared/data python docs/fidelity_effects.py s3
@@ -373,7 +373,7 @@ def essence_section(cases) -> dict:
 
 def bare_section() -> dict:
     """The README's attention-sink check: ROME on a subject-first prompt with and without SmolLM2's
-    document-start token, under the public code's update and under tracekit 0.1's."""
+    document-start token, with the public code's update and with the paper's equation (same v*)."""
     from tracekit.data import load_dataset
 
     fact = next(f for f in load_dataset("worldfacts") if f.text == "Paris is a city in the country of")
@@ -382,8 +382,10 @@ def bare_section() -> dict:
         model = tracekit.load_model("smollm2-135m", prepend_bos=prepend)
         setup = prepare(model, fact, "error-injection")
         p_true = float(model.target_probs([fact.text], fact.target_true)[0])
-        for name, changes in (("reference (public code)", {}), ("tracekit 0.1 (LEGACY['rome'])", LEGACY["rome"])):
-            edit = _edit(model, "rome", setup, changes)
+        hp = rome_preset(model, "error-injection")
+        C = key_statistics(model, [hp.layer], hp, progress=False)[0][hp.layer]
+        reference = _edit(model, "rome", setup, {})
+        for name, edit in (("reference (public code)", reference), (PAPER_FORM, _paper_form(model, reference, C))):
             scores = evaluate_edit(model, setup, edit, MetricsConfig(essence=False)).scores
             row = {"document_start": prepend, "conventions": name, "p_true_before": p_true,
                    **{k: float(scores[k]) for k in SCORES}}
