@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from tracekit.adapters.architectures import INPUT_SITES, ArchAdapter, Site, _get
+from tracekit.adapters.architectures import SITE_KINDS, ArchAdapter, Site, _get
 from tracekit.adapters.partial import (
     Branch, ForwardStats, Pass, apply_to_output, attention_kernels, first, make_request, shape_policy, whole_pass,
 )
@@ -31,8 +31,9 @@ from tracekit.errors import TracekitError
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
 
-# Execution order inside one layer; nnsight requires modules to be touched in this order.
-_ORDER = {"embed": 0, "resid_pre": 1, "attn": 2, "mlp_in": 3, "mlp": 4, "resid": 5}
+# Execution order inside one layer (``SITE_KINDS`` lists kinds in it); nnsight requires modules to
+# be touched in this order.
+_ORDER = {kind: i for i, kind in enumerate(SITE_KINDS)}
 
 
 def execution_order(sites: Iterable[Site]) -> list[Site]:
@@ -152,41 +153,13 @@ class HFBackend(Backend):
         handles = []
         try:
             for site in execution_order([*edits, *capture]):
-                module = self.adapter.module(self.hf, site)
-                fn, keep = edits.get(site), site in capture
-                if site.kind in INPUT_SITES:
-                    handles.append(module.register_forward_pre_hook(_pre_hook(site, fn, keep, captured)))
-                else:
-                    handles.append(module.register_forward_hook(_post_hook(site, fn, keep, captured)))
+                handles.append(self.adapter.attach(self.hf, site, edits.get(site), captured if site in capture else None))
             hidden = self.adapter.base_model(self.hf)(input_ids=input_ids, use_cache=False).last_hidden_state
             logits = self.adapter.unembed_module(self.hf)(_gather(hidden, positions))
         finally:
             for handle in handles:
                 handle.remove()
         return RunOutput(logits, captured)
-
-
-def _pre_hook(site, fn, keep, captured):
-    def hook(module, args):
-        x = args[0]
-        if fn is not None:
-            x = fn(x)
-        if keep:
-            captured[site] = x
-        return (x, *args[1:])
-
-    return hook
-
-
-def _post_hook(site, fn, keep, captured):
-    def hook(module, args, output):
-        if fn is not None:
-            output = apply_to_output(output, fn)
-        if keep:
-            captured[site] = first(output)
-        return output
-
-    return hook
 
 
 class TransformerLensBackend(Backend):
@@ -241,18 +214,18 @@ class NNsightBackend(Backend):
         saved = {}
         with self.wrapper.trace(input_ids):
             for site in execution_order([*edits, *capture]):
-                envoy = _get(self.wrapper, self.adapter.path(site))
+                hook = self.adapter.hook(site)
+                envoy = _get(self.wrapper, hook.path)
                 fn = edits.get(site)
-                if site.kind in INPUT_SITES:
-                    if fn is not None:
-                        envoy.input = fn(envoy.input)
-                    value = envoy.input
-                else:
-                    if fn is not None:
-                        envoy.output = apply_to_output(envoy.output, fn)
-                    value = first(envoy.output)
+                if fn is not None:
+                    edit = lambda x, fn=fn, hook=hook: hook.apply(x, fn, self.adapter, self.hf)  # noqa: E731
+                    if hook.input:
+                        envoy.input = edit(envoy.input)
+                    else:
+                        envoy.output = apply_to_output(envoy.output, edit)
+                value = envoy.input if hook.input else first(envoy.output)
                 if site in capture:
-                    saved[site] = value.save()
+                    saved[site] = hook.view(value, self.adapter, self.hf).save()
             logits = self.wrapper.output.logits.save()
         return RunOutput(_gather(logits, positions), dict(saved))
 
