@@ -301,7 +301,7 @@ class _BlockPass:
         hidden = hidden[: self.n_rows, : self.width]
         recording = None
         if req.record:
-            recording = Recording(tuple(self.captured.pop(s) for s in recorded), tuple(kv))
+            recording = Recording(tuple(self.captured[s] for s in recorded), tuple(kv))
         captured = {s: self.captured[s] for s in req.capture}
         logits = pick_logits(req, hidden, d.norm, d.unembed)
         if self.stats is not None and logits is not None:
