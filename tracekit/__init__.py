@@ -16,6 +16,8 @@ _LAZY = {
     "TraceResult": "tracekit.tracing",
     "Site": "tracekit.adapters",
     "patch": "tracekit.patching",
+    "attribution_patch": "tracekit.patching",
+    "logit_lens": "tracekit.patching",
     "Noise": "tracekit.patching",
     "Replace": "tracekit.patching",
     "PatchResult": "tracekit.patching",

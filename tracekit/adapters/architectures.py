@@ -236,6 +236,9 @@ class ArchAdapter:
     def base_model(self, model: nn.Module) -> nn.Module:
         return _get(model, self.base)
 
+    def final_norm_module(self, model: nn.Module) -> nn.Module:
+        return _get(model, self.final_norm)
+
     def unembed_module(self, model: nn.Module) -> nn.Module:
         return _get(model, self.unembed)
 
