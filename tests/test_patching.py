@@ -43,12 +43,13 @@ def test_patching_equals_a_hand_built_hooked_forward(backend, direction):
     model = sharp("random:llama-tiny", backend)
     ids = lambda text: torch.tensor([model.tokenizer(text)["input_ids"]])  # noqa: E731
     clean_ids, corrupt_ids = ids(PROMPT), ids(CORRUPT)
-    result = tracekit.patch(model, PROMPT, CORRUPT, sites=["resid_pre", "mlp_out", "z", "k"], positions=[1, 2, 8, (1, 2)],
+    result = tracekit.patch(model, PROMPT, CORRUPT, sites=["resid_pre", "mlp_out", "z", "k", "pattern"],
+                            positions=[1, 2, 8, (1, 2)],
                             heads=[1], window=2, metric="logit_diff", target=" Paris", foil=" Seattle",
                             direction=direction)
     a, b = model.tokenizer(" Paris")["input_ids"][0], model.tokenizer(" Seattle")["input_ids"][0]
     metric = lambda logits: logits[:, a] - logits[:, b]  # noqa: E731
-    assert len(result.patches) == 4 * 4 * 4  # sites x layers x positions (one head)
+    assert len(result.patches) == 5 * 4 * 4  # sites x layers x positions (one head)
     for i, p in enumerate(result.patches):
         want = reference(model, clean_ids, corrupt_ids, p, direction, metric)
         assert abs(float(result.values[i]) - float(want)) <= TOL * max(1.0, abs(float(want))), (p, direction)

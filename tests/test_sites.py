@@ -15,6 +15,7 @@ TL_NAMES = {
     "resid_post": "blocks.{}.hook_resid_post", "attn_out": "blocks.{}.hook_attn_out",
     "mlp_out": "blocks.{}.hook_mlp_out", "mlp_in": "blocks.{}.mlp.hook_post", "q": "blocks.{}.attn.hook_q",
     "k": "blocks.{}.attn.hook_k", "v": "blocks.{}.attn.hook_v", "z": "blocks.{}.attn.hook_z",
+    "pattern": "blocks.{}.attn.hook_pattern",  # TL: [batch, heads, query, key]; tracekit: positions first
 }
 IDS = torch.tensor([[3, 17, 42, 99, 7, 250, 11], [5, 6, 7, 8, 9, 10, 12]])
 
@@ -38,7 +39,8 @@ def test_every_site_equals_the_bridge_hook_on_every_backend(spec):
     for backend in ("hf", "transformer_lens", "nnsight"):
         captured = tiny(spec, backend).run(IDS, capture=sites).captured
         for site in sites:
-            assert close(captured[site], cache[names[site]]), (backend, str(site))
+            want = cache[names[site]].transpose(1, 2) if site.kind == "pattern" else cache[names[site]]
+            assert close(captured[site], want), (backend, str(site))
 
 
 def test_sites_per_architecture():
@@ -56,8 +58,8 @@ def test_aliases_resolve_to_one_site():
     assert Site("resid", 1) == Site("resid_post", 1) and Site("attn", 0).kind == "attn_out"
     assert Site("mlp_post", 3) == Site("mlp_in", 3) and str(Site("resid", 1)) == "resid_post@1"
     assert {Site("mlp", 2): 1}[Site("mlp_out", 2)] == 1
-    with pytest.raises(TracekitError, match="unknown site 'hook_pattern'"):
-        Site("hook_pattern", 0)
+    with pytest.raises(TracekitError, match="unknown site 'hook_attn_scores'"):
+        Site("hook_attn_scores", 0)
 
 
 @pytest.mark.parametrize("spec", TINY_SPECS)

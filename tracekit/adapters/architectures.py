@@ -29,14 +29,17 @@ from tracekit.errors import TracekitError, check
 #   its older meaning because editing keys on it;
 # - per head, [batch, pos, heads, d_head] as TL shows them: "q", "k", "v" (projections, before any
 #   rotary embedding; k and v have the model's key/value heads) and "z" (the attention-weighted values,
-#   the output projection's input).
+#   the output projection's input); "pattern", the attention probabilities [batch, query pos, heads,
+#   key pos] (positions first like every site; TL's hook_pattern is [batch, heads, query, key]),
+#   materialised by an eager attention function while a pattern hook is attached (``pattern.py``).
 # Older names stay accepted: "resid" = resid_post, "mlp" = mlp_out, "attn" = attn_out.
-SITE_KINDS = ("embed", "resid_pre", "q", "k", "v", "z", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
-HEAD_SITES = ("q", "k", "v", "z")
+SITE_KINDS = ("embed", "resid_pre", "q", "k", "v", "pattern", "z", "attn_out", "resid_mid", "mlp_in", "mlp_out",
+              "resid_post")
+HEAD_SITES = ("q", "k", "v", "pattern", "z")  # dimension 2 is the head
 SITE_ALIASES = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out", "mlp_post": "mlp_in",
                 "hook_embed": "embed", "hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid",
                 "hook_resid_post": "resid_post", "hook_attn_out": "attn_out", "hook_mlp_out": "mlp_out",
-                "hook_q": "q", "hook_k": "k", "hook_v": "v", "hook_z": "z"}
+                "hook_q": "q", "hook_k": "k", "hook_v": "v", "hook_z": "z", "hook_pattern": "pattern"}
 
 
 def site_kind(name: str) -> str:
@@ -77,12 +80,14 @@ class Hook:
     ``path`` ({} = the layer); ``input``: the module's first input rather than its output;
     ``part`` = (i, n): the i-th of n equal slices of the last dimension (GPT-2's fused c_attn
     gives q, k, v as slices 0, 1, 2 of 3); ``heads``: "q" or "kv", the tensor is viewed as
-    [batch, pos, heads, d_head] with the model's query or key/value head count."""
+    [batch, pos, heads, d_head] with the model's query or key/value head count; ``pattern``: the
+    path is the attention module and the site its attention pattern (``tracekit.adapters.pattern``)."""
 
     path: str
     input: bool = False
     part: tuple[int, int] | None = None
     heads: str | None = None
+    pattern: bool = False
 
     def view(self, x: torch.Tensor, adapter: "ArchAdapter", model: nn.Module) -> torch.Tensor:
         """The site's tensor from the module's tensor."""
@@ -189,13 +194,14 @@ class ArchAdapter:
             "mlp_out": Hook(self.mlp),
             "mlp_in": Hook(self.down_proj, input=True),
             "resid_mid": Hook(self.resid_mid, input=True) if self.resid_mid else None,
+            "pattern": Hook(self.attn, pattern=True),
         }
         hook = derived[site.kind] if site.kind in derived else getattr(self, site.kind)
         if hook is None:
             why = " (its blocks are parallel: attention and MLP read the same input)" \
                 if site.kind == "resid_mid" and self.name == "gptj" else ""
             raise TracekitError(f"site {site.kind!r} is not mapped for {self.name} models{why}")
-        return Hook(hook.path.format(site.layer), hook.input, hook.part, hook.heads)
+        return Hook(hook.path.format(site.layer), hook.input, hook.part, hook.heads, hook.pattern)
 
     def path(self, site: Site) -> str:
         """The module whose forward output (or input: ``hook(site).input``) holds the site."""
@@ -228,6 +234,10 @@ class ArchAdapter:
                 keep[site] = hook.view(x, self, model)
             return x
 
+        if hook.pattern:
+            from tracekit.adapters.pattern import PatternHandle
+
+            return PatternHandle(model, module, edit)
         if hook.input:
             return module.register_forward_pre_hook(lambda m, args: (edit(args[0]), *args[1:]))
         return module.register_forward_hook(
@@ -272,7 +282,18 @@ class ArchAdapter:
             "k": "blocks.{}.attn.hook_k",
             "v": "blocks.{}.attn.hook_v",
             "z": "blocks.{}.attn.hook_z",
+            "pattern": "blocks.{}.attn.hook_pattern",  # [batch, heads, query, key]: see ``tl_layout``
         }[site.kind].format(site.layer)
+
+    @staticmethod
+    def tl_layout(site: Site, fn=None):
+        """``fn`` over tracekit's layout of the site as a function of TransformerLens's tensor (and,
+        without ``fn``, the converter from TL's layout to tracekit's)."""
+        if site.kind != "pattern":
+            return fn if fn is not None else (lambda x: x)
+        if fn is None:
+            return lambda x: x.transpose(1, 2)
+        return lambda x: fn(x.transpose(1, 2)).transpose(1, 2)
 
 
 GPT2 = ArchAdapter(

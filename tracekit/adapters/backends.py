@@ -183,9 +183,9 @@ class TransformerLensBackend(Backend):
 
             def hook(tensor, hook, site=site, fn=fn, keep=keep):
                 if fn is not None:
-                    tensor = fn(tensor)
+                    tensor = self.adapter.tl_layout(site, fn)(tensor)
                 if keep:
-                    captured[site] = tensor
+                    captured[site] = self.adapter.tl_layout(site)(tensor)
                 return tensor
 
             hooks.append((self.adapter.tl_hook(site), hook))
@@ -212,8 +212,22 @@ class NNsightBackend(Backend):
 
     def _forward(self, input_ids, edits, capture, positions):
         saved = {}
+        # The pattern is no module's input or output: its sites hook the attention function itself.
+        patterns = [s for s in execution_order([*edits, *capture]) if self.adapter.hook(s).pattern]
+        kept: dict[Site, torch.Tensor] = {}
+        handles = [self.adapter.attach(self.hf, s, edits.get(s), kept if s in capture else None) for s in patterns]
+        try:
+            logits = self._trace(input_ids, edits, capture, saved, set(patterns))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return RunOutput(_gather(logits, positions), {**dict(saved), **kept})
+
+    def _trace(self, input_ids, edits, capture, saved, skip):
         with self.wrapper.trace(input_ids):
             for site in execution_order([*edits, *capture]):
+                if site in skip:
+                    continue
                 hook = self.adapter.hook(site)
                 envoy = _get(self.wrapper, hook.path)
                 fn = edits.get(site)
@@ -227,7 +241,7 @@ class NNsightBackend(Backend):
                 if site in capture:
                     saved[site] = hook.view(value, self.adapter, self.hf).save()
             logits = self.wrapper.output.logits.save()
-        return RunOutput(_gather(logits, positions), dict(saved))
+        return logits
 
 
 BACKENDS = ("hf", "transformer_lens", "nnsight")

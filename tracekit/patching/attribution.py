@@ -19,7 +19,7 @@ from tracekit.adapters import HEAD_SITES, SITE_KINDS, Site
 from tracekit.errors import check
 from tracekit.patching.corruption import corrupt_run
 from tracekit.patching.engine import Patch
-from tracekit.patching.metrics import make_metric, target_tokens
+from tracekit.patching.metrics import default_foil, make_metric, target_tokens
 from tracekit.patching.patch import DIRECTIONS, _kinds
 from tracekit.patching.result import PatchResult
 
@@ -51,7 +51,7 @@ def attribution_patch(model, clean: str, corrupt, *, sites: str | Sequence[str] 
     foil_id = None
     if metric == "logit_diff":
         foil_id = target_tokens(model.tokenizer, clean, foil)[0] if foil is not None else \
-            int(corrupt_logits[:, 0].float().mean(0).argmax())
+            default_foil(corrupt_logits[:, 0], target_ids[0])
     scorer = make_metric(metric, model, T, target_ids, foil_id, clean_logits[:, :1])
     denoise = direction == "denoise"
     base_ids, base_edits = (corrupted.ids, corrupted.edits) if denoise else (clean_run, {})

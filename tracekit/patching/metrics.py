@@ -42,6 +42,13 @@ def target_tokens(tokenizer, prompt: str, target: str, stacklevel: int = 3) -> l
     return ids
 
 
+def default_foil(corrupt_logits: torch.Tensor, target_id: int) -> int:
+    """The corrupted run's top next token other than the target (logits [S, V], averaged over rows)."""
+    mean = corrupt_logits.float().mean(0).clone()
+    mean[target_id] = float("-inf")
+    return int(mean.argmax())
+
+
 @dataclass
 class Metric:
     """A named metric over logits at ``columns`` (absolute positions of the sequence run)."""

@@ -12,7 +12,7 @@ from tracekit.adapters import HEAD_SITES, Site
 from tracekit.errors import check
 from tracekit.patching.corruption import Corrupted, Noise, corrupt_run
 from tracekit.patching.engine import Patch, run_patches
-from tracekit.patching.metrics import make_metric, target_tokens
+from tracekit.patching.metrics import default_foil, make_metric, target_tokens
 from tracekit.patching.result import PatchResult
 from tracekit.tracing.plan import window_layers
 
@@ -33,16 +33,16 @@ def patch(model, clean: str, corrupt, *, sites: str | Sequence[str] = "resid_pre
     values into the clean run: which states are necessary).
 
     The sweep is sites x layers x positions (x heads): ``sites`` one or several site names
-    (TransformerLens's: resid_pre, resid_mid, resid_post, attn_out, mlp_out, mlp_in, q, k, v, z, or
-    the aliases resid/mlp/attn); ``layers`` window centres (default: every layer), each patching
+    (TransformerLens's: resid_pre, resid_mid, resid_post, attn_out, mlp_out, mlp_in, q, k, v, z,
+    pattern, or the aliases resid/mlp/attn; a pattern patch replaces a query position's row); ``layers`` window centres (default: every layer), each patching
     ``window_layers(l, window)``; ``positions`` "all" (each prompt position on its own), "last",
     "corrupted" (each corrupted token), or a list whose items are positions or tuples of positions
     patched together; ``heads`` (head sites only) None (all heads together), "each", or a list.
 
     ``metric``: "logprob" / "prob" of ``target`` (every token, teacher-forced; default target: the
     clean run's top token), "logit_diff" (target minus ``foil``; default foil: the corrupted run's
-    top token), "kl" (KL(clean || patched) at the last position) or a function of the last
-    position's logits [rows, vocab] -> [rows].
+    top token other than the target), "kl" (KL(clean || patched) at the last position) or a
+    function of the last position's logits [rows, vocab] -> [rows].
 
     Returns a ``PatchResult`` (``.values``, ``.to_frame()``, ``.plot()``, a rich table).
     """
@@ -76,7 +76,7 @@ def patch(model, clean: str, corrupt, *, sites: str | Sequence[str] = "resid_pre
     foil_id = None
     if metric == "logit_diff":
         foil_id = target_tokens(model.tokenizer, clean, foil)[0] if foil is not None else \
-            int(corrupt_pass.logits[:, 0].float().mean(0).argmax())
+            default_foil(corrupt_pass.logits[:, 0], target_ids[0])
     scorer = make_metric(metric, model, T, target_ids, foil_id, clean_pass.logits[:, :1])
     m_clean = float(scorer(clean_pass.logits).mean())
     m_corrupt = float(scorer(corrupt_pass.logits).mean())
@@ -86,8 +86,9 @@ def patch(model, clean: str, corrupt, *, sites: str | Sequence[str] = "resid_pre
     patches = [Patch(kind, l, w.start, w.stop, pos, head) for kind in kinds for l, w in zip(layer_list, windows)
                for pos in position_sets for head in head_lists[kind]]
     base, src = (corrupt_pass, clean_pass) if denoise else (clean_pass, corrupt_pass)
+    # a pattern's key axis is the pass's keys: absolute positions only with exact shapes
     values = run_patches(model, patches, base.recording, src.captured, base.hidden.shape[0], src.hidden.shape[0],
-                         columns, scorer, batch_tokens, shapes)
+                         columns, scorer, batch_tokens, "exact" if "pattern" in kinds else shapes)
     return PatchResult(
         model=model.spec, clean=clean, corrupt=corrupted.description, tokens=model.tokens(clean), direction=direction,
         metric=scorer.name, target=model.tokenizer.decode(target_ids), foil=None if foil_id is None else
