@@ -139,7 +139,8 @@ class PatchResult:
             step = max(1, len(layers) // 10)
             axis.set_xticks([i + 0.5 for i in range(0, len(layers), step)], layers[::step], fontsize=7)
             axis.set_xlabel(f"layer ({kind}, window {self.window})", fontsize=8)
-            axis.set_title(f"{self.direction} {kind}: {self.metric} of {self.target!r}", fontsize=8)
+            versus = "" if self.foil is None else f" - {self.foil!r}"
+            axis.set_title(f"{self.direction} {kind}: {self.metric} of {self.target!r}{versus}", fontsize=8)
             fig.colorbar(image, ax=axis).set_label("normalised" if normalised else self.metric, fontsize=7)
         fig.suptitle(f"{self.clean!r} vs {self.corrupt}", fontsize=8)
         return fig
