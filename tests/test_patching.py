@@ -91,7 +91,8 @@ def test_corruptions():
 
 def test_metrics_on_the_unpatched_runs():
     model = sharp("random:gpt2-tiny")
-    multi = tracekit.patch(model, PROMPT, CORRUPT, layers=[0], positions="last", metric="logprob", target=" Paris Paris")
+    multi = tracekit.patch(model, PROMPT, CORRUPT, layers=[0], positions="last", metric="logprob",
+                           target=" Paris Paris")
     assert abs(multi.m_clean - float(model.sequence_logprobs([PROMPT], [" Paris Paris"])[0])) <= 1e-5
     assert abs(multi.m_corrupt - float(model.sequence_logprobs([CORRUPT], [" Paris Paris"])[0])) <= 1e-5
     # patching the last position's block input at layer 0 with the same token changes nothing

@@ -69,10 +69,31 @@ def test_an_edit_on_one_head_changes_only_that_head(spec):
     site = Site("z", 1)
     zero_head = lambda z: torch.cat([z[:, :, :1], torch.zeros_like(z[:, :, 1:2]), z[:, :, 2:]], dim=2)  # noqa: E731
     clean = tiny(spec).run(IDS, capture=[site]).captured[site]
-    runs = [tiny(spec, b).run(IDS, edits={site: zero_head}, capture=[site]) for b in ("hf", "transformer_lens", "nnsight")]
+    runs = [tiny(spec, backend).run(IDS, edits={site: zero_head}, capture=[site])
+            for backend in ("hf", "transformer_lens", "nnsight")]
     for run in runs:
         assert close(run.logits, runs[0].logits)
         z = run.captured[site]
         assert float(z[:, :, 1].abs().max()) == 0
         assert close(z[:, :, [0, 2, 3]], clean[:, :, [0, 2, 3]])
     assert not close(runs[0].logits, tiny(spec).run(IDS).logits)
+
+
+def test_views_of_fused_projections_round_trip():
+    """q/k/v as slices of a fused projection: [q | k | v] (GPT-2) or per head [h: q k v] (GPT-NeoX)."""
+    from types import SimpleNamespace
+
+    from tracekit.adapters import Hook
+
+    adapter = tiny("random:gpt2-tiny").adapter
+    model = SimpleNamespace(config=SimpleNamespace(n_layer=4, num_attention_heads=2))
+    x = torch.arange(2 * 3 * 12, dtype=torch.float32).reshape(2, 3, 12)  # 2 heads, d_head 2
+    stacked, per_head = Hook("x", part=(1, 3), heads="q"), Hook("x", part=(1, 3), heads="q", part_per_head=True)
+    assert stacked.view(x, adapter, model)[0, 0].tolist() == [[4, 5], [6, 7]]
+    assert per_head.view(x, adapter, model)[0, 0].tolist() == [[2, 3], [8, 9]]
+    for hook in (stacked, per_head):
+        value = hook.view(x, adapter, model)
+        assert torch.equal(hook.put(x, value), x)
+        changed = hook.put(x, torch.zeros_like(value))
+        assert float(changed.sum()) == float(x.sum() - value.sum())
+        assert float(hook.view(changed, adapter, model).abs().sum()) == 0

@@ -12,6 +12,7 @@ against TransformerLens's bridge.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -79,18 +80,24 @@ class Hook:
 
     ``path`` ({} = the layer); ``input``: the module's first input rather than its output;
     ``part`` = (i, n): the i-th of n equal slices of the last dimension (GPT-2's fused c_attn
-    gives q, k, v as slices 0, 1, 2 of 3); ``heads``: "q" or "kv", the tensor is viewed as
-    [batch, pos, heads, d_head] with the model's query or key/value head count; ``pattern``: the
-    path is the attention module and the site its attention pattern (``tracekit.adapters.pattern``)."""
+    gives q, k, v as slices 0, 1, 2 of 3), or with ``part_per_head`` of each head's block
+    (GPT-NeoX's query_key_value is [heads, (q, k, v), d_head]); ``heads``: "q" or "kv", the tensor
+    is viewed as [batch, pos, heads, d_head] with the model's query or key/value head count;
+    ``pattern``: the path is the attention module and the site its attention pattern
+    (``tracekit.adapters.pattern``)."""
 
     path: str
     input: bool = False
     part: tuple[int, int] | None = None
     heads: str | None = None
     pattern: bool = False
+    part_per_head: bool = False
 
     def view(self, x: torch.Tensor, adapter: "ArchAdapter", model: nn.Module) -> torch.Tensor:
         """The site's tensor from the module's tensor."""
+        if self.part is not None and self.part_per_head:
+            i, n = self.part
+            return x.unflatten(-1, (adapter.n_heads(model), n, -1))[..., i, :]
         if self.part is not None:
             i, n = self.part
             size = x.shape[-1] // n
@@ -102,6 +109,11 @@ class Hook:
 
     def put(self, x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The module's tensor with the site's part replaced by ``value`` (the inverse of ``view``)."""
+        if self.part is not None and self.part_per_head:
+            i, n = self.part
+            blocks = x.unflatten(-1, (value.shape[-2], n, -1))
+            blocks = torch.cat([blocks[..., :i, :], value.to(x.dtype).unsqueeze(-2), blocks[..., i + 1:, :]], dim=-2)
+            return blocks.flatten(-3)
         if self.heads is not None:
             value = value.flatten(-2)
         if self.part is None:
@@ -201,7 +213,7 @@ class ArchAdapter:
             why = " (its blocks are parallel: attention and MLP read the same input)" \
                 if site.kind == "resid_mid" and self.name == "gptj" else ""
             raise TracekitError(f"site {site.kind!r} is not mapped for {self.name} models{why}")
-        return Hook(hook.path.format(site.layer), hook.input, hook.part, hook.heads, hook.pattern)
+        return dataclasses.replace(hook, path=hook.path.format(site.layer))
 
     def path(self, site: Site) -> str:
         """The module whose forward output (or input: ``hook(site).input``) holds the site."""

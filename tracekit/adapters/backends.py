@@ -153,7 +153,8 @@ class HFBackend(Backend):
         handles = []
         try:
             for site in execution_order([*edits, *capture]):
-                handles.append(self.adapter.attach(self.hf, site, edits.get(site), captured if site in capture else None))
+                keep = captured if site in capture else None
+                handles.append(self.adapter.attach(self.hf, site, edits.get(site), keep))
             hidden = self.adapter.base_model(self.hf)(input_ids=input_ids, use_cache=False).last_hidden_state
             logits = self.adapter.unembed_module(self.hf)(_gather(hidden, positions))
         finally:

@@ -34,10 +34,11 @@ def patch(model, clean: str, corrupt, *, sites: str | Sequence[str] = "resid_pre
 
     The sweep is sites x layers x positions (x heads): ``sites`` one or several site names
     (TransformerLens's: resid_pre, resid_mid, resid_post, attn_out, mlp_out, mlp_in, q, k, v, z,
-    pattern, or the aliases resid/mlp/attn; a pattern patch replaces a query position's row); ``layers`` window centres (default: every layer), each patching
-    ``window_layers(l, window)``; ``positions`` "all" (each prompt position on its own), "last",
-    "corrupted" (each corrupted token), or a list whose items are positions or tuples of positions
-    patched together; ``heads`` (head sites only) None (all heads together), "each", or a list.
+    pattern, or the aliases resid/mlp/attn; a pattern patch replaces a query position's row);
+    ``layers`` window centres (default: every layer), each patching ``window_layers(l, window)``;
+    ``positions`` "all" (each prompt position on its own), "last", "corrupted" (each corrupted
+    token), or a list whose items are positions or tuples of positions patched together; ``heads``
+    (head sites only) None (all heads together), "each", or a list.
 
     ``metric``: "logprob" / "prob" of ``target`` (every token, teacher-forced; default target: the
     clean run's top token), "logit_diff" (target minus ``foil``; default foil: the corrupted run's
@@ -51,7 +52,8 @@ def patch(model, clean: str, corrupt, *, sites: str | Sequence[str] = "resid_pre
           f"window must be an integer from 1 to {model.n_layers}, got {window!r}")
     kinds = _kinds(model, sites)
     clean_ids = P.token_ids(model.tokenizer, clean)
-    check(len(clean_ids) <= model.n_ctx, f"the prompt is {len(clean_ids)} tokens, over the model's context {model.n_ctx}")
+    check(len(clean_ids) <= model.n_ctx,
+          f"the prompt is {len(clean_ids)} tokens, over the model's context {model.n_ctx}")
     T = len(clean_ids)
     probe = model.forward(torch.tensor([clean_ids]), logits=torch.tensor([T - 1]), shapes=shapes).logits[0]
     answer_id = int(probe.argmax())
@@ -124,7 +126,8 @@ def _positions(positions, T: int, corrupted: Corrupted) -> list[tuple[int, ...]]
         return [(t,) for t in range(*corrupted.span)]
     out = []
     for item in positions:
-        group = tuple(int(t) + T if int(t) < 0 else int(t) for t in (item if isinstance(item, (tuple, list)) else [item]))
+        items = item if isinstance(item, (tuple, list)) else [item]
+        group = tuple(int(t) + T if int(t) < 0 else int(t) for t in items)
         check(len(group) > 0 and all(0 <= t < T for t in group),
               f"position {item} is outside the prompt's {T} tokens")
         out.append(group)
