@@ -134,3 +134,17 @@ def test_head_sweeps_and_results():
     console = Console(record=True, width=120)
     console.print(result)
     assert "head 3" in console.export_text()
+
+
+@pytest.mark.parametrize("direction", ("denoise", "noise"))
+def test_patching_every_position_of_the_stream_gives_the_other_run(direction):
+    """Patching block 0's input at every position turns one run into the other, for every noise sample."""
+    model = sharp("random:gptj-tiny")
+    result = tracekit.patch(model, PROMPT, Noise(SUBJECT, samples=3), positions=[tuple(range(9)), 8], layers=[0, 2],
+                            metric="logprob", direction=direction)
+    assert result.per_sample.shape == (4, 3)
+    everything = result.per_sample[[0, 2]]
+    other = result.m_clean if direction == "denoise" else result.m_corrupt
+    assert float((everything.mean(1) - other).abs().max()) <= 1e-5
+    if direction == "noise":  # each row is one noised run: its samples differ
+        assert float(everything.std(1).min()) > 1e-4
