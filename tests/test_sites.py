@@ -58,7 +58,7 @@ def test_aliases_resolve_to_one_site():
     assert Site("resid", 1) == Site("resid_post", 1) and Site("attn", 0).kind == "attn_out"
     assert Site("mlp_post", 3) == Site("mlp_in", 3) and str(Site("resid", 1)) == "resid_post@1"
     assert {Site("mlp", 2): 1}[Site("mlp_out", 2)] == 1
-    with pytest.raises(TracekitError, match="unknown site 'hook_attn_scores'"):
+    with pytest.raises(TracekitError, match="unknown site kind 'hook_attn_scores'"):
         Site("hook_attn_scores", 0)
 
 

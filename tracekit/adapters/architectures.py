@@ -48,7 +48,7 @@ def site_kind(name: str) -> str:
     kind = SITE_ALIASES.get(name, name) if isinstance(name, str) else name
     if kind not in SITE_KINDS:
         names = ", ".join([*SITE_KINDS, *[a for a in SITE_ALIASES if not a.startswith("hook_")]])
-        raise TracekitError(f"unknown site {name!r}; choose one of {names}")
+        raise TracekitError(f"unknown site kind {name!r}; choose one of {names}")
     return kind
 
 
