@@ -59,6 +59,7 @@ def test_all_three_land_on_one_model_over_the_given_modules(three):
         assert model.n_layers == 3 and not any(p.requires_grad for p in hf.parameters())
     assert models[2].wrapper is lm
     assert models[0].spec == "hf:gpt2" and tracekit.from_hf(hf, offline_tokenizer(), name="mine").spec == "mine"
+    assert tracekit.from_hf(hf, offline_tokenizer(), backend="nnsight").backend.name == "nnsight"  # same modules
 
 
 def test_traces_agree_across_the_three_wrappers(three):
