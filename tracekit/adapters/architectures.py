@@ -336,8 +336,48 @@ LLAMA = ArchAdapter(
     k=Hook("model.layers.{}.self_attn.k_proj", heads="kv"), v=Hook("model.layers.{}.self_attn.v_proj", heads="kv"),
     z=Hook("model.layers.{}.self_attn.o_proj", input=True, heads="q"), n_kv_heads_attr="num_key_value_heads",
 )
+# GPT-NeoX / Pythia: attention and MLP in parallel on the same input (use_parallel_residual, the
+# default) or in sequence; either way "attn" and "mlp" are the two sublayer outputs. The LM head is
+# ``lm_head`` in transformers 5 (``embed_out`` before).
+GPT_NEOX = ArchAdapter(
+    name="gpt_neox", model_types=("gpt_neox",), base="gpt_neox", layers="gpt_neox.layers",
+    embed="gpt_neox.embed_in", attn="gpt_neox.layers.{}.attention", mlp="gpt_neox.layers.{}.mlp",
+    down_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h", final_norm="gpt_neox.final_layer_norm", unembed="lm_head",
+    down_proj_transposed=False, n_layers_attr="num_hidden_layers", d_model_attr="hidden_size",
+    n_ctx_attrs=("max_position_embeddings",),
+    # query_key_value is fused per head: [heads, (q, k, v), d_head]. No resid_mid: Pythia's block is
+    # parallel (a sequential GPT-NeoX, use_parallel_residual=False, would have it at post_attention_layernorm)
+    q=Hook("gpt_neox.layers.{}.attention.query_key_value", part=(0, 3), heads="q", part_per_head=True),
+    k=Hook("gpt_neox.layers.{}.attention.query_key_value", part=(1, 3), heads="kv", part_per_head=True),
+    v=Hook("gpt_neox.layers.{}.attention.query_key_value", part=(2, 3), heads="kv", part_per_head=True),
+    z=Hook("gpt_neox.layers.{}.attention.dense", input=True, heads="q"),
+)
+# Gemma: Llama's module names; the body scales the embeddings by sqrt(d_model) after "embed" (so
+# subject noise, drawn at the embedding output, is scaled with them), and RMSNorm multiplies by
+# (1 + weight).
+GEMMA = ArchAdapter(
+    name="gemma", model_types=("gemma",), base="model", layers="model.layers",
+    embed="model.embed_tokens", attn="model.layers.{}.self_attn", mlp="model.layers.{}.mlp",
+    down_proj="model.layers.{}.mlp.down_proj", final_norm="model.norm", unembed="lm_head",
+    down_proj_transposed=False, n_layers_attr="num_hidden_layers", d_model_attr="hidden_size",
+    n_ctx_attrs=("max_position_embeddings",),
+    resid_mid="model.layers.{}.post_attention_layernorm", q=Hook("model.layers.{}.self_attn.q_proj", heads="q"),
+    k=Hook("model.layers.{}.self_attn.k_proj", heads="kv"), v=Hook("model.layers.{}.self_attn.v_proj", heads="kv"),
+    z=Hook("model.layers.{}.self_attn.o_proj", input=True, heads="q"), n_kv_heads_attr="num_key_value_heads",
+)
+# Phi-1/1.5/2: one LayerNorm feeds attention and MLP in parallel (like GPT-J); MLP fc1 -> fc2.
+PHI = ArchAdapter(
+    name="phi", model_types=("phi",), base="model", layers="model.layers",
+    embed="model.embed_tokens", attn="model.layers.{}.self_attn", mlp="model.layers.{}.mlp",
+    down_proj="model.layers.{}.mlp.fc2", final_norm="model.final_layernorm", unembed="lm_head",
+    down_proj_transposed=False, n_layers_attr="num_hidden_layers", d_model_attr="hidden_size",
+    n_ctx_attrs=("max_position_embeddings",),
+    q=Hook("model.layers.{}.self_attn.q_proj", heads="q"), k=Hook("model.layers.{}.self_attn.k_proj", heads="kv"),
+    v=Hook("model.layers.{}.self_attn.v_proj", heads="kv"),
+    z=Hook("model.layers.{}.self_attn.dense", input=True, heads="q"), n_kv_heads_attr="num_key_value_heads",
+)
 
-ARCHITECTURES = (GPT2, GPTJ, LLAMA)
+ARCHITECTURES = (GPT2, GPTJ, LLAMA, GPT_NEOX, GEMMA, PHI)
 
 
 def adapter_for(model: nn.Module) -> ArchAdapter:

@@ -168,8 +168,13 @@ class TransformerLensBackend(Backend):
 
     name = "transformer_lens"
 
-    def __init__(self, hf_model, adapter, tokenizer, config_dir: str):
+    def __init__(self, hf_model, adapter, tokenizer, config_dir: str | None = None, bridge=None):
+        """Boots a bridge over ``hf_model`` from ``config_dir``, or adopts the user's own ``bridge``
+        (whose ``original_model`` is ``hf_model``: ``tracekit.from_transformer_lens``)."""
         super().__init__(hf_model, adapter, tokenizer)
+        if bridge is not None:
+            self.wrapper = bridge
+            return
         try:
             from transformer_lens.model_bridge import TransformerBridge
         except ImportError as err:  # pragma: no cover - a declared dependency
@@ -200,8 +205,13 @@ class NNsightBackend(Backend):
 
     name = "nnsight"
 
-    def __init__(self, hf_model, adapter, tokenizer):
+    def __init__(self, hf_model, adapter, tokenizer, wrapper=None):
+        """Wraps ``hf_model``, or adopts the user's own nnsight model ``wrapper`` over it
+        (``tracekit.from_nnsight``)."""
         super().__init__(hf_model, adapter, tokenizer)
+        if wrapper is not None:
+            self.wrapper = wrapper
+            return
         try:
             import nnsight
         except ImportError as err:  # pragma: no cover - a declared dependency

@@ -38,7 +38,7 @@ from tracekit.adapters.partial import (
 )
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
-_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")  # layer_past: GPT-NeoX
 _MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 

@@ -14,17 +14,18 @@ from rich.text import Text
 
 from tracekit.errors import TracekitError, check
 from tracekit.patching.engine import Patch
+from tracekit.plotting import pyplot
 
 _BARS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
 
 
 def new_figure(width: float, height: float):
-    """A matplotlib Figure not registered with pyplot (no backend switch, nothing left open)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise TracekitError("plotting needs matplotlib: pip install 'tracekit[plot]'") from err
-    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+    """A constrained-layout Figure made by pyplot and closed there at once (tracekit.plotting's rule:
+    Jupyter shows it inline once, nothing stays open, no backend switch)."""
+    plt = pyplot()
+    fig = plt.figure(figsize=(width, height), dpi=110, layout="constrained")
+    plt.close(fig)
+    return fig
 
 
 def png_bytes(fig) -> bytes:
