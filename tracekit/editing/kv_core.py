@@ -18,14 +18,15 @@
   lambda = 0 and one key this is ROME's rank-one update, with lambda = mom2_update_weight
   MEMIT's (lambda C + K K^T)^-1 K solve, rewritten so that lambda = 0 stays defined.
 
-Engines. ``"blocks"`` (any model whose blocks ``BlockDriver`` can drive): one pass without
-gradients runs every row through blocks 0..l; the positions before each row's last subject
-token s_i cannot see the delta (causal attention), so their keys/values in blocks l+1.. are
-computed once; each step runs one ragged batch holding, for every row, only positions s_i up
-to its last scored position through blocks l+1.., with logits only where they are scored.
-``"hooks"``: whole forward passes through ``Model.run`` with a ``Site("mlp", l)`` hook adding
-the delta; used where blocks cannot be driven (TransformerLens bridge), and for subject noise
-drawn afresh for every pass (the paper code's Fact Forcing), where nothing can be reused.
+Engines (``ValueObjective``); every pass goes through the partial forward ``Model.forward``,
+which decides in one place whether the model's blocks are driven or whole passes run (the
+TransformerLens and nnsight backends). ``"blocks"``: one pass without gradients records every
+row; the positions before each row's last subject token s_i cannot see the delta (causal
+attention), so each step re-runs only a branch of the recording: every row's positions s_i up to
+its last scored position, from block l+1 up, entering with the recorded state + delta, with
+logits only where they are scored. ``"hooks"``: a whole pass from the tokens per step with an
+edit at ``Site("mlp", l)`` adding the delta; for subject noise drawn afresh for every pass (the
+paper code's Fact Forcing), where nothing can be reused.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import torch
 
 from tracekit import prompts as P
 from tracekit.adapters import Site
-from tracekit.adapters.blocks import BlockDriver, Positions
 from tracekit.editing.request import EditRequest
 from tracekit.editing.subject_noise import as_subject_noise
 from tracekit.errors import check
@@ -188,53 +188,20 @@ class _Suspended:
 def subject_states(model, rows: EditRows, sites: list[Site], row_index=None,
                    noise: NoisePasses | None = None) -> dict[Site, torch.Tensor]:
     """Each site's value at the last subject token of rows ``row_index`` (default: the template
-    rows), from one forward pass over those rows alone: {site: [len(row_index), d]}."""
+    rows), from one partial forward over those rows alone, up to the highest site's layer:
+    {site: [len(row_index), d]}."""
     row_index = list(range(rows.n_templates)) if row_index is None else list(row_index)
     ids = rows.input_ids[row_index]
     width = int(rows.lengths[row_index].max())
     edits = noise.edits(row_index) if noise is not None else {}
-    out = model.run(ids[:, :width], edits=edits, capture=sites, positions=torch.zeros(len(row_index), dtype=torch.long))
+    top = max(s.layer for s in sites if s.layer is not None)
+    out = model.forward(ids[:, :width], stop_layer=top + 1, edits=edits, capture=sites)
     index = torch.arange(len(row_index))
     last = rows.subject_last[row_index]
-    return {site: value[index, last.to(value.device)].float() for site, value in out.captured.items()}
-
-
-def _run_prefix(model, rows: EditRows, sites, last_layer, noise: NoisePasses):
-    """Blocks 0..last_layer over every row without gradients; captures ``sites`` (whole tensors)."""
-    driver = BlockDriver(model.hf, model.adapter)
-    captured: dict[Site, torch.Tensor] = {}
-    handles = []
-    for site in sites:
-        module = model.adapter.module(model.hf, site)
-        if site.kind == "mlp_in":
-            handles.append(module.register_forward_pre_hook(lambda m, a, s=site: captured.__setitem__(s, a[0])))
-        else:
-            handles.append(module.register_forward_hook(
-                lambda m, a, o, s=site: captured.__setitem__(s, o[0] if isinstance(o, tuple) else o)))
-    try:
-        hidden = driver.block0_input(rows.input_ids, noise.edits(range(rows.input_ids.shape[0])))
-        pos = driver.positions(0, rows.input_ids.shape[1], hidden)
-        for layer in range(last_layer + 1):
-            hidden, _ = driver.block(layer, hidden, pos)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hidden, captured
+    return {site: value[index.to(value.device), last.to(value.device)].float() for site, value in out.captured.items()}
 
 
 # ---- the value objective ------------------------------------------------------------------------
-def ragged_positions(driver: BlockDriver, starts: torch.Tensor, width: int, prefix: int, like: torch.Tensor) -> Positions:
-    """Row i holds positions starts[i] .. starts[i] + width - 1 and sees keys 0..starts[i] - 1 of a
-    shared prefix of ``prefix`` columns, then its own columns causally."""
-    cols = torch.arange(width, device=like.device)
-    ids = starts.to(like.device)[:, None] + cols  # [B, P]
-    keys = torch.arange(prefix, device=like.device)
-    seen_prefix = (keys[None, None, :] < starts.to(like.device)[:, None, None]).expand(-1, width, -1)
-    causal = (cols[None, :] <= cols[:, None])[None].expand(len(starts), -1, -1)
-    allowed = torch.cat([seen_prefix, causal], dim=-1)[:, None]  # [B, 1, P, prefix + P]
-    return driver.make_positions(ids, allowed, like)
-
-
 @dataclass(frozen=True)
 class SubjectValues:
     """The template rows' states at the last subject token in the first (delta = 0) pass."""
@@ -249,7 +216,16 @@ class ValueObjective:
 
     The first call (at delta = 0; one is made first if need be) records ``initial`` (the template
     rows' key, MLP output and block output at the last subject token) and the KL prompt's
-    original distribution, as the public code records target_init and kl_distr_init."""
+    original distribution, as the public code records target_init and kl_distr_init.
+
+    Every pass goes through the partial forward (``Model.forward``), which decides whether the
+    model's blocks are driven or whole passes run (``model.forward_path``). ``engine``:
+    "blocks" (the default where the noise allows): one recorded pass of every row, then each
+    call re-runs only a branch of the recording: rows from their last subject token on, from
+    block ``layer + 1`` up, entering with the recorded state + delta (earlier positions cannot
+    see the delta); "hooks": a whole pass from the tokens for every call, the delta added by an
+    edit at ``Site("mlp", layer)`` (subject noise drawn afresh per pass needs it).
+    """
 
     def __init__(self, model, rows: EditRows, layer: int, engine: str = "auto",
                  template_weights: torch.Tensor | None = None, noise: NoisePasses | None = None):
@@ -257,69 +233,59 @@ class ValueObjective:
         self.model, self.rows, self.layer = model, rows, layer
         self.template_weights = template_weights
         self.noise = noise if noise is not None else NoisePasses(rows, model.d_model)
-        self.driver = BlockDriver(model.hf, model.adapter)
-        reason = self.driver.unsupported_reason()
-        if self.noise.fresh:
-            reason = reason or "the subject noise is drawn afresh for every pass"
+        reason = "the subject noise is drawn afresh for every pass" if self.noise.fresh else None
         if engine == "auto":
             engine = "blocks" if reason is None else "hooks"
         check(engine in ("blocks", "hooks"), f"unknown engine {engine!r}; choose blocks or hooks")
         check(engine == "hooks" or reason is None, f"the blocks engine cannot run this edit: {reason}")
-        self.engine = engine
+        self.mode = engine
+        # what ran: "blocks" when the seam drives the blocks for a branch, else whole passes ("hooks")
+        self.engine = "blocks" if engine == "blocks" and model.forward_path == "blocks" else "hooks"
         self.initial: SubjectValues | None = None
         self.kl_init: torch.Tensor | None = None
         self.calls = 0
-        if engine == "blocks":
-            sites = [Site("mlp_in", layer), Site("mlp", layer), Site("resid", layer)]
-            with torch.no_grad():
-                hidden, captured = _run_prefix(model, rows, sites, layer, self.noise)
-            index, at = torch.arange(rows.n_templates), rows.subject_last[: rows.n_templates]
-            self.initial = SubjectValues(*(captured[s][index, at.to(captured[s].device)].float() for s in sites))
-            self.dtype = hidden.dtype
-            self._prepare_suffix(hidden)
-        else:
-            self.dtype = next(model.hf.parameters()).dtype
-
-    # -- blocks engine -------------------------------------------------------------------
-    @torch.no_grad()
-    def _prepare_suffix(self, hidden: torch.Tensor) -> None:
-        """Keys/values of every row's positions before its last subject token (blocks above
-        ``layer``), and each row's block-``layer`` output from that token on, in one batch."""
-        rows = self.rows
+        n = rows.n_templates
+        # logits columns per row, counted from the row's last subject token: the target's positions
+        # for templates, the subject token itself (repeated) for the KL row
         starts = rows.subject_last
-        # columns a row needs: up to its last target-scoring position; the KL row only its first
-        needed = torch.zeros_like(starts)
-        needed[: rows.n_templates] = rows.target_pos[:, -1] - starts[: rows.n_templates]
-        self.width = int(needed.max()) + 1
-        prefix = int(starts.max())
-        padded = torch.nn.functional.pad(hidden, (0, 0, 0, self.width))  # room for a row's suffix past T
-        take = (starts[:, None] + torch.arange(self.width)).to(hidden.device)
-        self.suffix = padded[torch.arange(len(starts), device=hidden.device)[:, None], take]  # [B, P, d]
-        self.pos = ragged_positions(self.driver, starts, self.width, prefix, hidden)
-        self.prefix_kv = []
-        h = hidden[:, :prefix]
-        pos = self.driver.positions(0, prefix, h) if prefix > 0 else None
-        for layer in range(self.layer + 1, len(self.driver.blocks)):
-            if prefix == 0:
-                self.prefix_kv.append(None)
-                continue
-            h, cache = self.driver.block(layer, h, pos)
-            self.prefix_kv.append(tuple(t.detach() for t in cache.seen))
+        cols = torch.zeros(rows.input_ids.shape[0], rows.target_pos.shape[1], dtype=torch.long)
+        cols[:n] = rows.target_pos - starts[:n, None]
+        self.cols = cols
+        self.dtype = next(model.hf.parameters()).dtype
+        if self.mode == "blocks":
+            self._record()
+
+    # -- blocks engine: one recording, then branches ---------------------------------------------
+    @torch.no_grad()
+    def _record(self) -> None:
+        from tracekit.adapters.partial import Branch, gather_columns
+
+        rows, layer = self.rows, self.layer
+        sites = [Site("mlp_in", layer), Site("mlp", layer), Site("resid", layer)]
+        out = self.model.forward(rows.input_ids, edits=self.noise.edits(range(rows.input_ids.shape[0])),
+                                 capture=sites, record=layer + 1 < self.model.n_layers)
+        index, at = torch.arange(rows.n_templates), rows.subject_last[: rows.n_templates]
+        self.initial = SubjectValues(*(out.captured[s][index.to(out.captured[s].device), at.to(out.captured[s].device)]
+                                       .float() for s in sites))
+        starts = rows.subject_last
+        self.width = int(self.cols.max()) + 1
+        every = torch.arange(len(starts))
+        resid = out.captured[Site("resid", layer)]
+        self.entry = gather_columns(resid, every, starts, self.width)  # block layer's output from s_i on
+        self.dtype = self.entry.dtype
+        self.branch = None if out.recording is None else Branch.make(out.recording, starts, layer + 1, width=self.width)
 
     def _blocks_logits(self, delta: torch.Tensor):
-        """Logits at the target positions [n_templates, m, V] and at the KL row's subject token [V]."""
-        rows, n = self.rows, self.rows.n_templates
-        x = self.suffix.clone()
+        x = self.entry.clone()
         x[:, 0] = x[:, 0] + delta.to(x.device, x.dtype)
-        for i, layer in enumerate(range(self.layer + 1, len(self.driver.blocks))):
-            x, _ = self.driver.block(layer, x, self.pos, self.prefix_kv[i])
-        cols = rows.target_pos - rows.subject_last[:n, None]  # [n, m]
-        scored = x[torch.arange(n, device=x.device)[:, None], cols.to(x.device)]  # [n, m, d]
-        logits = self.driver.unembed(self.driver.norm(scored))
-        kl = self.driver.unembed(self.driver.norm(x[n, 0])) if rows.has_kl else None
-        return logits, kl
+        if self.branch is None:  # the last layer: its output goes to the final norm and unembedding
+            logits = _unembed(self.model, x[torch.arange(x.shape[0], device=x.device)[:, None], self.cols.to(x.device)])
+        else:
+            logits = self.model.forward(branch=self.branch, hidden=x, logits=self.cols,
+                                        grad=torch.is_grad_enabled()).logits
+        return self._split(logits)
 
-    # -- hooks engine ---------------------------------------------------------------------------
+    # -- hooks engine: a whole pass per call --------------------------------------------------------
     def _hooks_logits(self, delta: torch.Tensor):
         rows, n = self.rows, self.rows.n_templates
         index = torch.arange(rows.input_ids.shape[0])
@@ -331,15 +297,19 @@ class ValueObjective:
 
         sites = [Site("mlp_in", self.layer), Site("mlp", self.layer), Site("resid", self.layer)]
         edits = {**self.noise.edits(range(len(index))), Site("mlp", self.layer): add_delta}
-        out = self.model.run(rows.input_ids, edits=edits, grad=torch.is_grad_enabled(),
-                             capture=sites if self.initial is None else ())
+        out = self.model.forward(rows.input_ids, edits=edits, grad=torch.is_grad_enabled(),
+                                 capture=sites if self.initial is None else (),
+                                 logits=self.cols + rows.subject_last[:, None])
         if self.initial is None:  # delta = 0 here: the captured values are the original ones
             at = rows.subject_last[:n]
             self.initial = SubjectValues(*(out.captured[s][torch.arange(n), at.to(out.captured[s].device)]
                                            .detach().float() for s in sites))
-        logits = out.logits[torch.arange(n)[:, None], rows.target_pos]
-        kl = out.logits[n, rows.subject_last[n]] if rows.has_kl else None
-        return logits, kl
+        return self._split(out.logits)
+
+    def _split(self, logits: torch.Tensor):
+        """[rows, m, V] -> the templates' [n_templates, m, V] and the KL row's [V] (or None)."""
+        n = self.rows.n_templates
+        return logits[:n], (logits[n, 0] if self.rows.has_kl else None)
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL of the target tokens per template, averaged over templates (or weighted by
@@ -348,7 +318,7 @@ class ValueObjective:
             with torch.no_grad():
                 self(torch.zeros_like(delta.detach()))
         self.calls += 1
-        logits, kl_logits = self._blocks_logits(delta) if self.engine == "blocks" else self._hooks_logits(delta)
+        logits, kl_logits = self._blocks_logits(delta) if self.mode == "blocks" else self._hooks_logits(delta)
         logp = torch.log_softmax(logits.float(), -1)
         target = self.rows.target_ids.to(logp.device)
         token_logp = logp.gather(-1, target.expand(logp.shape[0], -1)[..., None])[..., 0]
@@ -364,6 +334,12 @@ class ValueObjective:
                 self.kl_init = new.detach()
             kl = (new.exp() * (new - self.kl_init)).sum()
         return nll, kl
+
+
+def _unembed(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm and unembedding of last-block outputs."""
+    norm = model.hf.get_submodule(model.adapter.final_norm)
+    return model.adapter.unembed_module(model.hf)(norm(hidden))
 
 
 # ---- optimisation and the update ---------------------------------------------------------------
@@ -426,24 +402,32 @@ def optimize_value(objective: ValueObjective, hp, minimize: bool = False, refere
     return ValueResult(delta.detach().clone(), reference, trace, final_nll, steps)
 
 
-def solve_update(C: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, lam: float = 0.0,
+def solve_update(C, keys: torch.Tensor, residuals: torch.Tensor, lam: float = 0.0,
                  ridge: float = 0.0, denominator_keys: torch.Tensor | None = None) -> torch.Tensor:
     """dW [d_out, d_in] = R (lam I + D^T A^-1 K)^-1 (A^-1 K)^T, A = C + ridge x mean eigenvalue x I.
 
+    ``C``: the matrix, or a ``factors.KeySolver`` / ``factors.LayerStats`` whose factorisation of
+    A is made once and reused (``tracekit.editing.factors``; ``ridge`` is then the LayerStats').
     ``keys`` K [d_in, n], ``residuals`` R [d_out, n]; D = ``denominator_keys`` (default K).
     lam = 0, n = 1: ROME's (v* - W k* - b)(C^-1 k*)^T / ((C^-1 k*)^T k*), or with D = k_p
     the public code's (v* - W k_p - b)(C^-1 k*)^T / ((C^-1 k*)^T k_p). lam > 0: MEMIT's
-    R ((lam C + K K^T)^-1 K)^T. Solved in float64.
+    R ((lam C + K K^T)^-1 K)^T, which equals this form (push-through identity), so MEMIT's
+    system is a rank-n correction of the factored A. Solved in float64 on the factor's device.
     """
-    A = C.double()
-    if ridge:
-        A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    K = keys.double().to(A.device)
-    D = K if denominator_keys is None else denominator_keys.double().to(A.device)
-    AK = torch.linalg.solve(A, K)
-    M = lam * torch.eye(K.shape[1], dtype=A.dtype, device=A.device) + D.T @ AK
+    from tracekit.editing.factors import KeySolver, LayerStats, factorise
+
+    if isinstance(C, LayerStats):
+        solver = C.solver(ridge)
+    elif isinstance(C, KeySolver):
+        solver = C
+    else:
+        solver = factorise(C, ridge)
+    K = keys.double().to(solver.device)
+    D = K if denominator_keys is None else denominator_keys.double().to(solver.device)
+    AK = solver.solve(K)
+    M = lam * torch.eye(K.shape[1], dtype=torch.float64, device=solver.device) + D.T @ AK
     check(bool(torch.isfinite(M).all()), "the key statistics give a non-finite update; check C and the key")
-    return (residuals.double().to(A.device) @ torch.linalg.solve(M, AK.T)).float()
+    return (residuals.double().to(solver.device) @ torch.linalg.solve(M, AK.T)).float()
 
 
 def param_name(model, param: torch.nn.Parameter) -> str:

@@ -26,6 +26,7 @@ from tracekit.adapters import Site
 from tracekit.editing.context import context_templates
 from tracekit.editing.covariance import second_moments
 from tracekit.editing.delta import Edit
+from tracekit.editing.factors import LayerStats, matrix_identity, ridged
 from tracekit.editing.hparams import ROMEHyperParams
 from tracekit.editing.info import EditInfo
 from tracekit.editing.kv_core import (NoisePasses, ValueObjective, build_rows, keys_by_tokenisation, optimize_value,
@@ -60,30 +61,36 @@ class Laps:
 
 
 def key_statistics(model, layers, hparams, second_moment=None, progress=True) -> tuple[dict, dict]:
-    """C per layer ({layer: [d_in, d_in]}) and a record of where it came from.
+    """C per layer as ``factors.LayerStats`` ({layer: stats}, factorisations memoised per model)
+    and a record of where it came from.
 
     ``second_moment``: C given directly ({layer: tensor}, or one tensor for one layer)."""
     if second_moment is not None:
         given = second_moment if isinstance(second_moment, dict) else {layers[0]: second_moment}
         check(all(layer in given for layer in layers), f"second_moment gives C for layers {sorted(given)}, need {layers}")
-        return {layer: given[layer] for layer in layers}, {layer: {"path": "given"} for layer in layers}
+        return ({layer: LayerStats(model, layer, given[layer], matrix_identity(given[layer])) for layer in layers},
+                {layer: {"path": "given"} for layer in layers})
     stats = second_moments(model, layers, n_samples=hparams.mom2_n_samples, sample_tokens=hparams.mom2_sample_tokens,
                            dtype=hparams.mom2_dtype, corpus=hparams.corpus,
                            stats_file=getattr(hparams, "stats_file", None), progress=progress)
-    return ({layer: s.matrix for layer, s in stats.items()},
+    return ({layer: LayerStats(model, layer, s.matrix, s.metadata.get("sha256") or matrix_identity(s.matrix))
+             for layer, s in stats.items()},
             {layer: {"path": str(s.path), "tokens": s.tokens} for layer, s in stats.items()})
 
 
-def rank_one(C: torch.Tensor, key: torch.Tensor, residual: torch.Tensor, denominator_key: torch.Tensor,
+def rank_one(C, key: torch.Tensor, residual: torch.Tensor, denominator_key: torch.Tensor,
              hparams) -> torch.Tensor:
-    """residual (C^-1 k*)^T / ((C^-1 k*)^T d), [d_out, d_in]; d = ``denominator_key``."""
+    """residual (C^-1 k*)^T / ((C^-1 k*)^T d), [d_out, d_in]; d = ``denominator_key``.
+
+    ``C``: a ``factors.LayerStats`` (its factor or inverse made once per layer) or a matrix."""
     if hparams.mom2_solve == "float64":
         return solve_update(C, key[:, None], residual[:, None], 0.0, hparams.mom2_ridge,
                             denominator_keys=denominator_key[:, None])
-    A = C.to(getattr(torch, hparams.mom2_dtype))
-    if hparams.mom2_ridge:
-        A = A + hparams.mom2_ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    u = torch.inverse(A).float() @ key.float().to(A.device)  # the public code's compute_u ...
+    if isinstance(C, LayerStats):
+        inverse = C.inverse(hparams.mom2_dtype, hparams.mom2_ridge)
+    else:
+        inverse = torch.inverse(ridged(C, hparams.mom2_ridge, getattr(torch, hparams.mom2_dtype))).float()
+    u = inverse @ key.float().to(inverse.device)  # the public code's compute_u ...
     u = u / u.norm()
     right = residual.float().to(u.device) / torch.dot(denominator_key.float().to(u.device), u)  # ... and compute_v
     return right[:, None] @ u[None]
