@@ -220,11 +220,12 @@ class ValueObjective:
 
     Every pass goes through the partial forward (``Model.forward``), which decides whether the
     model's blocks are driven or whole passes run (``model.forward_path``). ``engine``:
-    "blocks" (the default where the noise allows): one recorded pass of every row, then each
-    call re-runs only a branch of the recording: rows from their last subject token on, from
-    block ``layer + 1`` up, entering with the recorded state + delta (earlier positions cannot
-    see the delta); "hooks": a whole pass from the tokens for every call, the delta added by an
-    edit at ``Site("mlp", layer)`` (subject noise drawn afresh per pass needs it).
+    "blocks" (the default where the noise allows; ``kv_batch.BatchedObjective`` with one
+    request): one recorded pass of every row, then each call re-runs only a branch of the
+    recording: rows from their last subject token on, from block ``layer + 1`` up, entering with
+    the recorded state + delta (earlier positions cannot see the delta); "hooks": a whole pass
+    from the tokens for every call, the delta added by an edit at ``Site("mlp", layer)`` (subject
+    noise drawn afresh per pass needs it).
     """
 
     def __init__(self, model, rows: EditRows, layer: int, engine: str = "auto",
@@ -244,46 +245,12 @@ class ValueObjective:
         self.initial: SubjectValues | None = None
         self.kl_init: torch.Tensor | None = None
         self.calls = 0
-        n = rows.n_templates
-        # logits columns per row, counted from the row's last subject token: the target's positions
-        # for templates, the subject token itself (repeated) for the KL row
-        starts = rows.subject_last
-        cols = torch.zeros(rows.input_ids.shape[0], rows.target_pos.shape[1], dtype=torch.long)
-        cols[:n] = rows.target_pos - starts[:n, None]
-        self.cols = cols
-        self.dtype = next(model.hf.parameters()).dtype
+        self.batch = None
         if self.mode == "blocks":
-            self._record()
+            from tracekit.editing.kv_batch import BatchedObjective
 
-    # -- blocks engine: one recording, then branches ---------------------------------------------
-    @torch.no_grad()
-    def _record(self) -> None:
-        from tracekit.adapters.partial import Branch, gather_columns
-
-        rows, layer = self.rows, self.layer
-        sites = [Site("mlp_in", layer), Site("mlp", layer), Site("resid", layer)]
-        out = self.model.forward(rows.input_ids, edits=self.noise.edits(range(rows.input_ids.shape[0])),
-                                 capture=sites, record=layer + 1 < self.model.n_layers)
-        index, at = torch.arange(rows.n_templates), rows.subject_last[: rows.n_templates]
-        self.initial = SubjectValues(*(out.captured[s][index.to(out.captured[s].device), at.to(out.captured[s].device)]
-                                       .float() for s in sites))
-        starts = rows.subject_last
-        self.width = int(self.cols.max()) + 1
-        every = torch.arange(len(starts))
-        resid = out.captured[Site("resid", layer)]
-        self.entry = gather_columns(resid, every, starts, self.width)  # block layer's output from s_i on
-        self.dtype = self.entry.dtype
-        self.branch = None if out.recording is None else Branch.make(out.recording, starts, layer + 1, width=self.width)
-
-    def _blocks_logits(self, delta: torch.Tensor):
-        x = self.entry.clone()
-        x[:, 0] = x[:, 0] + delta.to(x.device, x.dtype)
-        if self.branch is None:  # the last layer: its output goes to the final norm and unembedding
-            logits = _unembed(self.model, x[torch.arange(x.shape[0], device=x.device)[:, None], self.cols.to(x.device)])
-        else:
-            logits = self.model.forward(branch=self.branch, hidden=x, logits=self.cols,
-                                        grad=torch.is_grad_enabled()).logits
-        return self._split(logits)
+            self.batch = BatchedObjective(model, [rows], layer, [template_weights], noises=[self.noise])
+            self.initial = self.batch.initials[0]
 
     # -- hooks engine: a whole pass per call --------------------------------------------------------
     def _hooks_logits(self, delta: torch.Tensor):
@@ -297,19 +264,16 @@ class ValueObjective:
 
         sites = [Site("mlp_in", self.layer), Site("mlp", self.layer), Site("resid", self.layer)]
         edits = {**self.noise.edits(range(len(index))), Site("mlp", self.layer): add_delta}
+        cols = torch.zeros(len(index), rows.target_pos.shape[1], dtype=torch.long)
+        cols[:n] = rows.target_pos - rows.subject_last[:n, None]
         out = self.model.forward(rows.input_ids, edits=edits, grad=torch.is_grad_enabled(),
                                  capture=sites if self.initial is None else (),
-                                 logits=self.cols + rows.subject_last[:, None])
+                                 logits=cols + rows.subject_last[:, None])
         if self.initial is None:  # delta = 0 here: the captured values are the original ones
             at = rows.subject_last[:n]
             self.initial = SubjectValues(*(out.captured[s][torch.arange(n), at.to(out.captured[s].device)]
                                            .detach().float() for s in sites))
-        return self._split(out.logits)
-
-    def _split(self, logits: torch.Tensor):
-        """[rows, m, V] -> the templates' [n_templates, m, V] and the KL row's [V] (or None)."""
-        n = self.rows.n_templates
-        return logits[:n], (logits[n, 0] if self.rows.has_kl else None)
+        return out.logits[:n], (out.logits[n, 0] if rows.has_kl else None)
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL of the target tokens per template, averaged over templates (or weighted by
@@ -318,22 +282,33 @@ class ValueObjective:
             with torch.no_grad():
                 self(torch.zeros_like(delta.detach()))
         self.calls += 1
-        logits, kl_logits = self._blocks_logits(delta) if self.mode == "blocks" else self._hooks_logits(delta)
-        logp = torch.log_softmax(logits.float(), -1)
-        target = self.rows.target_ids.to(logp.device)
-        token_logp = logp.gather(-1, target.expand(logp.shape[0], -1)[..., None])[..., 0]
-        per_template = -token_logp.mean(-1)
-        if self.template_weights is None:
-            nll = per_template.mean()
-        else:
-            nll = (per_template * self.template_weights.to(per_template.device)).sum()
-        kl = torch.zeros((), device=logp.device)
-        if kl_logits is not None:
-            new = torch.log_softmax(kl_logits.float(), -1)
-            if self.kl_init is None:
-                self.kl_init = new.detach()
-            kl = (new.exp() * (new - self.kl_init)).sum()
+        if self.batch is not None:
+            return self.batch.losses([delta], [0])[0]
+        logits, kl_logits = self._hooks_logits(delta)
+        nll, kl, self.kl_init = value_terms(self.rows, logits, kl_logits, self.template_weights, self.kl_init)
         return nll, kl
+
+
+def value_terms(rows: EditRows, logits: torch.Tensor, kl_logits: torch.Tensor | None,
+                template_weights: torch.Tensor | None, kl_init: torch.Tensor | None):
+    """(NLL, KL, kl_init): the templates' mean NLL of the target (or weighted by
+    ``template_weights``) from logits [n_templates, m, V], and KL(new || original) of the KL
+    row's next-token distribution [V]; the first call's distribution becomes ``kl_init``."""
+    logp = torch.log_softmax(logits.float(), -1)
+    target = rows.target_ids.to(logp.device)
+    token_logp = logp.gather(-1, target.expand(logp.shape[0], -1)[..., None])[..., 0]
+    per_template = -token_logp.mean(-1)
+    if template_weights is None:
+        nll = per_template.mean()
+    else:
+        nll = (per_template * template_weights.to(per_template.device)).sum()
+    kl = torch.zeros((), device=logp.device)
+    if kl_logits is not None:
+        new = torch.log_softmax(kl_logits.float(), -1)
+        if kl_init is None:
+            kl_init = new.detach()
+        kl = (new.exp() * (new - kl_init)).sum()
+    return nll, kl, kl_init
 
 
 def _unembed(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -359,47 +334,87 @@ class ValueResult:
 def optimize_value(objective: ValueObjective, hp, minimize: bool = False, reference_site: str = "mlp") -> ValueResult:
     """Adam on the delta (module doc). ``hp``: a KeyValueHyperParams. ``reference_site``:
     "mlp" (ROME: the MLP output) or "resid" (MEMIT: the block output) sizes the clamp."""
-    model = objective.model
-    delta = torch.zeros(model.d_model, device=model.device, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-    probability = minimize and hp.erasure_objective == "probability"
-    trace, steps, reference = [], 0, None
+    return optimize_values(_One(objective), hp, [minimize], reference_site)[0]
+
+
+class _One:
+    """A ``ValueObjective`` seen as a batch of one request (``optimize_values``'s interface)."""
+
+    def __init__(self, objective: ValueObjective):
+        self.objective = objective
+        self.size, self.device, self.d_model = 1, objective.model.device, objective.model.d_model
+
+    def losses(self, deltas, active):
+        return [self.objective(deltas[0])]
+
+    def initial(self, r: int) -> SubjectValues:
+        return self.objective.initial
+
+    def suspended(self):
+        return self.objective.noise.suspended()
+
+
+def optimize_values(objective, hp, minimize, reference_site: str = "mlp") -> list[ValueResult]:
+    """``optimize_value`` for ``objective.size`` requests at once: one delta (and one Adam) per
+    request, every active request's rows in each pass (``objective.losses(deltas, active)`` ->
+    [(nll, kl)] for the active ones). Each request follows exactly its own single-request schedule:
+    its trace, early stop and final step are decided on its own loss, and a stopped request's
+    rows leave the passes."""
+    k, device = objective.size, objective.device
+    deltas = [torch.zeros(objective.d_model, device=device, requires_grad=True) for _ in range(k)]
+    optimizers = [torch.optim.Adam([delta], lr=hp.v_lr) for delta in deltas]
+    traces: list[list[dict]] = [[] for _ in range(k)]
+    steps, references, ref_norms = [0] * k, [None] * k, [0.0] * k
+    active = list(range(k))
     for it in range(hp.v_num_grad_steps):
-        nll, kl = objective(delta)
-        if reference is None:
-            values = getattr(objective.initial, "mlp_out" if reference_site == "mlp" else "resid")
-            reference = values[0] if hp.value_reference == "first-row" else values.mean(0)
-            reference = reference.to(delta.device)
-            ref_norm = float(reference.norm())
-        target_term = torch.exp(-nll) if probability else (-nll if minimize else nll)
-        decay = hp.v_weight_decay * delta.norm() / max(ref_norm, 1e-30) ** 2
-        loss = target_term + hp.kl_factor * kl + decay
-        trace.append({"step": it, "loss": float(loss.detach()), "nll": float(nll.detach()), "kl": float(kl.detach()),
-                      "decay": float(decay.detach()), "delta_norm": float(delta.detach().norm())})
-        last = it == hp.v_num_grad_steps - 1
-        if not minimize:
-            watched = {"loss": trace[-1]["loss"], "nll": trace[-1]["nll"]}.get(hp.v_stop_on)
-            if watched is not None and watched < hp.v_stop_below:
-                break
-            if last and not hp.v_final_step:
-                break
-        elif last and not hp.erasure_final_step:  # the paper's Fact Erasure code never stops early
+        if not active:
             break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        steps += 1
-        with torch.no_grad():
-            max_norm = hp.clamp_norm_factor * ref_norm
-            norm = delta.norm()
-            if norm > max_norm:
-                delta.mul_(max_norm / norm)
-    if steps < len(trace):  # the last pass saw the final delta
-        final_nll = trace[-1]["nll"]
-    else:
-        with torch.no_grad(), objective.noise.suspended():
-            final_nll = float(objective(delta)[0])
-    return ValueResult(delta.detach().clone(), reference, trace, final_nll, steps)
+        results = objective.losses(deltas, active)
+        stepping, total = [], None
+        for r, (nll, kl) in zip(active, results):
+            if references[r] is None:
+                values = getattr(objective.initial(r), "mlp_out" if reference_site == "mlp" else "resid")
+                reference = values[0] if hp.value_reference == "first-row" else values.mean(0)
+                references[r] = reference.to(device)
+                ref_norms[r] = float(references[r].norm())
+            probability = minimize[r] and hp.erasure_objective == "probability"
+            target_term = torch.exp(-nll) if probability else (-nll if minimize[r] else nll)
+            decay = hp.v_weight_decay * deltas[r].norm() / max(ref_norms[r], 1e-30) ** 2
+            loss = target_term + hp.kl_factor * kl + decay
+            traces[r].append({"step": it, "loss": float(loss.detach()), "nll": float(nll.detach()),
+                              "kl": float(kl.detach()), "decay": float(decay.detach()),
+                              "delta_norm": float(deltas[r].detach().norm())})
+            last = it == hp.v_num_grad_steps - 1
+            if not minimize[r]:
+                watched = {"loss": traces[r][-1]["loss"], "nll": traces[r][-1]["nll"]}.get(hp.v_stop_on)
+                if watched is not None and watched < hp.v_stop_below:
+                    continue
+                if last and not hp.v_final_step:
+                    continue
+            elif last and not hp.erasure_final_step:  # the paper's Fact Erasure code never stops early
+                continue
+            stepping.append(r)
+            total = loss if total is None else total + loss
+        if stepping:
+            for r in stepping:
+                optimizers[r].zero_grad()
+            total.backward()  # rows are independent: each delta gets its own request's gradient
+            for r in stepping:
+                optimizers[r].step()
+                steps[r] += 1
+                with torch.no_grad():
+                    max_norm = hp.clamp_norm_factor * ref_norms[r]
+                    norm = deltas[r].norm()
+                    if norm > max_norm:
+                        deltas[r].mul_(max_norm / norm)
+        active = stepping
+    final = [traces[r][-1]["nll"] if steps[r] < len(traces[r]) else None for r in range(k)]
+    unseen = [r for r in range(k) if final[r] is None]  # the last pass did not see the final delta
+    if unseen:
+        with torch.no_grad(), objective.suspended():
+            for r, (nll, _) in zip(unseen, objective.losses(deltas, unseen)):
+                final[r] = float(nll)
+    return [ValueResult(deltas[r].detach().clone(), references[r], traces[r], final[r], steps[r]) for r in range(k)]
 
 
 def solve_update(C, keys: torch.Tensor, residuals: torch.Tensor, lam: float = 0.0,
