@@ -1,7 +1,7 @@
 """Batched requests: v* of several requests in one pass per step equals single optimisations;
 mass and sequential editing; Edit.save / Edit.load."""
 
-import dataclasses
+import json
 
 import pytest
 import torch
@@ -79,3 +79,55 @@ def test_rome_and_memit_edits_of_many_requests_equal_one_by_one():
         alone = apply_memit(model, request, 2, memit, templates=TEMPLATES, second_moment=C)
         for name in alone.parameter_names:
             assert relative(edit.delta(name), alone.delta(name)) <= 1e-5
+
+
+def test_several_points_scored_in_one_pass_equal_one_by_one():
+    from tracekit.editing.finetune import FTHyperParams, apply_ft
+    from tracekit.editing.metrics import MetricsConfig, evaluate_edit, evaluate_edits
+    from tracekit.editing.problems import setup_from_request
+
+    model = tiny("random:gpt2-tiny")
+    C = _C(model, range(4))
+    rome = ROMEHyperParams(**HP)
+    edits = rome_edits(model, REQUESTS[:3], 1, rome, templates=TEMPLATES, second_moment=C[1])
+    edits.append(apply_memit(model, REQUESTS[3], 2, MEMITHyperParams(window=3, mom2_update_weight=1.0, **HP),
+                             templates=TEMPLATES, second_moment=C))
+    edits.append(apply_ft(model, REQUESTS[0], 2, FTHyperParams(n_layers=1, steps=3, lr=1e-2)))  # weight and bias
+    setups = [setup_from_request(r) for r in REQUESTS] + [setup_from_request(REQUESTS[0])]
+    config = MetricsConfig(essence_samples=2, essence_max_tokens=12)
+    together = evaluate_edits(model, setups, edits, config)
+    for setup, edit, scores in zip(setups, edits, together):
+        alone = evaluate_edit(model, setup, edit, config)
+        assert scores.scores.keys() == alone.scores.keys()
+        for key, value in alone.scores.items():
+            assert scores.scores[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
+        assert [r.p_after for r in scores.rows] == pytest.approx([r.p_after for r in alone.rows], rel=1e-4, abs=1e-7)
+    assert not any(e.applied for e in edits)
+
+
+def test_a_batched_sweep_stores_the_scores_of_an_item_by_item_sweep(tmp_path, monkeypatch):
+    from tracekit.data import FactRecord
+    from tracekit.editing.metrics import MetricsConfig
+    from tracekit.store import ResultStore
+    from tracekit.studies import EditTask, LocalExecutor
+
+    monkeypatch.setenv("TRACEKIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The Eiffel Tower is located in the city of Paris. The Colosseum is in Rome.\n\n" * 80)
+    model = tiny("random:gpt2-tiny")
+    records = [FactRecord(case_id=i, prompt=p, subject=s, target_true=" Paris", target_new=" Rome",
+                          paraphrase_prompts=("Where is it? {} is in",), neighborhood_prompts=("The Louvre is in",))
+               for i, (p, s) in enumerate([("{} is located in", "The Eiffel Tower"), ("We saw {} in", "Notre Dame"),
+                                           ("{} is in", "Big Ben")])]
+    hp = ROMEHyperParams(corpus=str(corpus), mom2_n_samples=40, mom2_sample_tokens=32, **HP)
+    tables = {}
+    for batch in (1, 3):
+        task = EditTask(methods=("rome",), layers=(1, 3), hparams=hp, metrics=MetricsConfig(essence=False), batch=batch)
+        store = ResultStore(tmp_path / f"b{batch}.sqlite")
+        report = LocalExecutor(model).run(task, store, task.items("tiny", records), progress=False)
+        assert report.computed == 6 and not report.failed
+        tables[batch] = {(r["case_id"], r["layer"]): r for r in store.edits_frame().to_dict("records")}
+        assert {json.loads(r).get("seconds_batch", 1) for r in store.frame("edits")["result"]} == {batch}
+    for key, row in tables[1].items():
+        for name in ("rewrite", "paraphrase", "neighborhood", "overall"):
+            assert tables[3][key][name] == pytest.approx(row[name], rel=1e-4, abs=1e-6), (key, name)

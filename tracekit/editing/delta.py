@@ -90,3 +90,48 @@ class Edit:
 
     def __repr__(self) -> str:
         return f"Edit({', '.join(self._params)}, applied={self.applied})"
+
+
+# ---- several edits in one pass (scoring many points at once) -------------------------------------
+def down_proj_deltas(model, edit: Edit) -> dict[int, torch.Tensor] | None:
+    """{layer: W' - W in (out, in) orientation, float32} if ``edit`` changes only MLP
+    down-projection weights (ROME, MEMIT, FT without biases), else None."""
+    by_param = {id(model.adapter.down_proj_weight(model.hf, layer)): layer for layer in range(model.n_layers)}
+    out = {}
+    for name, param in edit._params.items():
+        layer = by_param.get(id(param))
+        if layer is None:
+            return None
+        out[layer] = model.adapter.as_out_in(edit._new[name].float() - edit._old[name].float())
+    return out
+
+
+def row_delta_edits(model, deltas: list[dict[int, torch.Tensor]], row_groups: torch.Tensor) -> dict:
+    """Edits for one pass in which rows of group g see the weights W + deltas[g] at each edited
+    down-projection: the MLP's input is kept (``Site("mlp_in", l)``) and x dW_g^T added to the
+    output of group g's rows (``Site("mlp", l)``)."""
+    from tracekit.adapters import Site
+
+    layers = sorted({layer for d in deltas for layer in d})
+    keys: dict[int, torch.Tensor] = {}
+    edits = {}
+    for layer in layers:
+        groups = [(g, d[layer]) for g, d in enumerate(deltas) if layer in d]
+
+        def keep(x, layer=layer):
+            keys[layer] = x
+            return x
+
+        def add(h, layer=layer, groups=groups):
+            x = keys.pop(layer)
+            at = row_groups[: h.shape[0]].to(h.device)
+            bump = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+            for g, dW in groups:
+                rows = torch.nonzero(at == g).flatten()
+                if len(rows):
+                    bump[rows] = x[rows].float() @ dW.to(h.device).T
+            return h + bump.to(h.dtype)
+
+        edits[Site("mlp_in", layer)] = keep
+        edits[Site("mlp", layer)] = add
+    return edits
