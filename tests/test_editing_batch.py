@@ -131,3 +131,76 @@ def test_a_batched_sweep_stores_the_scores_of_an_item_by_item_sweep(tmp_path, mo
     for key, row in tables[1].items():
         for name in ("rewrite", "paraphrase", "neighborhood", "overall"):
             assert tables[3][key][name] == pytest.approx(row[name], rel=1e-4, abs=1e-6), (key, name)
+
+
+# ---- mass and sequential editing, saved edits ----------------------------------------------------
+SUBJECTS = ["The Eiffel Tower", "Big Ben", "Notre Dame", "The Louvre", "The Colosseum", "The Kremlin",
+            "Times Square", "The Parthenon", "Mount Fuji", "The Alhambra"]
+TARGETS = [" Rome", " Tokyo", " Berlin", " Madrid", " Cairo", " Oslo", " Lima", " Delhi", " Quito", " Perth"]
+
+
+def _p(model, request):
+    return float(model.target_probs([request.text], request.target)[0])
+
+
+def test_mass_memit_over_ten_requests_raises_each_target():
+    from tracekit.editing.memit import apply_memit_mass
+
+    model = tiny("random:gpt2-tiny")
+    requests = [EditRequest("We visited {}", s, t) for s, t in zip(SUBJECTS, TARGETS)]
+    hp = MEMITHyperParams(window=3, mom2_update_weight=1.0, **{**HP, "v_num_grad_steps": 15})
+    before = [_p(model, r) for r in requests]
+    edit = apply_memit_mass(model, requests, 2, hp, templates=TEMPLATES, second_moment=_C(model, range(4)))
+    assert edit.info.details["requests"] == 10 and len(edit.parameter_names) == 3
+    with edit:
+        after = [_p(model, r) for r in requests]
+    assert all(a > 1.5 * b for a, b in zip(after, before)), list(zip(before, after))
+
+
+def test_sequential_edits_build_on_each_other():
+    from tracekit.editing.api import edit_sequentially
+
+    model = tiny("random:gpt2-tiny")
+    requests = [EditRequest("We visited {}", s, t) for s, t in zip(SUBJECTS[:3], TARGETS[:3])]
+    rome = ROMEHyperParams(corpus=None, **HP)
+    C = _C(model, [2])
+    original = model.adapter.down_proj_weight(model.hf, 2).detach().clone()
+    first = apply_rome(model, requests[0], 2, rome, templates=TEMPLATES, second_moment=C[2])
+    with first:  # the second edit computed on the first's weights, by hand
+        second = apply_rome(model, requests[1], 2, rome, templates=TEMPLATES, second_moment=C[2])
+    together = edit_sequentially(model, requests[:2], "rome", 2, rome, templates=TEMPLATES, second_moment=C)
+    name = together.parameter_names[0]
+    expected = first.delta(name) + second.delta(name)
+    assert relative(together.delta(name), expected) <= 1e-5
+    assert torch.equal(model.adapter.down_proj_weight(model.hf, 2), original)  # left as found
+    with together:
+        assert all(_p(model, r) > 0 for r in requests[:2])
+
+
+def test_a_saved_edit_loads_and_applies_bit_for_bit(tmp_path):
+    from tracekit.errors import TracekitError
+
+    model = tiny("random:gpt2-tiny")
+    edit = apply_memit(model, REQUESTS[0], 2, MEMITHyperParams(window=3, mom2_update_weight=1.0, **HP),
+                       templates=TEMPLATES, second_moment=_C(model, range(4)))
+    path = edit.save(tmp_path / "edit.safetensors")
+    loaded = type(edit).load(path, model)
+    assert loaded.parameter_names == edit.parameter_names and loaded.info["method"] == "memit"
+    params = dict(model.hf.named_parameters())
+    with edit:
+        expected = {n: params[n].detach().clone() for n in edit.parameter_names}
+    with loaded:
+        for name in edit.parameter_names:
+            assert torch.equal(params[name], expected[name])
+    for name in edit.parameter_names:  # undo restored the originals too
+        assert torch.equal(params[name], edit._old[name])
+    # another model (a different seed of the same architecture): a one-line error naming the fingerprint
+    import tracekit
+
+    other = tracekit.load_model("random:gpt2-tiny", seed=1, device="cpu")
+    with pytest.raises(TracekitError, match="fingerprint") as err:
+        type(edit).load(path, other)
+    assert "\n" not in str(err.value)
+    with edit:  # the same model holding another edit: refused too
+        with pytest.raises(TracekitError, match="fingerprint|not the weight"):
+            type(edit).load(path, model)

@@ -15,6 +15,9 @@ _LAZY = {
     "zero_trace": "tracekit.tracing",
     "TraceResult": "tracekit.tracing",
     "edit": "tracekit.editing.api",
+    "edit_many": "tracekit.editing.api",
+    "edit_sequentially": "tracekit.editing.api",
+    "apply_memit_mass": "tracekit.editing.memit",
     "EditRequest": "tracekit.editing.request",
     "Edit": "tracekit.editing.delta",
 }

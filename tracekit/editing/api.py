@@ -184,6 +184,52 @@ def edit_many(model, records: Sequence, method: str = "rome", problem: str | Pro
     return out
 
 
+def edit_sequentially(model, requests: Sequence[EditRequest], method: str = "rome", layer: int | None = None,
+                      hparams=None, *, templates=None, progress: bool = True, second_moment=None) -> Edit:
+    """Sequential editing: each request's edit is computed on the weights the earlier ones left,
+    and applied, one after another; returns ONE Edit from the original weights to the final
+    ones (not applied; the model is left as found). ROME and MEMIT read the key statistics of
+    the original model throughout, as the public code does (they are computed once, up front;
+    ``second_moment``: C given instead, as for ``apply_rome``)."""
+    from tracekit.editing.info import EditInfo
+    from tracekit.editing.memit import apply_memit, memit_layers
+    from tracekit.editing.rome import apply_rome, key_statistics, resolve_layer
+
+    method = parse_method(method)
+    requests = list(requests)
+    check(len(requests) > 0 and all(isinstance(r, EditRequest) for r in requests), "give a list of EditRequests")
+    hp = default_hparams(model, method, Problem.ERROR_INJECTION) if hparams is None else hparams
+    started = time.perf_counter()
+    kwargs = {}
+    if method in ("rome", "memit"):
+        at = resolve_layer(model, layer, hp)
+        layers = [at] if method == "rome" else memit_layers(model, at, hp.window, hp.clip_window)
+        stats, _ = key_statistics(model, layers, hp, second_moment, progress)
+        kwargs = dict(templates=templates, progress=progress, second_moment={x: s.matrix for x, s in stats.items()})
+    applied: list[Edit] = []
+    try:
+        for request in requests:
+            if method == "rome":
+                one = apply_rome(model, request, layer, hp, **kwargs)
+            elif method == "memit":
+                one = apply_memit(model, request, layer, hp, **kwargs)
+            else:
+                one = _dispatch(model, method, request, _pick_layer(model, layer, hp), hp)
+            applied.append(one.apply())
+        params = dict(model.hf.named_parameters())
+        final = {name: params[name].detach().clone() for e in applied for name in e.parameter_names}
+    finally:
+        for one in reversed(applied):
+            one.undo()
+    infos = [e.info for e in applied]
+    info = EditInfo(method=f"{method} (sequential)", layers=sorted({x for i in infos for x in i.layers}),
+                    seconds={"total": time.perf_counter() - started}, steps_taken=sum(i.steps_taken for i in infos),
+                    losses=[], final_nll=infos[-1].final_nll, engine=infos[-1].engine,
+                    conventions=infos[-1].conventions, details={"requests": len(requests),
+                                                                "edits": [i.row() for i in infos]})
+    return Edit(model.hf, final, info, model=model)
+
+
 def default_hparams(model, method: str, problem: Problem):
     """The preset for this model, method and problem (FT here; ROME/MEMIT in ``hparams``)."""
     method = parse_method(method)

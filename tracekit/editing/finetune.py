@@ -154,7 +154,7 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
                     conventions={"loss_reduction": hparams.loss_reduction, "train_bias": hparams.train_bias,
                                  "erasure_objective": hparams.erasure_objective},
                     noise=None if noise is None else noise.as_dict(), details={"parameters": names})
-    return Edit(model.hf, new, info=info)
+    return Edit(model.hf, new, info=info, model=model)
 
 
 class _Scorer:

@@ -182,4 +182,4 @@ def _spread(model, plan: _Plan, which: list[int]) -> Edit:
     if len(which) > 1:  # mass editing: every request's own v* record
         info.details["values"] = [{"steps": plan.found[r].result.steps, "final_nll": plan.found[r].result.final_nll,
                                    "delta_norm": float(plan.found[r].result.delta.norm())} for r in which]
-    return Edit(model.hf, {param_name(model, w): new[x] for x, w in weights.items()}, info)
+    return Edit(model.hf, {param_name(model, w): new[x] for x, w in weights.items()}, info, model=model)

@@ -201,4 +201,4 @@ def _rome_update(model, rows, noise, found: FoundValue, template_keys, C, layer:
                  "mean_output": initial.mlp_out.mean(0),  # W k* + b
                  "keys": keys, "residuals": residuals.T,  # keys the update maps onto v*, and v* - (W k + b) for each
                  "update": update})
-    return Edit(model.hf, {param_name(model, weight): new}, info)
+    return Edit(model.hf, {param_name(model, weight): new}, info, model=model)
