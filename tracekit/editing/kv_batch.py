@@ -53,7 +53,7 @@ class BatchedObjective:
     # -- the recording --------------------------------------------------------------------------
     @torch.no_grad()
     def _record(self) -> None:
-        from tracekit.adapters.partial import Branch, gather_columns
+        from tracekit.adapters.partial import gather_columns
 
         rows, layer = self.rows, self.layer
         pad = self.model.tokenizer.pad_token_id
@@ -110,11 +110,20 @@ class BatchedObjective:
             stack.enter_context(noise.suspended())
         return stack
 
-    def losses(self, deltas: Sequence[torch.Tensor], active: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(nll, kl)] of each request in ``active`` from one pass over their rows."""
+    def _branch(self, active: tuple[int, ...]):
+        """The rows of the ``active`` requests and their branch off the recording (kept while the set holds)."""
         from tracekit.adapters.partial import Branch
 
-        index = torch.cat([torch.arange(self.offsets[r], self.offsets[r + 1]) for r in active])
+        if getattr(self, "_active", None) != active:
+            index = torch.cat([torch.arange(self.offsets[r], self.offsets[r + 1]) for r in active])
+            branch = None if self.recording is None else Branch.make(self.recording, self.starts[index], self.layer + 1,
+                                                                     source=index, width=self.width)
+            self._active, self._rows_branch = active, (index, branch)
+        return self._rows_branch
+
+    def losses(self, deltas: Sequence[torch.Tensor], active: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(nll, kl)] of each request in ``active`` from one pass over their rows."""
+        index, branch = self._branch(tuple(active))
         x = self.entry[index.to(self.entry.device)].clone()
         bump = torch.cat([deltas[r].to(x.device, x.dtype)[None].expand(self.offsets[r + 1] - self.offsets[r], -1)
                           for r in active])
@@ -123,7 +132,6 @@ class BatchedObjective:
         if self.recording is None:  # the last layer: straight to the final norm and unembedding
             logits = _unembed(self.model, x[torch.arange(x.shape[0], device=x.device)[:, None], cols.to(x.device)])
         else:
-            branch = Branch.make(self.recording, self.starts[index], self.layer + 1, source=index, width=self.width)
             logits = self.model.forward(branch=branch, hidden=x, logits=cols, grad=torch.is_grad_enabled()).logits
         out, at = [], 0
         for r in active:
