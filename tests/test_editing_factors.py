@@ -1,19 +1,15 @@
 """The key statistics' factorisation, made once per layer and reused (tracekit.editing.factors)."""
 
-import dataclasses
-
 import pytest
 import torch
 
 from conftest import tiny
 from tracekit.data import FactRecord
 from tracekit.editing import factors
-from tracekit.editing.factors import LayerStats, factorise
+from tracekit.editing.factors import LayerStats
 from tracekit.editing.hparams import MEMITHyperParams, ROMEHyperParams
 from tracekit.editing.kv_core import solve_update
-from tracekit.editing.memit import apply_memit
-from tracekit.editing.request import EditRequest
-from tracekit.editing.rome import apply_rome, rank_one
+from tracekit.editing.rome import rank_one
 
 SMALL = dict(mom2_n_samples=40, mom2_sample_tokens=32, mom2_ridge=1e-2, context_lengths=((3, 2),),
              v_num_grad_steps=4, v_weight_decay=0.0, clamp_norm_factor=1e3)
@@ -79,7 +75,7 @@ def test_a_sweep_factorises_each_layer_once(corpus, tmp_path):
     model = tiny("random:gpt2-tiny")
     records = [FactRecord(case_id=i, prompt="{} is located in", subject=s, target_true=" Paris", target_new=" Rome",
                           paraphrase_prompts=("Where is it? {} is in",), neighborhood_prompts=("The Louvre is in",))
-               for i, s in enumerate(["The Eiffel Tower", "Notre Dame", "Big Ben"])]
+               for i, s in enumerate(["The Eiffel Tower", "Notre Dame"])]
     hparams = {"rome": ROMEHyperParams(corpus=corpus, **SMALL),
                "memit": MEMITHyperParams(corpus=corpus, window=3, clip_window=True, mom2_update_weight=1.0, **SMALL)}
     task = EditTask(methods=("rome", "memit"), layers=(1, 2), hparams=hparams,
@@ -87,7 +83,7 @@ def test_a_sweep_factorises_each_layer_once(corpus, tmp_path):
     before = dict(factors.FACTORISATIONS)
     store = ResultStore(tmp_path / "s.sqlite")
     report = LocalExecutor(model).run(task, store, task.items("tiny", records), progress=False)
-    assert report.computed == 3 * 2 * 2 and not report.failed
+    assert report.computed == 2 * 2 * 2 and not report.failed
     made = {layer: factors.FACTORISATIONS[layer] - before.get(layer, 0) for layer in range(4)}
     assert made == {0: 1, 1: 1, 2: 1, 3: 1}  # ROME at 1, 2; MEMIT windows 0..2 and 1..3 (same statistics)
 
