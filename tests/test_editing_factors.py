@@ -72,7 +72,9 @@ def test_a_sweep_factorises_each_layer_once(corpus, tmp_path):
     from tracekit.store import ResultStore
     from tracekit.studies import EditTask, LocalExecutor
 
-    model = tiny("random:gpt2-tiny")
+    import tracekit
+
+    model = tracekit.load_model("random:gpt2-tiny", device="cpu")  # its own memo table: no factor from other tests
     records = [FactRecord(case_id=i, prompt="{} is located in", subject=s, target_true=" Paris", target_new=" Rome",
                           paraphrase_prompts=("Where is it? {} is in",), neighborhood_prompts=("The Louvre is in",))
                for i, s in enumerate(["The Eiffel Tower", "Notre Dame"])]

@@ -388,12 +388,26 @@ def second_moments(model: Model, layers: Sequence[int], *, n_samples: int, sampl
 
 
 def _memo_key(path: Path, expected: dict[str, str]) -> tuple | None:
-    """A loaded file stays valid while the file is the same (a rewritten file is read and checked again)."""
+    """What a loaded file is: its stat and a digest of its bytes (all of them up to 16 MiB, else 256
+    strided 64 KiB blocks), so a file rewritten since it was read is read and checked again."""
     try:
         stat = path.stat()
+        digest = hashlib.sha1()
+        with open(path, "rb") as f:
+            if stat.st_size <= _WHOLE_FILE:
+                digest.update(f.read())
+            else:
+                step = stat.st_size // _BLOCKS
+                for i in range(_BLOCKS):
+                    f.seek(i * step)
+                    digest.update(f.read(_BLOCK))
     except OSError:
         return None
-    return str(path), stat.st_size, stat.st_mtime_ns, tuple(sorted(expected.items()))
+    return (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, digest.hexdigest(),
+            tuple(sorted(expected.items())))
+
+
+_WHOLE_FILE, _BLOCKS, _BLOCK = 16 << 20, 256, 64 << 10
 
 
 def _cache_path(model: Model, expected: dict[str, str], cache_root) -> Path:
