@@ -25,6 +25,9 @@ _LAZY = {
     "Replace": "tracekit.patching",
     "PatchResult": "tracekit.patching",
     "edit": "tracekit.editing.api",
+    "edit_many": "tracekit.editing.api",
+    "edit_sequentially": "tracekit.editing.api",
+    "apply_memit_mass": "tracekit.editing.memit",
     "EditRequest": "tracekit.editing.request",
     "Edit": "tracekit.editing.delta",
 }
