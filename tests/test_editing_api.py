@@ -98,6 +98,19 @@ def test_fact_forcing_scores_under_the_noise():
     assert clean_scores["rewrite"] != pytest.approx(result.scores.scores["rewrite"], rel=1e-3)
 
 
+@pytest.mark.parametrize("convention", ["paper-code", "tracekit"])
+def test_tracing_reversal_records_the_noise_behind_o_noise(convention):
+    model = tiny("random:gpt2-tiny")
+    try:
+        result = edit(model, RECORD, method="ft-1", problem="tracing-reversal", layer=1, hparams=STRONG,
+                      evaluate=False, convention=convention)
+    except tracekit.editing.problems.PointSkipped:
+        pytest.skip("the noised run still predicts o_true here")
+    row = result.row()
+    assert row["problem_convention"] == convention and row["noise_convention"] == convention
+    assert row["noise_scale"] == pytest.approx(3 * row["noise_embedding_std"]) and row["noise_std_subjects"]
+
+
 def test_fact_forcing_paper_code_noise_is_fresh_per_pass_and_restarts_for_scoring():
     """Paper code: the scoring pass starts a new RandomState(1) stream; the rewrite prompt is its
     first row, so its noise is the stream's first values, before and after the edit alike."""

@@ -100,6 +100,9 @@ def test_noise_scale_rules():
     assert noise_scale(model, "s3") == pytest.approx(3 * noise_scale(model, "s1"))
     uniform = trace(model, PROMPT, SUBJECT, window=3, samples=2, noise="u0.2")
     assert uniform.config["noise"] == "u0.2" and uniform.config["noise_scale"] == pytest.approx(0.2)
+    relative = trace(model, PROMPT, SUBJECT, window=3, samples=2, noise="s3")  # the std's source is recorded
+    assert relative.config["noise_std_subjects"].split(" ")[0] in ("known_1000", "fallback")
+    assert relative.config["noise_scale"] == pytest.approx(3 * relative.config["noise_embedding_std"])
 
 
 def test_subject_noise_hook_adds_noise_at_the_span_only():

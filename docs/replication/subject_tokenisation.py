@@ -13,6 +13,9 @@ ROME rewrite scores, with four template sets:
     mixed     half of each
     two-keys  ROME's templates with ``key_per_tokenisation`` (tracekit's extension: the update
               maps the key of each subject tokenisation onto v*, instead of their average)
+    paper-form  ROME's templates, the "space" edit's v*, written with the paper's equation
+              (the average key k* gets v*, as in tracekit 0.1) instead of the public code's
+              (the edited prompt's own key gets v*): the update's form alone
 and prints rewrite / paraphrase / neighbourhood scores (the paraphrases put a space before the
 subject). ``--conventions``: ROME as the public code (tracekit's default; the edited prompt's own
 key k_p goes onto v*) or tracekit 0.1's (the paper's equation: the average key k* goes onto v*),
@@ -41,7 +44,7 @@ from tracekit.editing.hparams import LEGACY
 from tracekit.editing.metrics import MetricsConfig, evaluate_edit
 from tracekit.editing.presets import rome_preset
 from tracekit.editing.problems import prepare
-from tracekit.editing.rome import apply_rome
+from tracekit.editing.rome import apply_rome, key_statistics
 from tracekit.store import ResultStore
 
 SCORES = ("rewrite", "paraphrase", "neighborhood")
@@ -50,7 +53,22 @@ SCORES = ("rewrite", "paraphrase", "neighborhood")
 def template_sets(space: list[str]) -> dict[str, list[str]]:
     newline = [t.replace(". {}", ".\n{}") for t in space]  # "{}" (the bare prompt) is unchanged
     mixed = [n if i % 2 == 0 else s for i, (s, n) in enumerate(zip(space, newline))]
-    return {"space": space, "newline": newline, "mixed": mixed, "two-keys": space}
+    return {"space": space, "newline": newline, "mixed": mixed, "two-keys": space, "paper-form": space}
+
+
+def paper_form(model, edit, C, hparams):
+    """``edit``'s own v*, written with the paper's equation (W' k* = v*: the average key k* gets v*)
+    instead of the public code's (the edited prompt's key k_p gets v*). Only the update's form
+    differs, so this isolates it; it costs no optimisation."""
+    from tracekit.editing.delta import Edit
+    from tracekit.editing.rome import rank_one
+
+    d = edit.info.details
+    update = rank_one(C, d["key"], d["v_star"] - d["mean_output"], d["key"], hparams)
+    (name,) = edit.parameter_names
+    weight = model.hf.get_parameter(name)
+    new = model.adapter.from_out_in(model.adapter.as_out_in(weight.detach()).float() + update)
+    return Edit(model.hf, {name: new}, edit.info)
 
 
 def main(argv=None) -> int:
@@ -60,7 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", type=int, default=3, help="edit layer; default: %(default)s")
     parser.add_argument("--relation", default=None, help="only facts of this relation (e.g. city-country)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
-                        help="template sets to run: space, newline, mixed, two-keys (default: all)")
+                        help="template sets to run: space, newline, mixed, two-keys, paper-form (default: all)")
     parser.add_argument("--conventions", default="reference", choices=("reference", "tracekit-0.1"),
                         help="ROME as the public code, or as tracekit 0.1 (the paper's equation form); "
                              "default: %(default)s")
@@ -89,14 +107,21 @@ def main(argv=None) -> int:
         parser.error(f"unknown template sets {sorted(unknown)}; choose from {', '.join(sets)}")
     sets = {name: sets[name] for name in (args.variants or sets)}
 
+    if "paper-form" in sets and "space" not in list(sets)[:list(sets).index("paper-form")]:
+        parser.error("paper-form rewrites the space edit: list space before it")
+    C = key_statistics(model, [args.layer], hparams, progress=False)[0][args.layer] if "paper-form" in sets else None
     results = []
     for row in rows.itertuples():
         fact = facts[row.case_id]
         setup = prepare(model, fact, "error-injection", seed=0, noise="s3")
-        scores = {}
+        scores, edits = {}, {}
         for name, templates in sets.items():
             chosen = per_form if name == "two-keys" else hparams
-            edit = apply_rome(model, setup.request, args.layer, chosen, templates=templates, progress=False)
+            if name == "paper-form":
+                edit = paper_form(model, edits["space"], C, hparams)
+            else:
+                edit = apply_rome(model, setup.request, args.layer, chosen, templates=templates, progress=False)
+            edits[name] = edit
             got = evaluate_edit(model, setup, edit, MetricsConfig(essence=False)).scores
             scores[name] = {k: float(got[k]) for k in SCORES}
         results.append({"case_id": int(row.case_id), "prompt": fact.text, "scores": scores})

@@ -44,6 +44,7 @@ class EditResult:
             "method": self.method, "problem": self.problem, "layer": self.layer, "layers": list(self.layers),
             "prompt": self.request.prompt, "subject": self.request.subject, "target": self.request.target,
             "o_true": self.setup.o_true, "hparams": _plain(self.hparams),
+            "problem_convention": self.setup.convention, **self.setup.noise,
             **{f"seconds_{k}": v for k, v in self.seconds.items()},
         }
         info = self.edit.info

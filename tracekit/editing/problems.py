@@ -32,7 +32,7 @@ from tracekit.editing.request import EditRequest
 from tracekit.editing.subject_noise import PAPER_SEED, SubjectNoise, check_convention, make_subject_noise
 from tracekit.errors import TracekitError, check
 from tracekit.tracing import noised_prediction
-from tracekit.tracing.noise import NumpyStream, spans_noise_hook
+from tracekit.tracing.noise import NumpyStream, noise_scale_info, spans_noise_hook
 
 ERASURE_MIN_P = 0.02  # the paper edits only points the model already half-knows
 NOISED_SAMPLES = 10  # noise draws averaged to find o_noise (as ROME's tracing)
@@ -97,6 +97,8 @@ class EditSetup:
     paraphrases: tuple[str, ...] = ()
     neighbours: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    convention: str | None = None  # "paper-code" or "tracekit": how o_noise, the 0.02 test and the noise were chosen
+    noise: dict = field(default_factory=dict)  # the noise behind o_noise (Tracing Reversal) or on the subject (Fact Forcing)
 
     @property
     def target(self) -> str:
@@ -123,7 +125,7 @@ def prepare(model, record, problem: "str | Problem", seed: int = 0, noise="s3", 
     check(bool(o_true and o_true.strip()), f"{problem.value} needs the true object of {fact.text!r}")
     template, subject = fact.prompt, fact.subject
     common = dict(o_true=o_true, neighbour_true=fact.neighborhood_answer,
-                  paraphrases=fact.paraphrase_prompts, neighbours=fact.neighborhood_prompts)
+                  paraphrases=fact.paraphrase_prompts, neighbours=fact.neighborhood_prompts, convention=convention)
     # The paper code's request_baseline, as its scorer reads it: it scores " " + the string, so a
     # string that already starts with a space (Fact Forcing's decoded token) gets two.
     eos = " " + model.tokenizer.eos_token
@@ -137,6 +139,7 @@ def prepare(model, record, problem: "str | Problem", seed: int = 0, noise="s3", 
             target = noised_continuation(model, fact.text, subject, stream, seed=seed)
             note = (f"o_noise = {target!r}: sampled (top-k {REVERSAL_TOP_K}, to {REVERSAL_MAX_TOKENS} tokens) from one "
                     f"noised run ({stream.scale.rule}, scale {stream.scale.scale:.4g}), seed {seed}")
+            used = stream.as_dict()
         else:
             found = noised_prediction(model, fact.text, subject, noise=noise, samples=NOISED_SAMPLES, seed=seed)
             if found.token_id == model.target_ids(o_true)[0]:
@@ -146,8 +149,9 @@ def prepare(model, record, problem: "str | Problem", seed: int = 0, noise="s3", 
             target = found.token
             note = (f"o_noise = {found.token!r} (p = {found.p:.3f} averaged over {NOISED_SAMPLES} noised runs, "
                     f"noise {noise}, seed {seed})")
+            used = {"noise_convention": "tracekit", **noise_scale_info(model, noise).as_dict(), "noise_seed": seed}
         return EditSetup(problem, EditRequest(template, subject, target), counter=target, baseline=o_true,
-                         notes=(note,), **common)
+                         notes=(note,), noise=used, **common)
     if problem is Problem.FACT_ERASURE:
         if convention == "paper-code":  # the paper's code: the whole object's probability, strictly above
             p_true = float(model.sequence_logprobs([fact.text], [o_true])[0].exp())
@@ -168,7 +172,8 @@ def prepare(model, record, problem: "str | Problem", seed: int = 0, noise="s3", 
     note = (f"subject noised ({noise_info.convention} convention, {noise_info.scale.rule} = {noise_info.scale.scale:.4g}) "
             "in the edit and in every scored prompt that contains it")
     return EditSetup(problem, EditRequest(template, subject, o_true, noise=noise_info),
-                     counter=o_noise if o_noise is not None else o_false, baseline=baseline, notes=(note,), **common)
+                     counter=o_noise if o_noise is not None else o_false, baseline=baseline, notes=(note,),
+                     noise=noise_info.as_dict(), **common)
 
 
 def setup_from_request(request: EditRequest) -> EditSetup:

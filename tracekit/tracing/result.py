@@ -15,6 +15,7 @@ from rich.text import Text
 
 from tracekit.errors import TracekitError, check
 from tracekit.plotting import Plottable
+from tracekit.tracing.noise import noise_scale_info
 from tracekit.tracing.plan import indistinguishable, tracing_effect
 
 # ROME's colours per kind: effects fade from white to this.
@@ -132,7 +133,9 @@ class TraceResult(_LayerMap):
     @classmethod
     def build(cls, model, prompt, settings, positions, p_clean, p_noise, p_restore, *, engine, noise_scale,
               target=None):
+        scale = noise_scale_info(model, settings.noise)  # where s3's std came from (known_1000 or the fallback)
         config = {**settings.as_dict(), "engine": engine, "noise_scale": float(noise_scale),
+                  "noise_embedding_std": scale.embedding_std, "noise_std_subjects": scale.subjects,
                   "backend": model.backend.name, "n_layers": model.n_layers}
         if indistinguishable(p_clean, p_noise):
             warnings.warn(f"p_clean == p_noise ({p_clean:.4g}) for {prompt.text!r}: tracing effects set to 0",
