@@ -71,9 +71,9 @@ class Plottable:
         """One line on what the picture shows (the HTML repr's heading)."""
         return type(self).__name__
 
-    def save(self, path: str | Path, dpi: int = 150) -> Path:
-        """Write ``plot()``'s figure to ``path`` (PNG, SVG or PDF by the suffix); returns the path."""
-        return save_figure(self.plot(), path, dpi)
+    def save(self, path: str | Path, dpi: int = 150, **plot_options) -> Path:
+        """Write ``plot(**plot_options)``'s figure to ``path`` (PNG, SVG or PDF by the suffix); returns the path."""
+        return save_figure(self.plot(**plot_options), path, dpi)
 
     def _repr_png_(self) -> bytes | None:
         try:

@@ -12,11 +12,12 @@ from tracekit import prompts as P
 from tracekit.adapters import Site
 from tracekit.errors import check
 from tracekit.patching.metrics import target_tokens
-from tracekit.patching.result import new_figure, png_bytes
+from tracekit.patching.result import new_figure
+from tracekit.plotting import Plottable
 
 
 @dataclass
-class LensResult:
+class LensResult(Plottable):
     """Per layer (``layers``: "embed" then 0..L-1, the stream entering layer 0 and leaving each
     layer) and position: the top-``k`` next tokens and the target's probability."""
 
@@ -61,16 +62,8 @@ class LensResult:
         ax.legend(fontsize=7, title="position", title_fontsize=7)
         return fig
 
-    def save(self, path, **kwargs):
-        from pathlib import Path
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.plot(**kwargs).savefig(path)
-        return path
-
-    def _repr_png_(self) -> bytes:
-        return png_bytes(self.plot())
+    def caption(self) -> str:
+        return f"logit lens: {self.prompt!r}"
 
     def __rich__(self) -> Table:
         j = len(self.positions) - 1

@@ -3,18 +3,16 @@ global backend switch) and a rich table."""
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from tracekit.errors import TracekitError, check
+from tracekit.errors import check
 from tracekit.patching.engine import Patch
-from tracekit.plotting import pyplot
+from tracekit.plotting import Plottable, pyplot
 
 _BARS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
 
@@ -28,14 +26,8 @@ def new_figure(width: float, height: float):
     return fig
 
 
-def png_bytes(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
 @dataclass
-class PatchResult:
+class PatchResult(Plottable):
     """Metric values of every patch of a sweep.
 
     ``values`` [patches]: the metric averaged over noise samples (``per_sample`` keeps them);
@@ -146,14 +138,8 @@ class PatchResult:
         fig.suptitle(f"{self.clean!r} vs {self.corrupt}", fontsize=8)
         return fig
 
-    def save(self, path: str | Path, **kwargs) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.plot(**kwargs).savefig(path)
-        return path
-
-    def _repr_png_(self) -> bytes:
-        return png_bytes(self.plot())
+    def caption(self) -> str:
+        return f"{self.direction} patching {self.clean!r} vs {self.corrupt}: {self.metric} of {self.target!r}"
 
     def __rich__(self) -> Group:
         parts = [Text(f"{self.direction} patching {self.clean!r} vs {self.corrupt}: {self.metric} of "
