@@ -107,6 +107,8 @@ def bench(args) -> dict:
         "rome (whole-forward engine)": lambda: apply_rome(model, REQUEST, layer, rome_hp, engine="hooks", progress=False),
         "memit": lambda: apply_memit(model, REQUEST, memit_layer, memit_hp, progress=False),
     }
+    if args.skip_whole_forward:
+        runs.pop("rome (whole-forward engine)")
     try:
         from tracekit.editing.finetune import apply_ft
         from tracekit.editing.presets import ft_preset
@@ -134,8 +136,9 @@ def bench(args) -> dict:
             entry["delta_norm"] = info.details["delta_norm"]
         report["methods"][name] = entry
         edits[name] = edit
-    fast, slow = report["methods"]["rome"], report["methods"]["rome (whole-forward engine)"]
-    report["rome_engine_speedup"] = slow["parts"]["v_star"] / fast["parts"]["v_star"]
+    if "rome (whole-forward engine)" in report["methods"]:
+        fast, slow = report["methods"]["rome"], report["methods"]["rome (whole-forward engine)"]
+        report["rome_engine_speedup"] = slow["parts"]["v_star"] / fast["parts"]["v_star"]
 
     # evaluation of one point (all metric prompts of the point in one batched pass, before and after)
     try:
@@ -152,6 +155,8 @@ def bench(args) -> dict:
         report["evaluation"] = {"seconds": median, "all_seconds": times, "prompts": len(scored.rows)}
     except (ImportError, TypeError) as err:
         report["evaluation_missing"] = f"{type(err).__name__}: {err}"
+    if args.sweep_points:
+        report["sweep"] = bench_sweep(model, args, layer)
     eval_seconds = report.get("evaluation", {}).get("seconds", 0.0)
     edits = STUDY_POINTS * STUDY_LAYERS
     report["sweep_estimate"] = {
@@ -161,6 +166,37 @@ def bench(args) -> dict:
             for name, entry in report["methods"].items()},
     }
     return report
+
+
+def bench_sweep(model, args, layer: int) -> dict:
+    """ROME edit + scoring per (point, layer) in a real sweep (``edit_study``, the presets, essence
+    on): ``--sweep-points`` built-in facts x 2 layers, item by item and with each ``--sweep-batch``.
+    A one-point sweep first warms the caches (templates, statistics), as in a long sweep. Runs
+    against an older tracekit too (no ``batch`` argument: item by item only)."""
+    import inspect
+
+    from tracekit.data.loaders import load_dataset
+    from tracekit.store import ResultStore
+    from tracekit.studies import edit_study
+
+    layers = sorted({layer, min(layer + 3, model.n_layers - 1)})
+    records = load_dataset("worldfacts", None, args.sweep_points + 1)
+    batched = "batch" in inspect.signature(edit_study).parameters
+    out = {"points": args.sweep_points, "layers": layers, "runs": {}}
+    folder = Path(tempfile.mkdtemp(prefix="tracekit-bench-sweep-"))
+    edit_study(model, records[:1], ResultStore(folder / "warm.sqlite"), methods=("rome",), layers=layers,
+               progress=False)
+    for batch in [1] + ([b for b in args.sweep_batch if b > 1] if batched else []):
+        store = ResultStore(folder / f"batch{batch}.sqlite")
+        started = time.perf_counter()
+        report = edit_study(model, records[1:], store, methods=("rome",), layers=layers, progress=False,
+                            **({"batch": batch} if batched else {}))
+        seconds = time.perf_counter() - started
+        items = report.computed + report.skipped
+        out["runs"][str(batch)] = {"items": items, "skipped": report.skipped, "failed": len(report.failed),
+                                   "seconds": seconds, "seconds_per_item": seconds / max(items, 1),
+                                   "items_per_second": items / seconds}
+    return out
 
 
 def markdown(report: dict) -> str:
@@ -178,14 +214,23 @@ def markdown(report: dict) -> str:
                   "hand-written paraphrases and neighbours; first-token probabilities):", "",
                   "| method | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
         lines += [f"| {name} | " + " | ".join(f"{s.get(k, float('nan')):.3f}" for k in keys) + " |" for name, s in scored.items()]
-    lines += ["", f"- block-driven v* engine vs whole forward passes: {report['rome_engine_speedup']:.1f}x",
-              f"- key statistics, layer {stats['layer']}: {stats['tokens']:,} tokens in {stats['seconds']:.1f} s "
+    lines.append("")
+    if "rome_engine_speedup" in report:
+        lines.append(f"- block-driven v* engine vs whole forward passes: {report['rome_engine_speedup']:.1f}x")
+    lines += [f"- key statistics, layer {stats['layer']}: {stats['tokens']:,} tokens in {stats['seconds']:.1f} s "
               f"({stats['tokens_per_second']:,.0f} tokens/s); first call incl. any corpus sampling: "
               f"{report['stats_first_call_seconds']:.1f} s"]
     if "evaluation" in report:
         ev = report["evaluation"]
         lines.append(f"- evaluation of one point ({ev['prompts']} scored prompt/object pairs + essence texts, "
                      f"before and after): {ev['seconds']:.2f} s")
+    if "sweep" in report:
+        sw = report["sweep"]
+        lines += ["", f"ROME edit + scoring per (point, layer) in a sweep (edit_study, presets, essence on): "
+                  f"{sw['points']} built-in facts x layers {sw['layers']}, warm caches:", "",
+                  "| batch | items | seconds / item | items / s |", "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {b} | {r['items']} | {r['seconds_per_item']:.2f} | {r['items_per_second']:.3f} |"
+                  for b, r in sw["runs"].items()]
     sweep = report["sweep_estimate"]
     lines += ["", f"Sweep estimate, the paper's GPT-J study size ({sweep['points']} points x {sweep['layers']} layers "
               f"= {sweep['edits_per_method']:,} edits per method, edit + evaluation), on this model and device:", ""]
@@ -206,6 +251,10 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny random model, tiny statistics: seconds")
     parser.add_argument("--mom2-samples", type=int, default=None, help="override the preset's statistics samples")
     parser.add_argument("--mom2-tokens", type=int, default=128, help="tokens per statistics sample (with --mom2-samples)")
+    parser.add_argument("--sweep-points", type=int, default=0,
+                        help="also time ROME edit + scoring per item in a sweep over this many points x 2 layers")
+    parser.add_argument("--sweep-batch", type=int, nargs="+", default=[4], help="batch sizes for --sweep-points")
+    parser.add_argument("--skip-whole-forward", action="store_true", help="skip the slow whole-forward ROME run")
     parser.add_argument("--out-dir", default="benchmarks/results")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

@@ -13,8 +13,11 @@ the moment it ends, so a run stopped at its limit keeps what it measured:
      and once warm; the naive loop on 3 of them; ratio, work bound, achieved TFLOP/s and
      fraction of peak, padding, attention shapes, max |difference|; the 652-prompt estimate;
   4. editing: ROME, MEMIT, FT-1, FT-5 through today's editors (small key statistics: a
-     benchmark, not a replication), seconds per edit and its parts;
-  5. a small sweep: edit + score per (point, layer), and the 652 x 9 sweep estimates.
+     benchmark, not a replication), seconds per edit and its parts; the key statistics'
+     factorisations made (once per layer); ROME over --edit-batch requests with batched v*;
+     mass MEMIT over them in one edit;
+  5. a small sweep: edit + score per (point, layer) item by item, then --edit-batch points
+     edited together per layer (batched v* and scoring), and the 652 x 9 sweep estimates.
 Everything goes to one folder: report.json, report.md (both name the device), log.txt.
 
 Carrying what the GPU machine lacks (it has no internet; torch and transformers are there):
@@ -241,10 +244,11 @@ def edit_hparams(model, args):
 
 def stage_editing(run: Run, model, args) -> dict:
     from bench_editing import REQUEST
+    from tracekit.editing import factors
     from tracekit.editing.api import warm_key_statistics
     from tracekit.editing.finetune import apply_ft
-    from tracekit.editing.memit import apply_memit
-    from tracekit.editing.rome import apply_rome
+    from tracekit.editing.memit import apply_memit, apply_memit_mass
+    from tracekit.editing.rome import apply_rome, rome_edits
 
     hparams = edit_hparams(model, args)
     L = model.n_layers
@@ -267,17 +271,44 @@ def stage_editing(run: Run, model, args) -> dict:
     out["key_statistics_seconds"] = seconds
     run.log(f"  key statistics: {seconds:.1f} s (corpus sampled from the model, then {args.mom2_samples} x "
             f"{args.mom2_tokens} tokens)")
+    made = dict(factors.FACTORISATIONS)
     for method, fn in runs.items():
         if run.left() < 45:
             out["methods"][method] = {"skipped": "time"}
             continue
-        first, _ = clocked(fn)  # the first call fills the caches (context templates)
+        first, _ = clocked(fn)  # the first call fills the caches (context templates, the statistics' factors)
         seconds, edit = clocked(fn)
         parts = edit.info.seconds
         out["methods"][method] = {"seconds": seconds, "first_call_seconds": first, "parts": parts,
                                   "steps": edit.info.steps_taken, "layers": edit.info.layers}
         run.log(f"  {method}: {seconds:.2f} s per edit (first call {first:.1f} s), parts {parts}")
+    # the key statistics' factorisation: made once per layer, however many edits read it
+    out["factorisations"] = {str(x): n - made.get(x, 0) for x, n in factors.FACTORISATIONS.items() if n > made.get(x, 0)}
+    run.log(f"  key-statistics factorisations made (layer: count): {out['factorisations']}")
+    # batched requests: k requests' v* in one pass per step, and mass MEMIT (all k keys in one update)
+    requests = batch_requests(args.edit_batch)
+    if run.left() > 60 and len(requests) > 1:
+        seconds, edits = clocked(lambda: rome_edits(model, requests, layer, hparams["rome"], progress=False,
+                                                    batch=len(requests)))
+        out["rome_batched"] = {"requests": len(requests), "seconds": seconds, "seconds_per_request": seconds / len(requests),
+                               "v_star_seconds_per_request": statistics.mean(e.info.seconds["v_star"] for e in edits)}
+        run.log(f"  rome, {len(requests)} requests batched: {seconds:.2f} s ({seconds / len(requests):.2f} s per request)")
+    if run.left() > 60 and len(requests) > 1:
+        seconds, edit = clocked(lambda: apply_memit_mass(model, requests, memit_layer, hparams["memit"], progress=False,
+                                                         batch=len(requests)))
+        out["memit_mass"] = {"requests": len(requests), "seconds": seconds, "parts": edit.info.seconds}
+        run.log(f"  mass memit, {len(requests)} requests in one edit: {seconds:.2f} s")
     return out
+
+
+def batch_requests(n: int) -> list:
+    """``n`` Error Injection requests from the built-in facts (the timed REQUEST first)."""
+    from bench_editing import REQUEST
+    from tracekit.data.loaders import load_dataset
+    from tracekit.editing.request import EditRequest
+
+    facts = load_dataset("worldfacts")
+    return [REQUEST] + [EditRequest.from_record(r) for r in facts[: max(0, n - 1)]]
 
 
 def sweep_points():
@@ -319,6 +350,28 @@ def stage_sweep(run: Run, model, args) -> dict:
                                       "study_sweep_hours": STUDY_POINTS * STUDY_LAYERS * per / 3600}
             run.log(f"  sweep {method}: {per:.2f} s per (point, layer) -> {STUDY_POINTS} x {STUDY_LAYERS} sweep "
                     f"{STUDY_POINTS * STUDY_LAYERS * per / 3600:.2f} h")
+    # batched: --edit-batch points edited together per layer (batched v* and one scoring pass)
+    from tracekit.data.loaders import load_dataset
+    from tracekit.editing.api import edit_many
+
+    records = load_dataset("worldfacts")[: args.edit_batch]
+    for method in ("rome",):
+        if run.left() < 45 or len(records) < 2:
+            break
+        total, done = 0.0, 0
+        for layer in layers:
+            if run.left() < 30:
+                break
+            seconds, results = clocked(lambda: edit_many(model, records, method, layer=layer, hparams=hparams[method],
+                                                         metrics=metrics, batch=len(records)))
+            total += seconds
+            done += sum(1 for r in results if not isinstance(r, Exception))
+        if done:
+            per = total / done
+            out["batched"] = {"method": method, "batch": len(records), "items": done,
+                              "per_point_layer_seconds": per, "study_sweep_hours": STUDY_POINTS * STUDY_LAYERS * per / 3600}
+            run.log(f"  sweep {method}, {len(records)} points batched: {per:.2f} s per (point, layer) -> "
+                    f"{STUDY_POINTS} x {STUDY_LAYERS} sweep {STUDY_POINTS * STUDY_LAYERS * per / 3600:.2f} h")
     return out
 
 
@@ -378,12 +431,24 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {method} | {e['seconds']:.2f} | {e['first_call_seconds']:.1f} | {parts} |")
             else:
                 lines.append(f"| {method} | {e.get('skipped', '-')} | | |")
+        lines.append("")
+        lines.append(f"Key-statistics factorisations made (layer: count, over every edit above): {ed.get('factorisations')}.")
+        if "rome_batched" in ed:
+            rb = ed["rome_batched"]
+            lines.append(f"ROME, {rb['requests']} requests batched: {rb['seconds']:.2f} s ({rb['seconds_per_request']:.2f} s "
+                         f"per request, v* {rb['v_star_seconds_per_request']:.2f} s).")
+        if "memit_mass" in ed:
+            lines.append(f"Mass MEMIT, {ed['memit_mass']['requests']} requests in one edit: {ed['memit_mass']['seconds']:.2f} s.")
     sw = stages.get("sweep", {})
     if sw.get("methods"):
         lines += ["", f"## Sweep ({sw['points']} points x layers {sw['layers']}, edit + score)", ""]
         for method, e in sw["methods"].items():
             lines.append(f"- {method}: {e['per_point_layer_seconds']:.2f} s per (point, layer); "
                          f"{STUDY_POINTS} x {STUDY_LAYERS} sweep estimate {e['study_sweep_hours']:.2f} h")
+        if "batched" in sw:
+            b = sw["batched"]
+            lines.append(f"- {b['method']}, {b['batch']} points batched (v* and scoring): {b['per_point_layer_seconds']:.2f} s "
+                         f"per (point, layer); {STUDY_POINTS} x {STUDY_LAYERS} sweep estimate {b['study_sweep_hours']:.2f} h")
     broken = [f"{name}: {s['error']}" for name, s in stages.items() if "error" in s]
     skipped = [f"{name}: {s['skipped']}" for name, s in stages.items() if "skipped" in s]
     if broken or skipped:
@@ -406,6 +471,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mom2-tokens", type=int, default=128)
     parser.add_argument("--sweep-points", type=int, default=2)
     parser.add_argument("--sweep-layers", type=int, default=2)
+    parser.add_argument("--edit-batch", type=int, default=None,
+                        help="requests / points edited together in the batched runs; default: 16 on CUDA, 4 otherwise")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tracing", "editing", "sweep"])
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/gpu-quick-<device>-<time>")
     args = parser.parse_args(argv)
@@ -414,9 +481,11 @@ def main(argv=None) -> int:
         args.model = args.model or "random:gptj-tiny"
         args.prompts, args.naive, args.samples, args.window = min(args.prompts, 4), min(args.naive, 1), 2, 3
         args.mom2_samples, args.mom2_tokens, args.sweep_points, args.sweep_layers = 16, 32, 1, 1
+        args.edit_batch = args.edit_batch or 2
         os.environ["TRACEKIT_CACHE"] = tempfile.mkdtemp(prefix="tracekit-gpu-quick-")  # leave the user's cache alone
     args.model = args.model or ("random:gpt-j-6b" if cuda else "random:gptj-tiny")
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.edit_batch = args.edit_batch or (16 if cuda else 4)
     slug = "".join(c if c.isalnum() else "-" for c in device_name()).strip("-").lower()[:40]
     out = Path(args.out_dir or f"benchmarks/results/gpu-quick-{slug}-{time.strftime('%Y%m%d-%H%M')}")
     run = Run(out, args.time_limit)

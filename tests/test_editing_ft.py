@@ -148,7 +148,8 @@ def test_block_driven_steps_equal_whole_forward_passes(spec, monkeypatch):
     request = EditRequest(REQUEST.prompt, REQUEST.subject, " Paris Tower", noise=noise)
     fast = apply_ft(model, request, 2, STRONG)
     assert fast.info.engine == "blocks"
-    monkeypatch.setattr(F.BlockDriver, "unsupported_reason", lambda self: "forced off")
+    # the same steps through whole passes (the seam's path for TransformerLens and nnsight)
+    monkeypatch.setattr(type(model.backend), "forward_path", lambda self: ("whole passes", "forced"))
     slow = apply_ft(model, request, 2, STRONG)
     assert slow.info.engine == "forward"
     for name in fast.parameter_names:

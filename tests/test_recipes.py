@@ -118,6 +118,12 @@ def test_trace_edit_analyse_with_stand_ins(data, tmp_path, capsys):
     assert (out / "fig4_rome_error-injection.png").exists() and (out / "robustness_zeroing.csv").exists()
     assert "default layer: 1" in (out / "summary.md").read_text()
 
+    from tracekit.cli import main  # the same analysis as a command of the installed package
+
+    assert main(["analyse", "--store", str(store), "--out", str(tmp_path / "by-command"), "--window", "3",
+                 "--permutations", "0"]) == 0
+    assert (tmp_path / "by-command" / "table1_r2.csv").exists()
+
 
 def test_shards_through_the_recipe_equal_one_run(data, tmp_path):
     trace = recipe("trace_dataset")

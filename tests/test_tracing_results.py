@@ -65,7 +65,7 @@ def test_json_round_trip(result, tmp_path):
 
 
 def test_plot_and_table(result, tmp_path):
-    png = result.plot(tmp_path / "heat.png")
+    png = result.save(tmp_path / "heat.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     console = Console(record=True, width=200)
     console.print(result)
@@ -80,7 +80,7 @@ def test_zero_result_methods(tmp_path):
     back = result_from_json(zeroed.to_json())
     assert isinstance(back, ZeroResult) and torch.equal(back.p_zero, zeroed.p_zero)
     assert len(zeroed.to_frame()) == 4
-    assert zeroed.plot(tmp_path / "z.png").exists()
+    assert zeroed.save(tmp_path / "z.png").exists()
     Console(record=True).print(zeroed)
 
 

@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from tracekit.adapters.architectures import INPUT_SITES, ArchAdapter, Site, _get
+from tracekit.adapters.architectures import SITE_KINDS, ArchAdapter, Site, _get
 from tracekit.adapters.partial import (
     Branch, ForwardStats, Pass, apply_to_output, attention_kernels, first, make_request, shape_policy, whole_pass,
 )
@@ -31,8 +31,9 @@ from tracekit.errors import TracekitError
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
 
-# Execution order inside one layer; nnsight requires modules to be touched in this order.
-_ORDER = {"embed": 0, "resid_pre": 1, "attn": 2, "mlp_in": 3, "mlp": 4, "resid": 5}
+# Execution order inside one layer (``SITE_KINDS`` lists kinds in it); nnsight requires modules to
+# be touched in this order.
+_ORDER = {kind: i for i, kind in enumerate(SITE_KINDS)}
 
 
 def execution_order(sites: Iterable[Site]) -> list[Site]:
@@ -152,12 +153,8 @@ class HFBackend(Backend):
         handles = []
         try:
             for site in execution_order([*edits, *capture]):
-                module = self.adapter.module(self.hf, site)
-                fn, keep = edits.get(site), site in capture
-                if site.kind in INPUT_SITES:
-                    handles.append(module.register_forward_pre_hook(_pre_hook(site, fn, keep, captured)))
-                else:
-                    handles.append(module.register_forward_hook(_post_hook(site, fn, keep, captured)))
+                keep = captured if site in capture else None
+                handles.append(self.adapter.attach(self.hf, site, edits.get(site), keep))
             hidden = self.adapter.base_model(self.hf)(input_ids=input_ids, use_cache=False).last_hidden_state
             logits = self.adapter.unembed_module(self.hf)(_gather(hidden, positions))
         finally:
@@ -166,36 +163,18 @@ class HFBackend(Backend):
         return RunOutput(logits, captured)
 
 
-def _pre_hook(site, fn, keep, captured):
-    def hook(module, args):
-        x = args[0]
-        if fn is not None:
-            x = fn(x)
-        if keep:
-            captured[site] = x
-        return (x, *args[1:])
-
-    return hook
-
-
-def _post_hook(site, fn, keep, captured):
-    def hook(module, args, output):
-        if fn is not None:
-            output = apply_to_output(output, fn)
-        if keep:
-            captured[site] = first(output)
-        return output
-
-    return hook
-
-
 class TransformerLensBackend(Backend):
     """TransformerLens 4 ``TransformerBridge`` over the same HF modules, hooks by hook name."""
 
     name = "transformer_lens"
 
-    def __init__(self, hf_model, adapter, tokenizer, config_dir: str):
+    def __init__(self, hf_model, adapter, tokenizer, config_dir: str | None = None, bridge=None):
+        """Boots a bridge over ``hf_model`` from ``config_dir``, or adopts the user's own ``bridge``
+        (whose ``original_model`` is ``hf_model``: ``tracekit.from_transformer_lens``)."""
         super().__init__(hf_model, adapter, tokenizer)
+        if bridge is not None:
+            self.wrapper = bridge
+            return
         try:
             from transformer_lens.model_bridge import TransformerBridge
         except ImportError as err:  # pragma: no cover - a declared dependency
@@ -210,9 +189,9 @@ class TransformerLensBackend(Backend):
 
             def hook(tensor, hook, site=site, fn=fn, keep=keep):
                 if fn is not None:
-                    tensor = fn(tensor)
+                    tensor = self.adapter.tl_layout(site, fn)(tensor)
                 if keep:
-                    captured[site] = tensor
+                    captured[site] = self.adapter.tl_layout(site)(tensor)
                 return tensor
 
             hooks.append((self.adapter.tl_hook(site), hook))
@@ -226,8 +205,13 @@ class NNsightBackend(Backend):
 
     name = "nnsight"
 
-    def __init__(self, hf_model, adapter, tokenizer):
+    def __init__(self, hf_model, adapter, tokenizer, wrapper=None):
+        """Wraps ``hf_model``, or adopts the user's own nnsight model ``wrapper`` over it
+        (``tracekit.from_nnsight``)."""
         super().__init__(hf_model, adapter, tokenizer)
+        if wrapper is not None:
+            self.wrapper = wrapper
+            return
         try:
             import nnsight
         except ImportError as err:  # pragma: no cover - a declared dependency
@@ -239,22 +223,36 @@ class NNsightBackend(Backend):
 
     def _forward(self, input_ids, edits, capture, positions):
         saved = {}
+        # The pattern is no module's input or output: its sites hook the attention function itself.
+        patterns = [s for s in execution_order([*edits, *capture]) if self.adapter.hook(s).pattern]
+        kept: dict[Site, torch.Tensor] = {}
+        handles = [self.adapter.attach(self.hf, s, edits.get(s), kept if s in capture else None) for s in patterns]
+        try:
+            logits = self._trace(input_ids, edits, capture, saved, set(patterns))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return RunOutput(_gather(logits, positions), {**dict(saved), **kept})
+
+    def _trace(self, input_ids, edits, capture, saved, skip):
         with self.wrapper.trace(input_ids):
             for site in execution_order([*edits, *capture]):
-                envoy = _get(self.wrapper, self.adapter.path(site))
+                if site in skip:
+                    continue
+                hook = self.adapter.hook(site)
+                envoy = _get(self.wrapper, hook.path)
                 fn = edits.get(site)
-                if site.kind in INPUT_SITES:
-                    if fn is not None:
-                        envoy.input = fn(envoy.input)
-                    value = envoy.input
-                else:
-                    if fn is not None:
-                        envoy.output = apply_to_output(envoy.output, fn)
-                    value = first(envoy.output)
+                if fn is not None:
+                    edit = lambda x, fn=fn, hook=hook: hook.apply(x, fn, self.adapter, self.hf)  # noqa: E731
+                    if hook.input:
+                        envoy.input = edit(envoy.input)
+                    else:
+                        envoy.output = apply_to_output(envoy.output, edit)
+                value = envoy.input if hook.input else first(envoy.output)
                 if site in capture:
-                    saved[site] = value.save()
+                    saved[site] = hook.view(value, self.adapter, self.hf).save()
             logits = self.wrapper.output.logits.save()
-        return RunOutput(_gather(logits, positions), dict(saved))
+        return logits
 
 
 BACKENDS = ("hf", "transformer_lens", "nnsight")

@@ -31,14 +31,14 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from tracekit.adapters.architectures import INPUT_SITES, ArchAdapter, Site, _get
+from tracekit.adapters.architectures import ArchAdapter, Site, _get
 from tracekit.adapters.partial import (
-    ForwardStats, Pass, Recording, Request, ShapePolicy, apply_to_output, attention_kernels, collecting,
+    ForwardStats, Pass, Recording, Request, ShapePolicy, attention_kernels, collecting,
     gather_columns, pick_logits,
 )
 
 HookFn = Callable[[torch.Tensor], torch.Tensor]
-_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value")
+_CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")  # layer_past: GPT-NeoX
 _MASKED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
@@ -153,11 +153,7 @@ class BlockDriver:
         handles = []
         try:
             for site, fn in edits.items():
-                if site.kind == "mlp_in":
-                    raise ValueError("BlockDriver edits module outputs only")
-                module = self.adapter.module(self.hf, site)
-                handles.append(module.register_forward_hook(
-                    lambda m, a, out, fn=fn: apply_to_output(out, fn)))
+                handles.append(self.adapter.attach(self.hf, site, fn))
             yield
         finally:
             for handle in handles:
@@ -258,13 +254,7 @@ class _BlockPass:
         handles = []
         try:
             for site in sites:
-                module = self.d.adapter.module(self.d.hf, site)
-                if site.kind in INPUT_SITES:
-                    handles.append(module.register_forward_pre_hook(
-                        lambda m, args, site=site: (self._apply(site, args[0]), *args[1:])))
-                else:
-                    handles.append(module.register_forward_hook(
-                        lambda m, args, out, site=site: apply_to_output(out, lambda x: self._apply(site, x))))
+                handles.append(self.d.adapter.attach(self.d.hf, site, lambda x, site=site: self._apply(site, x)))
             yield
         finally:
             for handle in handles:
@@ -311,7 +301,7 @@ class _BlockPass:
         hidden = hidden[: self.n_rows, : self.width]
         recording = None
         if req.record:
-            recording = Recording(tuple(self.captured.pop(s) for s in recorded), tuple(kv))
+            recording = Recording(tuple(self.captured[s] for s in recorded), tuple(kv))
         captured = {s: self.captured[s] for s in req.capture}
         logits = pick_logits(req, hidden, d.norm, d.unembed)
         if self.stats is not None and logits is not None:

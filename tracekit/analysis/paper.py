@@ -73,7 +73,7 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
     # Fig. 1/2/10: tracing effect by layer, every kind and window stored.
     by_layer = S.effect_by_layer(traces)
     table(by_layer, "fig1_effect_by_layer", "Mean tracing effect by layer (max over tokens)")
-    summary.outputs.append(figures.effect_by_layer(by_layer, out / "fig1_effect_by_layer.png"))
+    summary.outputs.append(figures.save(figures.effect_by_layer(by_layer), out / "fig1_effect_by_layer.png"))
     if edits.empty:
         summary.notes.append("no edit results in the store: only the tracing figures were made")
         return _finish(summary, out)
@@ -96,8 +96,8 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
     table(corr, "fig4_correlation", f"rewrite score vs tracing effect at layer {layer} ({localisation})")
     for row in corr.itertuples(index=False):
         cell = at_layer[(at_layer["problem"] == row.problem) & (at_layer["method"] == row.method)]
-        summary.outputs.append(figures.score_vs_tracing(cell, out / f"fig4_{row.method}_{row.problem}.png", row.rho,
-                                                        row.p, title=f"{row.method}, {row.problem}, layer {layer}"))
+        figure = figures.score_vs_tracing(cell, row.rho, row.p, title=f"{row.method}, {row.problem}, layer {layer}")
+        summary.outputs.append(figures.save(figure, out / f"fig4_{row.method}_{row.problem}.png"))
     summary.headline["default layer"] = layer
 
     # Table 1 (primary condition), Fig. 6 / Tables 3-6 (every condition, every outcome).
@@ -127,7 +127,7 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
         summary.headline[f"max R² added by tracing ({outcome})"] = (
             f"{grid['added'].max():.3f}; chance {grid['added_chance'].min():.3f}-{grid['added_chance'].max():.3f}")
         if outcome == "rewrite":
-            summary.outputs.append(figures.r2_bars(grid, out / "fig6_r2_rewrite.png"))
+            summary.outputs.append(figures.save(figures.r2_bars(grid), out / "fig6_r2_rewrite.png"))
             X.flag_notes(grid, summary)
             if grid["degenerate_layers"].astype(bool).any():
                 optional(X.without_degenerate, joined, table, summary, localisation, permutations)
@@ -148,7 +148,8 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
     # Fig. 15: per-layer correlations.
     per_layer = S.correlations(joined, "rewrite", by=("problem", "method", "layer"))
     table(per_layer, "fig15_correlation_by_layer", "rewrite vs tracing correlation per layer")
-    summary.outputs.append(figures.correlation_by_layer(per_layer, out / "fig15_correlation_by_layer.png"))
+    summary.outputs.append(figures.save(figures.correlation_by_layer(per_layer),
+                                        out / "fig15_correlation_by_layer.png"))
 
     # Table 2: points with concentrated effects.
     points = X.concentrated_peaks(F.tracing_effects(traces, kind=kind, window=window, reduce="max"), window, summary)

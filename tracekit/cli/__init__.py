@@ -11,10 +11,10 @@ import argparse
 import os
 import sys
 
-from tracekit.cli import demo, editing, models, store, studies, tracing
+from tracekit.cli import analysis, demo, editing, models, store, studies, tracing
 from tracekit.cli.common import add_model_args, console, load_from_args, run_reporting_errors
 
-AREAS = (models, tracing, editing, store, studies, demo)  # the order of `tracekit --help`
+AREAS = (models, tracing, editing, store, studies, analysis, demo)  # the order of `tracekit --help`
 
 __all__ = ["add_model_args", "build_parser", "console", "load_from_args", "main", "run_reporting_errors"]
 

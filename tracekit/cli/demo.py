@@ -33,7 +33,7 @@ def _demo(args) -> None:
     trace_seconds = time.perf_counter() - started
     console.print(result)
     result.to_json(out / "trace-mlp.json")
-    result.plot(out / "trace-mlp.png")
+    result.save(out / "trace-mlp.png")
 
     console.rule(f"2. {args.method.upper()} edit: {EDIT_PROMPT.format(EDIT_SUBJECT)!r} -> {EDIT_TARGET!r}")
     record = FactRecord(case_id=0, prompt=EDIT_PROMPT, subject=EDIT_SUBJECT, target_true=EDIT_TRUE,

@@ -45,7 +45,7 @@ def _trace(args) -> None:
         out.mkdir(parents=True, exist_ok=True)
         stem = f"{'zero' if args.zero else 'trace'}-{args.kind}-w{args.window}"
         result.to_json(out / f"{stem}.json")
-        result.plot(out / f"{stem}.png")
+        result.save(out / f"{stem}.png")
         console.print(f"wrote {out / stem}.json and {out / stem}.png")
 
 

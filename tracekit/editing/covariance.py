@@ -20,7 +20,8 @@ Results are cached in safetensors with metadata (model identity, layer, samples,
 and a sha256 of the matrix). A cached file whose metadata does not match what was asked, whose
 bytes do not match their checksum, whose shape is not [d_mlp, d_mlp] or that holds NaN or inf is
 recomputed with a warning; a file the caller names explicitly must pass the same checks, or it
-is an error.
+is an error. Within a process, statistics read or computed for a model are kept in its memo
+table (``tracekit.memo``) while their file is unchanged, so a sweep reads and checks each file once.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tracekit.adapters import Site
-from tracekit.adapters.blocks import BlockDriver
 from tracekit.cache import cache_dir, locked, slug, write_atomic
 from tracekit.errors import TracekitError, check
 from tracekit.identity import cache_identity, weight_fingerprint
+from tracekit.memo import model_memo
 
 if TYPE_CHECKING:  # for annotations only: no import cycle, no early torch
     from tracekit.models import Model
@@ -53,6 +54,7 @@ CORPUS_FILES = ("corpus.txt", "corpus.jsonl", "wikitext-103.txt", "wikitext.txt"
 SHIPPED_TEXT = Path(__file__).resolve().parents[1] / "data" / "text" / "sherlock_holmes_1-2.txt"
 SHIPPED_DESCRIPTION = "the text shipped with tracekit (The Adventures of Sherlock Holmes, stories I-II, public domain)"
 SELF_SAMPLED = "model"  # corpus= value: sample the text from the model itself
+_LOADED = "second_moments"  # memo table: statistics already read (or computed) for a model
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -224,38 +226,29 @@ def _progress(enabled: bool) -> Progress:
 @torch.no_grad()
 def accumulate(model: Model, layers: Sequence[int], batches: Iterator[torch.Tensor], total_tokens: int,
                dtype: torch.dtype, progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
-    """Sum of k k^T per layer over the keys of every position of every batch [B, T]."""
+    """Sum of k k^T per layer over the keys of every position of every batch [B, T].
+
+    Each batch is one partial forward (``Model.forward``) up to the highest layer, whose edits at
+    ``Site("mlp_in", l)`` fold the keys in and return them unchanged."""
     layers = sorted(set(layers))
     sums: dict[int, torch.Tensor] = {}
-    modules = {layer: model.adapter.module(model.hf, Site("mlp_in", layer)) for layer in layers}
-    driver = BlockDriver(model.hf, model.adapter)
-    fast = driver.unsupported_reason() is None
 
     def fold(layer):
-        def hook(module, args):
-            keys = args[0].reshape(-1, args[0].shape[-1]).to(dtype)
+        def edit(x):
+            keys = x.reshape(-1, x.shape[-1]).to(dtype)
             sums[layer] = keys.T @ keys if layer not in sums else sums[layer].addmm_(keys.T, keys)
-        return hook
+            return x
+        return edit
 
-    handles = [modules[layer].register_forward_pre_hook(fold(layer)) for layer in layers]
+    edits = {Site("mlp_in", layer): fold(layer) for layer in layers}
     seen = 0
-    try:
-        with _progress(progress) as bar:
-            task = bar.add_task(f"key statistics, layer(s) {','.join(map(str, layers))}", total=total_tokens, rate="")
-            for ids in batches:
-                if fast:  # run only the blocks up to the highest layer
-                    hidden = driver.block0_input(ids)
-                    pos = driver.positions(0, ids.shape[1], hidden)
-                    for layer in range(layers[-1] + 1):
-                        hidden, _ = driver.block(layer, hidden, pos)
-                else:
-                    model.run(ids, positions=torch.zeros(ids.shape[0], dtype=torch.long))
-                seen += ids.numel()
-                elapsed = bar.tasks[0].elapsed or 1e-9
-                bar.update(task, advance=ids.numel(), rate=f"{seen / elapsed:,.0f} tok/s")
-    finally:
-        for handle in handles:
-            handle.remove()
+    with _progress(progress) as bar:
+        task = bar.add_task(f"key statistics, layer(s) {','.join(map(str, layers))}", total=total_tokens, rate="")
+        for ids in batches:
+            model.forward(ids, stop_layer=layers[-1] + 1, edits=edits)
+            seen += ids.numel()
+            elapsed = bar.tasks[0].elapsed or 1e-9
+            bar.update(task, advance=ids.numel(), rate=f"{seen / elapsed:,.0f} tok/s")
     return sums, seen
 
 
@@ -338,11 +331,15 @@ def second_moments(model: Model, layers: Sequence[int], *, n_samples: int, sampl
         return {layers[0]: SecondMoment(matrix, layers[0], metadata, path)}
     found: dict[int, SecondMoment] = {}
     paths = {layer: _cache_path(model, expected[layer], cache_root) for layer in layers}
+    loaded = model_memo(model, _LOADED)  # a sweep reads each file (and checks its sha256) once
     for layer in layers:
-        if cache and paths[layer].is_file():
+        memo_key = _memo_key(paths[layer], expected[layer])
+        if cache and memo_key is not None and memo_key in loaded:
+            found[layer] = loaded[memo_key]
+        elif cache and paths[layer].is_file():
             try:
                 matrix, metadata = load_stats_file(paths[layer], expected[layer], key_dim(model, layer))
-                found[layer] = SecondMoment(matrix, layer, metadata, paths[layer])
+                found[layer] = loaded[memo_key] = SecondMoment(matrix, layer, metadata, paths[layer])
             except TracekitError as err:
                 warnings.warn(f"recomputing stale key statistics: {err}", stacklevel=2)
     todo = [layer for layer in layers if layer not in found]
@@ -384,7 +381,33 @@ def second_moments(model: Model, layers: Sequence[int], *, n_samples: int, sampl
 
             write_atomic(paths[layer], lambda p, m=matrix, md=metadata: save_file({"mom2": m.cpu()}, str(p), metadata=md))
         found[layer] = SecondMoment(matrix, layer, metadata, paths[layer] if cache else None)
+        memo_key = _memo_key(paths[layer], expected[layer]) if cache else None
+        if memo_key is not None:
+            loaded[memo_key] = found[layer]
     return found
+
+
+def _memo_key(path: Path, expected: dict[str, str]) -> tuple | None:
+    """What a loaded file is: its stat and a digest of its bytes (all of them up to 16 MiB, else 256
+    strided 64 KiB blocks), so a file rewritten since it was read is read and checked again."""
+    try:
+        stat = path.stat()
+        digest = hashlib.sha1()
+        with open(path, "rb") as f:
+            if stat.st_size <= _WHOLE_FILE:
+                digest.update(f.read())
+            else:
+                step = stat.st_size // _BLOCKS
+                for i in range(_BLOCKS):
+                    f.seek(i * step)
+                    digest.update(f.read(_BLOCK))
+    except OSError:
+        return None
+    return (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino, digest.hexdigest(),
+            tuple(sorted(expected.items())))
+
+
+_WHOLE_FILE, _BLOCKS, _BLOCK = 16 << 20, 256, 64 << 10
 
 
 def _cache_path(model: Model, expected: dict[str, str], cache_root) -> Path:

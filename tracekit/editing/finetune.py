@@ -13,10 +13,10 @@ pass ends it, with the same result). Fact Forcing under the paper code's noise r
 ``noise_rows`` (10) copies of the prompt per pass, each with its own draw.
 Orientation (GPT-2's transposed Conv1D) does not matter here: the clamp is elementwise.
 
-Cost: logits are computed only at the positions that score the target. On the hf backend,
-without noise drawn afresh per pass, the layers below the lowest edited layer run ONCE,
-without gradients (``BlockDriver``), and each step runs only the layers from there up;
-otherwise each step is a whole forward pass.
+Cost: logits are computed only at the positions that score the target. Without noise drawn afresh per pass, the layers below the lowest edited layer run ONCE,
+without gradients, and each step runs only the layers from there up (both through the partial
+forward ``Model.forward``, so the backend the user chose is honoured); otherwise each step is a
+whole forward pass.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 
 from tracekit import prompts as P
 from tracekit.adapters import Site
-from tracekit.adapters.blocks import BlockDriver
 from tracekit.editing.delta import Edit
 from tracekit.editing.info import EditInfo
 from tracekit.editing.request import EditRequest
@@ -155,11 +154,16 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
                     conventions={"loss_reduction": hparams.loss_reduction, "train_bias": hparams.train_bias,
                                  "erasure_objective": hparams.erasure_objective},
                     noise=None if noise is None else noise.as_dict(), details={"parameters": names})
-    return Edit(model.hf, new, info=info)
+    return Edit(model.hf, new, info=info, model=model)
 
 
 class _Scorer:
-    """The target's NLL under the current weights (with gradients), pass by pass."""
+    """The target's NLL under the current weights (with gradients), pass by pass.
+
+    Every pass goes through the partial forward (``Model.forward``). Without noise drawn afresh
+    per pass, the layers below the lowest edited one are run once (their output cannot change)
+    and each step runs the rest from there ("blocks" where the seam drives the blocks); else
+    each step is a whole pass from the tokens ("forward")."""
 
     def __init__(self, model, request: EditRequest, lowest_layer: int, hparams: FTHyperParams):
         self.model, self.hparams = model, hparams
@@ -172,11 +176,11 @@ class _Scorer:
         self.ids = torch.tensor([prefix + self.target[:-1]] * rows)
         self.span = None if self.noise is None else model.subject_span(request.text, request.subject)
         self.scored = torch.arange(len(prefix) - 1, len(prefix) - 1 + len(self.target))
-        driver = BlockDriver(model.hf, model.adapter)
-        self.engine = "blocks" if (model.backend.name == "hf" and driver.unsupported_reason() is None
-                                   and not self.fresh) else "forward"
-        if self.engine == "blocks":
-            self._prepare_blocks(driver, lowest_layer)
+        self.split = not self.fresh
+        self.engine = "blocks" if self.split and model.forward_path == "blocks" else "forward"
+        self.lowest = lowest_layer
+        if self.split:
+            self._prepare_bottom()
 
     def _noise_edits(self) -> dict:
         if self.noise is None:
@@ -185,29 +189,18 @@ class _Scorer:
         return {Site("embed"): spans_noise_hook(spans, draws, align)}
 
     @torch.no_grad()
-    def _prepare_blocks(self, driver: BlockDriver, lowest_layer: int) -> None:
-        """The frozen bottom of the model, once."""
-        self.driver, self.lowest = driver, lowest_layer
-        hidden = driver.block0_input(self.ids, self._noise_edits())
-        self.positions = driver.positions(0, self.ids.shape[1], hidden)
-        for layer in range(lowest_layer):
-            hidden, _ = driver.block(layer, hidden, self.positions)
-        self.hidden = hidden
+    def _prepare_bottom(self) -> None:
+        """The frozen bottom of the model, once: block ``lowest``'s input."""
+        entry = Site("resid_pre", self.lowest)
+        out = self.model.forward(self.ids, stop_layer=self.lowest + 1, edits=self._noise_edits(), capture=[entry])
+        self.hidden = out.captured[entry]
 
     def _logits(self) -> torch.Tensor:
         """[rows, m, V] logits at the scored positions."""
-        if self.engine == "blocks":
-            h = self.hidden
-            for layer in range(self.lowest, len(self.driver.blocks)):
-                h, _ = self.driver.block(layer, h, self.positions)
-            return self.driver.unembed(self.driver.norm(h[:, self.scored.to(h.device)]))
-        model = self.model
-        last = Site("resid", model.n_layers - 1)
-        out = model.run(self.ids, edits=self._noise_edits(), capture=[last],
-                        positions=torch.zeros(self.ids.shape[0], dtype=torch.long), grad=True)
-        hidden = out.captured[last][:, self.scored.to(out.captured[last].device)]
-        norm = model.hf.get_submodule(model.adapter.final_norm)
-        return model.adapter.unembed_module(model.hf)(norm(hidden))
+        cols = self.scored.expand(self.ids.shape[0], -1)
+        if self.split:
+            return self.model.forward(hidden=self.hidden, start_layer=self.lowest, logits=cols, grad=True).logits
+        return self.model.forward(self.ids, edits=self._noise_edits(), logits=cols, grad=True).logits
 
     def nll(self) -> torch.Tensor:
         logp = torch.log_softmax(self._logits().float(), dim=-1)

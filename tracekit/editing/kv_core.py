@@ -18,14 +18,15 @@
   lambda = 0 and one key this is ROME's rank-one update, with lambda = mom2_update_weight
   MEMIT's (lambda C + K K^T)^-1 K solve, rewritten so that lambda = 0 stays defined.
 
-Engines. ``"blocks"`` (any model whose blocks ``BlockDriver`` can drive): one pass without
-gradients runs every row through blocks 0..l; the positions before each row's last subject
-token s_i cannot see the delta (causal attention), so their keys/values in blocks l+1.. are
-computed once; each step runs one ragged batch holding, for every row, only positions s_i up
-to its last scored position through blocks l+1.., with logits only where they are scored.
-``"hooks"``: whole forward passes through ``Model.run`` with a ``Site("mlp", l)`` hook adding
-the delta; used where blocks cannot be driven (TransformerLens bridge), and for subject noise
-drawn afresh for every pass (the paper code's Fact Forcing), where nothing can be reused.
+Engines (``ValueObjective``); every pass goes through the partial forward ``Model.forward``,
+which decides in one place whether the model's blocks are driven or whole passes run (the
+TransformerLens and nnsight backends). ``"blocks"``: one pass without gradients records every
+row; the positions before each row's last subject token s_i cannot see the delta (causal
+attention), so each step re-runs only a branch of the recording: every row's positions s_i up to
+its last scored position, from block l+1 up, entering with the recorded state + delta, with
+logits only where they are scored. ``"hooks"``: a whole pass from the tokens per step with an
+edit at ``Site("mlp", l)`` adding the delta; for subject noise drawn afresh for every pass (the
+paper code's Fact Forcing), where nothing can be reused.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import torch
 
 from tracekit import prompts as P
 from tracekit.adapters import Site
-from tracekit.adapters.blocks import BlockDriver, Positions
 from tracekit.editing.request import EditRequest
 from tracekit.editing.subject_noise import as_subject_noise
 from tracekit.errors import check
@@ -188,53 +188,20 @@ class _Suspended:
 def subject_states(model, rows: EditRows, sites: list[Site], row_index=None,
                    noise: NoisePasses | None = None) -> dict[Site, torch.Tensor]:
     """Each site's value at the last subject token of rows ``row_index`` (default: the template
-    rows), from one forward pass over those rows alone: {site: [len(row_index), d]}."""
+    rows), from one partial forward over those rows alone, up to the highest site's layer:
+    {site: [len(row_index), d]}."""
     row_index = list(range(rows.n_templates)) if row_index is None else list(row_index)
     ids = rows.input_ids[row_index]
     width = int(rows.lengths[row_index].max())
     edits = noise.edits(row_index) if noise is not None else {}
-    out = model.run(ids[:, :width], edits=edits, capture=sites, positions=torch.zeros(len(row_index), dtype=torch.long))
+    top = max(s.layer for s in sites if s.layer is not None)
+    out = model.forward(ids[:, :width], stop_layer=top + 1, edits=edits, capture=sites)
     index = torch.arange(len(row_index))
     last = rows.subject_last[row_index]
-    return {site: value[index, last.to(value.device)].float() for site, value in out.captured.items()}
-
-
-def _run_prefix(model, rows: EditRows, sites, last_layer, noise: NoisePasses):
-    """Blocks 0..last_layer over every row without gradients; captures ``sites`` (whole tensors)."""
-    driver = BlockDriver(model.hf, model.adapter)
-    captured: dict[Site, torch.Tensor] = {}
-    handles = []
-    for site in sites:
-        module = model.adapter.module(model.hf, site)
-        if site.kind == "mlp_in":
-            handles.append(module.register_forward_pre_hook(lambda m, a, s=site: captured.__setitem__(s, a[0])))
-        else:
-            handles.append(module.register_forward_hook(
-                lambda m, a, o, s=site: captured.__setitem__(s, o[0] if isinstance(o, tuple) else o)))
-    try:
-        hidden = driver.block0_input(rows.input_ids, noise.edits(range(rows.input_ids.shape[0])))
-        pos = driver.positions(0, rows.input_ids.shape[1], hidden)
-        for layer in range(last_layer + 1):
-            hidden, _ = driver.block(layer, hidden, pos)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hidden, captured
+    return {site: value[index.to(value.device), last.to(value.device)].float() for site, value in out.captured.items()}
 
 
 # ---- the value objective ------------------------------------------------------------------------
-def ragged_positions(driver: BlockDriver, starts: torch.Tensor, width: int, prefix: int, like: torch.Tensor) -> Positions:
-    """Row i holds positions starts[i] .. starts[i] + width - 1 and sees keys 0..starts[i] - 1 of a
-    shared prefix of ``prefix`` columns, then its own columns causally."""
-    cols = torch.arange(width, device=like.device)
-    ids = starts.to(like.device)[:, None] + cols  # [B, P]
-    keys = torch.arange(prefix, device=like.device)
-    seen_prefix = (keys[None, None, :] < starts.to(like.device)[:, None, None]).expand(-1, width, -1)
-    causal = (cols[None, :] <= cols[:, None])[None].expand(len(starts), -1, -1)
-    allowed = torch.cat([seen_prefix, causal], dim=-1)[:, None]  # [B, 1, P, prefix + P]
-    return driver.make_positions(ids, allowed, like)
-
-
 @dataclass(frozen=True)
 class SubjectValues:
     """The template rows' states at the last subject token in the first (delta = 0) pass."""
@@ -249,7 +216,17 @@ class ValueObjective:
 
     The first call (at delta = 0; one is made first if need be) records ``initial`` (the template
     rows' key, MLP output and block output at the last subject token) and the KL prompt's
-    original distribution, as the public code records target_init and kl_distr_init."""
+    original distribution, as the public code records target_init and kl_distr_init.
+
+    Every pass goes through the partial forward (``Model.forward``), which decides whether the
+    model's blocks are driven or whole passes run (``model.forward_path``). ``engine``:
+    "blocks" (the default where the noise allows; ``kv_batch.BatchedObjective`` with one
+    request): one recorded pass of every row, then each call re-runs only a branch of the
+    recording: rows from their last subject token on, from block ``layer + 1`` up, entering with
+    the recorded state + delta (earlier positions cannot see the delta); "hooks": a whole pass
+    from the tokens for every call, the delta added by an edit at ``Site("mlp", layer)`` (subject
+    noise drawn afresh per pass needs it).
+    """
 
     def __init__(self, model, rows: EditRows, layer: int, engine: str = "auto",
                  template_weights: torch.Tensor | None = None, noise: NoisePasses | None = None):
@@ -257,69 +234,25 @@ class ValueObjective:
         self.model, self.rows, self.layer = model, rows, layer
         self.template_weights = template_weights
         self.noise = noise if noise is not None else NoisePasses(rows, model.d_model)
-        self.driver = BlockDriver(model.hf, model.adapter)
-        reason = self.driver.unsupported_reason()
-        if self.noise.fresh:
-            reason = reason or "the subject noise is drawn afresh for every pass"
+        reason = "the subject noise is drawn afresh for every pass" if self.noise.fresh else None
         if engine == "auto":
             engine = "blocks" if reason is None else "hooks"
         check(engine in ("blocks", "hooks"), f"unknown engine {engine!r}; choose blocks or hooks")
         check(engine == "hooks" or reason is None, f"the blocks engine cannot run this edit: {reason}")
-        self.engine = engine
+        self.mode = engine
+        # what ran: "blocks" when the seam drives the blocks for a branch, else whole passes ("hooks")
+        self.engine = "blocks" if engine == "blocks" and model.forward_path == "blocks" else "hooks"
         self.initial: SubjectValues | None = None
         self.kl_init: torch.Tensor | None = None
         self.calls = 0
-        if engine == "blocks":
-            sites = [Site("mlp_in", layer), Site("mlp", layer), Site("resid", layer)]
-            with torch.no_grad():
-                hidden, captured = _run_prefix(model, rows, sites, layer, self.noise)
-            index, at = torch.arange(rows.n_templates), rows.subject_last[: rows.n_templates]
-            self.initial = SubjectValues(*(captured[s][index, at.to(captured[s].device)].float() for s in sites))
-            self.dtype = hidden.dtype
-            self._prepare_suffix(hidden)
-        else:
-            self.dtype = next(model.hf.parameters()).dtype
+        self.batch = None
+        if self.mode == "blocks":
+            from tracekit.editing.kv_batch import BatchedObjective
 
-    # -- blocks engine -------------------------------------------------------------------
-    @torch.no_grad()
-    def _prepare_suffix(self, hidden: torch.Tensor) -> None:
-        """Keys/values of every row's positions before its last subject token (blocks above
-        ``layer``), and each row's block-``layer`` output from that token on, in one batch."""
-        rows = self.rows
-        starts = rows.subject_last
-        # columns a row needs: up to its last target-scoring position; the KL row only its first
-        needed = torch.zeros_like(starts)
-        needed[: rows.n_templates] = rows.target_pos[:, -1] - starts[: rows.n_templates]
-        self.width = int(needed.max()) + 1
-        prefix = int(starts.max())
-        padded = torch.nn.functional.pad(hidden, (0, 0, 0, self.width))  # room for a row's suffix past T
-        take = (starts[:, None] + torch.arange(self.width)).to(hidden.device)
-        self.suffix = padded[torch.arange(len(starts), device=hidden.device)[:, None], take]  # [B, P, d]
-        self.pos = ragged_positions(self.driver, starts, self.width, prefix, hidden)
-        self.prefix_kv = []
-        h = hidden[:, :prefix]
-        pos = self.driver.positions(0, prefix, h) if prefix > 0 else None
-        for layer in range(self.layer + 1, len(self.driver.blocks)):
-            if prefix == 0:
-                self.prefix_kv.append(None)
-                continue
-            h, cache = self.driver.block(layer, h, pos)
-            self.prefix_kv.append(tuple(t.detach() for t in cache.seen))
+            self.batch = BatchedObjective(model, [rows], layer, [template_weights], noises=[self.noise])
+            self.initial = self.batch.initials[0]
 
-    def _blocks_logits(self, delta: torch.Tensor):
-        """Logits at the target positions [n_templates, m, V] and at the KL row's subject token [V]."""
-        rows, n = self.rows, self.rows.n_templates
-        x = self.suffix.clone()
-        x[:, 0] = x[:, 0] + delta.to(x.device, x.dtype)
-        for i, layer in enumerate(range(self.layer + 1, len(self.driver.blocks))):
-            x, _ = self.driver.block(layer, x, self.pos, self.prefix_kv[i])
-        cols = rows.target_pos - rows.subject_last[:n, None]  # [n, m]
-        scored = x[torch.arange(n, device=x.device)[:, None], cols.to(x.device)]  # [n, m, d]
-        logits = self.driver.unembed(self.driver.norm(scored))
-        kl = self.driver.unembed(self.driver.norm(x[n, 0])) if rows.has_kl else None
-        return logits, kl
-
-    # -- hooks engine ---------------------------------------------------------------------------
+    # -- hooks engine: a whole pass per call --------------------------------------------------------
     def _hooks_logits(self, delta: torch.Tensor):
         rows, n = self.rows, self.rows.n_templates
         index = torch.arange(rows.input_ids.shape[0])
@@ -331,15 +264,16 @@ class ValueObjective:
 
         sites = [Site("mlp_in", self.layer), Site("mlp", self.layer), Site("resid", self.layer)]
         edits = {**self.noise.edits(range(len(index))), Site("mlp", self.layer): add_delta}
-        out = self.model.run(rows.input_ids, edits=edits, grad=torch.is_grad_enabled(),
-                             capture=sites if self.initial is None else ())
+        cols = torch.zeros(len(index), rows.target_pos.shape[1], dtype=torch.long)
+        cols[:n] = rows.target_pos - rows.subject_last[:n, None]
+        out = self.model.forward(rows.input_ids, edits=edits, grad=torch.is_grad_enabled(),
+                                 capture=sites if self.initial is None else (),
+                                 logits=cols + rows.subject_last[:, None])
         if self.initial is None:  # delta = 0 here: the captured values are the original ones
             at = rows.subject_last[:n]
             self.initial = SubjectValues(*(out.captured[s][torch.arange(n), at.to(out.captured[s].device)]
                                            .detach().float() for s in sites))
-        logits = out.logits[torch.arange(n)[:, None], rows.target_pos]
-        kl = out.logits[n, rows.subject_last[n]] if rows.has_kl else None
-        return logits, kl
+        return out.logits[:n], (out.logits[n, 0] if rows.has_kl else None)
 
     def __call__(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean NLL of the target tokens per template, averaged over templates (or weighted by
@@ -348,22 +282,39 @@ class ValueObjective:
             with torch.no_grad():
                 self(torch.zeros_like(delta.detach()))
         self.calls += 1
-        logits, kl_logits = self._blocks_logits(delta) if self.engine == "blocks" else self._hooks_logits(delta)
-        logp = torch.log_softmax(logits.float(), -1)
-        target = self.rows.target_ids.to(logp.device)
-        token_logp = logp.gather(-1, target.expand(logp.shape[0], -1)[..., None])[..., 0]
-        per_template = -token_logp.mean(-1)
-        if self.template_weights is None:
-            nll = per_template.mean()
-        else:
-            nll = (per_template * self.template_weights.to(per_template.device)).sum()
-        kl = torch.zeros((), device=logp.device)
-        if kl_logits is not None:
-            new = torch.log_softmax(kl_logits.float(), -1)
-            if self.kl_init is None:
-                self.kl_init = new.detach()
-            kl = (new.exp() * (new - self.kl_init)).sum()
+        if self.batch is not None:
+            return self.batch.losses([delta], [0])[0]
+        logits, kl_logits = self._hooks_logits(delta)
+        nll, kl, self.kl_init = value_terms(self.rows, logits, kl_logits, self.template_weights, self.kl_init)
         return nll, kl
+
+
+def value_terms(rows: EditRows, logits: torch.Tensor, kl_logits: torch.Tensor | None,
+                template_weights: torch.Tensor | None, kl_init: torch.Tensor | None):
+    """(NLL, KL, kl_init): the templates' mean NLL of the target (or weighted by
+    ``template_weights``) from logits [n_templates, m, V], and KL(new || original) of the KL
+    row's next-token distribution [V]; the first call's distribution becomes ``kl_init``."""
+    logp = torch.log_softmax(logits.float(), -1)
+    target = rows.target_ids.to(logp.device)
+    token_logp = logp.gather(-1, target.expand(logp.shape[0], -1)[..., None])[..., 0]
+    per_template = -token_logp.mean(-1)
+    if template_weights is None:
+        nll = per_template.mean()
+    else:
+        nll = (per_template * template_weights.to(per_template.device)).sum()
+    kl = torch.zeros((), device=logp.device)
+    if kl_logits is not None:
+        new = torch.log_softmax(kl_logits.float(), -1)
+        if kl_init is None:
+            kl_init = new.detach()
+        kl = (new.exp() * (new - kl_init)).sum()
+    return nll, kl, kl_init
+
+
+def _unembed(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm and unembedding of last-block outputs."""
+    norm = model.hf.get_submodule(model.adapter.final_norm)
+    return model.adapter.unembed_module(model.hf)(norm(hidden))
 
 
 # ---- optimisation and the update ---------------------------------------------------------------
@@ -383,67 +334,115 @@ class ValueResult:
 def optimize_value(objective: ValueObjective, hp, minimize: bool = False, reference_site: str = "mlp") -> ValueResult:
     """Adam on the delta (module doc). ``hp``: a KeyValueHyperParams. ``reference_site``:
     "mlp" (ROME: the MLP output) or "resid" (MEMIT: the block output) sizes the clamp."""
-    model = objective.model
-    delta = torch.zeros(model.d_model, device=model.device, requires_grad=True)
-    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-    probability = minimize and hp.erasure_objective == "probability"
-    trace, steps, reference = [], 0, None
+    return optimize_values(_One(objective), hp, [minimize], reference_site)[0]
+
+
+class _One:
+    """A ``ValueObjective`` seen as a batch of one request (``optimize_values``'s interface)."""
+
+    def __init__(self, objective: ValueObjective):
+        self.objective = objective
+        self.size, self.device, self.d_model = 1, objective.model.device, objective.model.d_model
+
+    def losses(self, deltas, active):
+        return [self.objective(deltas[0])]
+
+    def initial(self, r: int) -> SubjectValues:
+        return self.objective.initial
+
+    def suspended(self):
+        return self.objective.noise.suspended()
+
+
+def optimize_values(objective, hp, minimize, reference_site: str = "mlp") -> list[ValueResult]:
+    """``optimize_value`` for ``objective.size`` requests at once: one delta (and one Adam) per
+    request, every active request's rows in each pass (``objective.losses(deltas, active)`` ->
+    [(nll, kl)] for the active ones). Each request follows exactly its own single-request schedule:
+    its trace, early stop and final step are decided on its own loss, and a stopped request's
+    rows leave the passes."""
+    k, device = objective.size, objective.device
+    deltas = [torch.zeros(objective.d_model, device=device, requires_grad=True) for _ in range(k)]
+    optimizers = [torch.optim.Adam([delta], lr=hp.v_lr) for delta in deltas]
+    traces: list[list[dict]] = [[] for _ in range(k)]
+    steps, references, ref_norms = [0] * k, [None] * k, [0.0] * k
+    active = list(range(k))
     for it in range(hp.v_num_grad_steps):
-        nll, kl = objective(delta)
-        if reference is None:
-            values = getattr(objective.initial, "mlp_out" if reference_site == "mlp" else "resid")
-            reference = values[0] if hp.value_reference == "first-row" else values.mean(0)
-            reference = reference.to(delta.device)
-            ref_norm = float(reference.norm())
-        target_term = torch.exp(-nll) if probability else (-nll if minimize else nll)
-        decay = hp.v_weight_decay * delta.norm() / max(ref_norm, 1e-30) ** 2
-        loss = target_term + hp.kl_factor * kl + decay
-        trace.append({"step": it, "loss": float(loss.detach()), "nll": float(nll.detach()), "kl": float(kl.detach()),
-                      "decay": float(decay.detach()), "delta_norm": float(delta.detach().norm())})
-        last = it == hp.v_num_grad_steps - 1
-        if not minimize:
-            watched = {"loss": trace[-1]["loss"], "nll": trace[-1]["nll"]}.get(hp.v_stop_on)
-            if watched is not None and watched < hp.v_stop_below:
-                break
-            if last and not hp.v_final_step:
-                break
-        elif last and not hp.erasure_final_step:  # the paper's Fact Erasure code never stops early
+        if not active:
             break
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        steps += 1
-        with torch.no_grad():
-            max_norm = hp.clamp_norm_factor * ref_norm
-            norm = delta.norm()
-            if norm > max_norm:
-                delta.mul_(max_norm / norm)
-    if steps < len(trace):  # the last pass saw the final delta
-        final_nll = trace[-1]["nll"]
-    else:
-        with torch.no_grad(), objective.noise.suspended():
-            final_nll = float(objective(delta)[0])
-    return ValueResult(delta.detach().clone(), reference, trace, final_nll, steps)
+        results = objective.losses(deltas, active)
+        stepping, total = [], None
+        for r, (nll, kl) in zip(active, results):
+            if references[r] is None:
+                values = getattr(objective.initial(r), "mlp_out" if reference_site == "mlp" else "resid")
+                reference = values[0] if hp.value_reference == "first-row" else values.mean(0)
+                references[r] = reference.to(device)
+                ref_norms[r] = float(references[r].norm())
+            probability = minimize[r] and hp.erasure_objective == "probability"
+            target_term = torch.exp(-nll) if probability else (-nll if minimize[r] else nll)
+            decay = hp.v_weight_decay * deltas[r].norm() / max(ref_norms[r], 1e-30) ** 2
+            loss = target_term + hp.kl_factor * kl + decay
+            traces[r].append({"step": it, "loss": float(loss.detach()), "nll": float(nll.detach()),
+                              "kl": float(kl.detach()), "decay": float(decay.detach()),
+                              "delta_norm": float(deltas[r].detach().norm())})
+            last = it == hp.v_num_grad_steps - 1
+            if not minimize[r]:
+                watched = {"loss": traces[r][-1]["loss"], "nll": traces[r][-1]["nll"]}.get(hp.v_stop_on)
+                if watched is not None and watched < hp.v_stop_below:
+                    continue
+                if last and not hp.v_final_step:
+                    continue
+            elif last and not hp.erasure_final_step:  # the paper's Fact Erasure code never stops early
+                continue
+            stepping.append(r)
+            total = loss if total is None else total + loss
+        if stepping:
+            for r in stepping:
+                optimizers[r].zero_grad()
+            total.backward()  # rows are independent: each delta gets its own request's gradient
+            for r in stepping:
+                optimizers[r].step()
+                steps[r] += 1
+                with torch.no_grad():
+                    max_norm = hp.clamp_norm_factor * ref_norms[r]
+                    norm = deltas[r].norm()
+                    if norm > max_norm:
+                        deltas[r].mul_(max_norm / norm)
+        active = stepping
+    final = [traces[r][-1]["nll"] if steps[r] < len(traces[r]) else None for r in range(k)]
+    unseen = [r for r in range(k) if final[r] is None]  # the last pass did not see the final delta
+    if unseen:
+        with torch.no_grad(), objective.suspended():
+            for r, (nll, _) in zip(unseen, objective.losses(deltas, unseen)):
+                final[r] = float(nll)
+    return [ValueResult(deltas[r].detach().clone(), references[r], traces[r], final[r], steps[r]) for r in range(k)]
 
 
-def solve_update(C: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, lam: float = 0.0,
+def solve_update(C, keys: torch.Tensor, residuals: torch.Tensor, lam: float = 0.0,
                  ridge: float = 0.0, denominator_keys: torch.Tensor | None = None) -> torch.Tensor:
     """dW [d_out, d_in] = R (lam I + D^T A^-1 K)^-1 (A^-1 K)^T, A = C + ridge x mean eigenvalue x I.
 
+    ``C``: the matrix, or a ``factors.KeySolver`` / ``factors.LayerStats`` whose factorisation of
+    A is made once and reused (``tracekit.editing.factors``; ``ridge`` is then the LayerStats').
     ``keys`` K [d_in, n], ``residuals`` R [d_out, n]; D = ``denominator_keys`` (default K).
     lam = 0, n = 1: ROME's (v* - W k* - b)(C^-1 k*)^T / ((C^-1 k*)^T k*), or with D = k_p
     the public code's (v* - W k_p - b)(C^-1 k*)^T / ((C^-1 k*)^T k_p). lam > 0: MEMIT's
-    R ((lam C + K K^T)^-1 K)^T. Solved in float64.
+    R ((lam C + K K^T)^-1 K)^T, which equals this form (push-through identity), so MEMIT's
+    system is a rank-n correction of the factored A. Solved in float64 on the factor's device.
     """
-    A = C.double()
-    if ridge:
-        A = A + ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    K = keys.double().to(A.device)
-    D = K if denominator_keys is None else denominator_keys.double().to(A.device)
-    AK = torch.linalg.solve(A, K)
-    M = lam * torch.eye(K.shape[1], dtype=A.dtype, device=A.device) + D.T @ AK
+    from tracekit.editing.factors import KeySolver, LayerStats, factorise
+
+    if isinstance(C, LayerStats):
+        solver = C.solver(ridge)
+    elif isinstance(C, KeySolver):
+        solver = C
+    else:
+        solver = factorise(C, ridge)
+    K = keys.double().to(solver.device)
+    D = K if denominator_keys is None else denominator_keys.double().to(solver.device)
+    AK = solver.solve(K)
+    M = lam * torch.eye(K.shape[1], dtype=torch.float64, device=solver.device) + D.T @ AK
     check(bool(torch.isfinite(M).all()), "the key statistics give a non-finite update; check C and the key")
-    return (residuals.double().to(A.device) @ torch.linalg.solve(M, AK.T)).float()
+    return (residuals.double().to(solver.device) @ torch.linalg.solve(M, AK.T)).float()
 
 
 def param_name(model, param: torch.nn.Parameter) -> str:

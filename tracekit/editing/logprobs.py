@@ -39,30 +39,36 @@ def text_query(model, prompt: str, continuation: str, noised_subject: str | None
     return Query(prefix, tuple(model.target_ids(continuation)), span)
 
 
-def _rows(queries: Sequence[Query], unique: bool):
-    """Token rows, their subject spans, and for each query its row index."""
+def _rows(queries: Sequence[Query], unique: bool, groups: Sequence[int] | None = None):
+    """Token rows, their subject spans, each query's row index and each row's group (rows are
+    shared only inside a group)."""
     keys: dict[tuple, int] = {}
-    rows, spans, where = [], [], []
-    for q in queries:
+    rows, spans, where, row_groups = [], [], [], []
+    for i, q in enumerate(queries):
         check(len(q.prefix) > 0 and len(q.continuation) > 0, "a scored query needs a prefix and a continuation")
-        key = (q.prefix + q.continuation[:-1], q.span)
+        group = 0 if groups is None else groups[i]
+        key = (q.prefix + q.continuation[:-1], q.span, group)
         if not unique or key not in keys:
             keys[key] = len(rows)
             rows.append(key[0])
             spans.append(q.span)
+            row_groups.append(group)
         where.append(keys[key] if unique else len(rows) - 1)
-    return rows, spans, where
+    return rows, spans, where, row_groups
 
 
 def token_logprobs(model, queries: Sequence[Query], grad: bool = False, noise=None,
-                   row_spans: Sequence | None = None) -> list[torch.Tensor]:
+                   row_spans: Sequence | None = None, groups: Sequence[int] | None = None,
+                   row_edits=None) -> list[torch.Tensor]:
     """log p of every continuation token, per query ([n_continuation_tokens] each), in one pass.
 
     ``noise``: a ``SubjectNoise``; the spans of the queries that name one are noised.
     ``row_spans``: the span to noise in each row instead (rows are the queries, in order, when
-    the noise is drawn afresh per pass): the paper code's scorer (``metrics``) needs it."""
+    the noise is drawn afresh per pass): the paper code's scorer (``metrics``) needs it.
+    ``groups``: each query's group (several edits scored in one pass: ``metrics.evaluate_edits``);
+    ``row_edits(row_groups)``: more edits for the pass, given each row's group [rows]."""
     fresh = noise is not None and noise.fresh_per_pass
-    rows, spans, where = _rows(queries, unique=not fresh and row_spans is None)
+    rows, spans, where, row_groups = _rows(queries, unique=not fresh and row_spans is None, groups=groups)
     if row_spans is not None:
         check(len(row_spans) == len(rows), f"{len(row_spans)} row spans for {len(rows)} rows")
         spans = list(row_spans)
@@ -74,6 +80,8 @@ def token_logprobs(model, queries: Sequence[Query], grad: bool = False, noise=No
     if noise is not None and any(s is not None for s in spans):
         plan_spans, draws, align = noise.eval_plan(noise.source(model.d_model), spans)
         edits[Site("embed")] = spans_noise_hook(plan_spans, draws, align)
+    if row_edits is not None:
+        edits.update(row_edits(torch.tensor(row_groups)))
     # Logits at one position per row are cheap; the scored positions come from the last block.
     out = model.run(batch.input_ids, edits=edits, capture=[last_block], positions=batch.last, grad=grad)
     hidden = out.captured[last_block]

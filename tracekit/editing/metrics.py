@@ -291,15 +291,24 @@ def _essence_pass(model, queries: list[Query], noise) -> list[torch.Tensor]:
     return token_logprobs(model, queries) if queries else []
 
 
-def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig(),
-                  essence_texts: Sequence[str] | None = None) -> EditScores:
-    """Score ``edit`` (not applied on entry; left as found) on the point described by ``setup``.
+@dataclass
+class _Scoring:
+    """One point's scoring plan: its queries and essence texts, under its noise."""
 
-    ``essence_texts``: score these texts (tokenised as the paper's code does, to
-    ``essence_max_tokens``) instead of sampling them from the model."""
+    setup: EditSetup
+    noise: object
+    paper_code: bool
+    labels: list
+    queries: list
+    essence_rows: list
+    essence: list
+    essence_noised: bool
+    row_spans: list | None
+
+
+def _plan(model, setup: EditSetup, config: MetricsConfig, essence_texts: Sequence[str] | None) -> _Scoring:
     from tracekit.editing.subject_noise import as_subject_noise
 
-    check(not edit.applied, "evaluate_edit needs the edit un-applied: the 'before' pass runs the original model")
     noise = as_subject_noise(model, setup.request)
     paper_code = config.scoring == "paper-code"
     labels, queries = (_paper_code_queries if paper_code else _queries)(model, setup, noise)
@@ -311,17 +320,75 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
     essence = _essence_queries(model, setup, essence_rows, essence_noised)
     row_spans = paper_code_row_spans(labels, queries) if paper_code and noise is not None and noise.fresh_per_pass \
         else None
-    before = _cached_pass(model, queries, noise, row_spans=row_spans)
-    essence_before = _cached_pass(model, essence, noise if essence_noised else None, essence=True)
+    return _Scoring(setup, noise, paper_code, labels, queries, essence_rows, essence, essence_noised, row_spans)
+
+
+def _before(model, plan: _Scoring):
+    return (_cached_pass(model, plan.queries, plan.noise, row_spans=plan.row_spans),
+            _cached_pass(model, plan.essence, plan.noise if plan.essence_noised else None, essence=True))
+
+
+def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig(),
+                  essence_texts: Sequence[str] | None = None) -> EditScores:
+    """Score ``edit`` (not applied on entry; left as found) on the point described by ``setup``.
+
+    ``essence_texts``: score these texts (tokenised as the paper's code does, to
+    ``essence_max_tokens``) instead of sampling them from the model."""
+    check(not edit.applied, "evaluate_edit needs the edit un-applied: the 'before' pass runs the original model")
+    plan = _plan(model, setup, config, essence_texts)
+    before, essence_before = _before(model, plan)
     with edit:
-        after = token_logprobs(model, queries, noise=noise, row_spans=row_spans)
-        essence_after = _essence_pass(model, essence, noise if essence_noised else None)
+        after = token_logprobs(model, plan.queries, noise=plan.noise, row_spans=plan.row_spans)
+        essence_after = _essence_pass(model, plan.essence, plan.noise if plan.essence_noised else None)
+    return _scores(model, plan, config, before, after, essence_before, essence_after)
+
+
+def evaluate_edits(model, setups: Sequence[EditSetup], edits: Sequence[Edit],
+                   config: MetricsConfig = MetricsConfig()) -> list[EditScores]:
+    """``evaluate_edit`` of several (point, edit) pairs, their "after" passes in ONE pass: each
+    point's rows see its own edit, applied as a per-row correction x W_delta^T at the edited
+    down-projections (``delta.down_proj_deltas``), so several points' edits of the same or
+    different layers share a pass. Points under subject noise, and edits of other parameters
+    (FT with biases), are scored one by one. Scores equal one-by-one scoring up to the rounding
+    of W x + dW x against (W + dW) x."""
+    from tracekit.editing.delta import down_proj_deltas, row_delta_edits
+
+    check(len(setups) == len(edits), f"{len(setups)} points for {len(edits)} edits")
+    out: list[EditScores | None] = [None] * len(edits)
+    plans, deltas, together = {}, {}, []
+    for i, (setup, edit) in enumerate(zip(setups, edits)):
+        check(not edit.applied, "evaluate_edits needs the edits un-applied")
+        plan = _plan(model, setup, config, None)
+        found = down_proj_deltas(model, edit) if plan.noise is None else None
+        if found is None:
+            out[i] = evaluate_edit(model, setup, edit, config)
+            continue
+        plans[i], deltas[i] = plan, found
+        together.append(i)
+    if together:
+        queries, groups, spans = [], [], []
+        for g, i in enumerate(together):
+            spans.append((len(queries), len(plans[i].queries), len(plans[i].essence)))
+            queries += plans[i].queries + plans[i].essence
+            groups += [g] * (len(plans[i].queries) + len(plans[i].essence))
+        after = token_logprobs(model, queries, groups=groups,
+                               row_edits=lambda row_groups: row_delta_edits(model, [deltas[i] for i in together],
+                                                                            row_groups))
+        for (at, n_q, n_e), i in zip(spans, together):
+            before, essence_before = _before(model, plans[i])
+            out[i] = _scores(model, plans[i], config, before, after[at: at + n_q], essence_before,
+                             after[at + n_q: at + n_q + n_e])
+    return out
+
+
+def _scores(model, plan: _Scoring, config: MetricsConfig, before, after, essence_before, essence_after) -> EditScores:
+    setup, noise, paper_code, essence = plan.setup, plan.noise, plan.paper_code, plan.essence
 
     def prob(logp: torch.Tensor) -> float:
         return float((logp.sum() if paper_code else logp[0]).exp())
 
     rows = [PromptRow(*label, p_before=prob(b), p_after=prob(a), logprob_before=float(b.mean()),
-                      logprob_after=float(a.mean())) for label, b, a in zip(labels, before, after)]
+                      logprob_after=float(a.mean())) for label, b, a in zip(plan.labels, before, after)]
     ppl = text_perplexity if config.essence_perplexity == "per-text" else None
     ppl_b = ppl_a = None
     if essence:
@@ -335,11 +402,11 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
     else:
         scores = compute_scores(_by_kind(rows, "p_before"), _by_kind(rows, "p_after"), minimize=setup.request.minimize,
                                 toward_true=setup.toward_true, ppl_before=ppl_b, ppl_after=ppl_a)
-    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in essence_rows]
+    texts = [model.tokenizer.decode(r, skip_special_tokens=True) for r in plan.essence_rows]
     notes = setup.notes
     if noise is not None:
         notes += ((f"scored under the subject noise ({noise.convention}); neighbourhood prompts (other subjects) "
-                   f"clean; essence texts {'noised' if essence_noised else 'clean'}"),)
+                   f"clean; essence texts {'noised' if plan.essence_noised else 'clean'}"),)
     return EditScores(scores, rows, texts, ppl_b if ppl_b is not None else math.nan,
                       ppl_a if ppl_a is not None else math.nan, scoring=SCORING_RULES[config.scoring], notes=notes)
 

@@ -19,6 +19,7 @@ for each group (a rank-g update); v*'s objective then weighs the groups equally.
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import torch
 
@@ -26,8 +27,10 @@ from tracekit.adapters import Site
 from tracekit.editing.context import context_templates
 from tracekit.editing.covariance import second_moments
 from tracekit.editing.delta import Edit
+from tracekit.editing.factors import LayerStats, matrix_identity, ridged
 from tracekit.editing.hparams import ROMEHyperParams
 from tracekit.editing.info import EditInfo
+from tracekit.editing.kv_batch import DEFAULT_BATCH, FoundValue, find_values
 from tracekit.editing.kv_core import (NoisePasses, ValueObjective, build_rows, keys_by_tokenisation, optimize_value,
                                       param_name, solve_update, subject_states, weights_by_tokenisation)
 from tracekit.editing.presets import rome_preset
@@ -60,30 +63,36 @@ class Laps:
 
 
 def key_statistics(model, layers, hparams, second_moment=None, progress=True) -> tuple[dict, dict]:
-    """C per layer ({layer: [d_in, d_in]}) and a record of where it came from.
+    """C per layer as ``factors.LayerStats`` ({layer: stats}, factorisations memoised per model)
+    and a record of where it came from.
 
     ``second_moment``: C given directly ({layer: tensor}, or one tensor for one layer)."""
     if second_moment is not None:
         given = second_moment if isinstance(second_moment, dict) else {layers[0]: second_moment}
         check(all(layer in given for layer in layers), f"second_moment gives C for layers {sorted(given)}, need {layers}")
-        return {layer: given[layer] for layer in layers}, {layer: {"path": "given"} for layer in layers}
+        return ({layer: LayerStats(model, layer, given[layer], matrix_identity(given[layer])) for layer in layers},
+                {layer: {"path": "given"} for layer in layers})
     stats = second_moments(model, layers, n_samples=hparams.mom2_n_samples, sample_tokens=hparams.mom2_sample_tokens,
                            dtype=hparams.mom2_dtype, corpus=hparams.corpus,
                            stats_file=getattr(hparams, "stats_file", None), progress=progress)
-    return ({layer: s.matrix for layer, s in stats.items()},
+    return ({layer: LayerStats(model, layer, s.matrix, s.metadata.get("sha256") or matrix_identity(s.matrix))
+             for layer, s in stats.items()},
             {layer: {"path": str(s.path), "tokens": s.tokens} for layer, s in stats.items()})
 
 
-def rank_one(C: torch.Tensor, key: torch.Tensor, residual: torch.Tensor, denominator_key: torch.Tensor,
+def rank_one(C, key: torch.Tensor, residual: torch.Tensor, denominator_key: torch.Tensor,
              hparams) -> torch.Tensor:
-    """residual (C^-1 k*)^T / ((C^-1 k*)^T d), [d_out, d_in]; d = ``denominator_key``."""
+    """residual (C^-1 k*)^T / ((C^-1 k*)^T d), [d_out, d_in]; d = ``denominator_key``.
+
+    ``C``: a ``factors.LayerStats`` (its factor or inverse made once per layer) or a matrix."""
     if hparams.mom2_solve == "float64":
         return solve_update(C, key[:, None], residual[:, None], 0.0, hparams.mom2_ridge,
                             denominator_keys=denominator_key[:, None])
-    A = C.to(getattr(torch, hparams.mom2_dtype))
-    if hparams.mom2_ridge:
-        A = A + hparams.mom2_ridge * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-    u = torch.inverse(A).float() @ key.float().to(A.device)  # the public code's compute_u ...
+    if isinstance(C, LayerStats):
+        inverse = C.inverse(hparams.mom2_dtype, hparams.mom2_ridge)
+    else:
+        inverse = torch.inverse(ridged(C, hparams.mom2_ridge, getattr(torch, hparams.mom2_dtype))).float()
+    u = inverse @ key.float().to(inverse.device)  # the public code's compute_u ...
     u = u / u.norm()
     right = residual.float().to(u.device) / torch.dot(denominator_key.float().to(u.device), u)  # ... and compute_v
     return right[:, None] @ u[None]
@@ -99,8 +108,21 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
 
     ``templates``: the context templates (default: sampled from the model, cached);
     ``second_moment``: C itself instead of statistics from a corpus (tests, golden runs)."""
+    return rome_edits(model, [request], layer, hparams, engine=engine, templates=templates, progress=progress,
+                      second_moment=second_moment, batch=1)[0]
+
+
+def rome_edits(model, requests: Sequence[EditRequest], layer: int | None = None, hparams: ROMEHyperParams | None = None,
+               *, engine: str = "auto", templates=None, progress: bool = True, second_moment=None,
+               batch: int = DEFAULT_BATCH) -> list[Edit]:
+    """ROME's edit of each request at ``layer``, each computed on the current weights on its own
+    (none applied): the same edits as ``apply_rome`` one by one, with the v* of ``batch`` requests
+    optimised together in one pass per step (``kv_batch``) and the key statistics' factor shared.
+    Requests under subject noise drawn afresh per pass (or ``engine="hooks"``) run one by one."""
     hparams = rome_preset(model) if hparams is None else hparams
     check(isinstance(hparams, ROMEHyperParams), f"ROME needs ROMEHyperParams, got {type(hparams).__name__}")
+    requests = list(requests)
+    check(len(requests) > 0 and all(isinstance(r, EditRequest) for r in requests), "give a list of EditRequests")
     layer = resolve_layer(model, layer, hparams)
     lap = Laps()
     if templates is None:
@@ -108,27 +130,48 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
     lap("templates")
     C, stats_info = key_statistics(model, [layer], hparams, second_moment, progress)
     lap("stats")
-    rows = build_rows(model, request, templates, hparams.kl_prompt)
-    noise = NoisePasses(rows, model.d_model)
+    shared = dict(lap.seconds)
+    rows = [build_rows(model, r, templates, hparams.kl_prompt) for r in requests]
+    noises = [NoisePasses(r, model.d_model) for r in rows]
     # With one key per tokenisation, each tokenisation gets an equal share of v*'s objective too:
     # ROME's templates hold the bare prompt once and the subject after a space twenty times.
-    weights = weights_by_tokenisation(rows) if hparams.key_per_tokenisation else None
-    objective = ValueObjective(model, rows, layer, engine, template_weights=weights, noise=noise)
+    weights = [weights_by_tokenisation(r) if hparams.key_per_tokenisation else None for r in rows]
+    together = [i for i in range(len(requests)) if engine != "hooks" and not noises[i].fresh]
+    found = dict(zip(together, find_values(model, [rows[i] for i in together], layer, hparams,
+                                           [requests[i].minimize for i in together], "mlp",
+                                           noises=[noises[i] for i in together],
+                                           weights=[weights[i] for i in together], batch=batch)))
+    edits = []
+    for i, request in enumerate(requests):
+        template_keys = None
+        if i not in found:
+            started = time.perf_counter()
+            objective = ValueObjective(model, rows[i], layer, engine, template_weights=weights[i], noise=noises[i])
+            # Noise drawn afresh per pass: keep the public code's order of passes (compute_u's pass over
+            # the templates, then compute_v's passes, then one pass over the bare prompt).
+            if noises[i].fresh:
+                key_in = Site("mlp_in", layer)
+                template_keys = subject_states(model, rows[i], [key_in], noise=noises[i])[key_in]
+            result = optimize_value(objective, hparams, request.minimize, reference_site="mlp")
+            found[i] = FoundValue(result, objective.initial, objective.engine, 1, time.perf_counter() - started)
+        edits.append(_rome_update(model, rows[i], noises[i], found[i], template_keys, C[layer], layer, hparams,
+                                  {**shared, "v_star": found[i].seconds}, stats_info[layer]))
+    return edits
+
+
+def _rome_update(model, rows, noise, found: FoundValue, template_keys, C, layer: int, hparams, seconds: dict,
+                 stats_info: dict) -> Edit:
+    """The rank-one update that maps the request's key onto v* (module doc), as an Edit."""
+    started = time.perf_counter()
     key_in, mlp_out = Site("mlp_in", layer), Site("mlp", layer)
-    # Noise drawn afresh per pass: keep the public code's order of passes (compute_u's pass over
-    # the templates, then compute_v's passes, then one pass over the bare prompt).
-    template_keys = subject_states(model, rows, [key_in], noise=noise)[key_in] if noise.fresh else None
-    lap("prefix")
-    found = optimize_value(objective, hparams, request.minimize, reference_site="mlp")
-    lap("v_star")
-    initial = objective.initial
+    initial, value = found.initial, found.result
     template_keys = initial.keys if template_keys is None else template_keys
     key = template_keys.mean(0)
-    v_star = found.reference + found.delta
+    v_star = value.reference + value.delta
     if hparams.key_per_tokenisation:  # W' k_g = v* for every tokenisation's key k_g
         keys, outputs = keys_by_tokenisation(rows, template_keys, initial.mlp_out)
         residuals = v_star[:, None] - outputs.T
-        update = solve_update(C[layer], keys.T, residuals, 0.0, hparams.mom2_ridge)
+        update = solve_update(C, keys.T, residuals, 0.0, hparams.mom2_ridge)
     elif hparams.update_key == "prompt":
         if noise.fresh:
             bare = subject_states(model, rows, [key_in, mlp_out], row_index=[0], noise=noise)
@@ -136,25 +179,26 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
         else:
             k_p, out_p = initial.keys[0], initial.mlp_out[0]
         keys, residuals = k_p[None], (v_star - out_p)[:, None]  # W' k_p = v*
-        update = rank_one(C[layer], key, residuals[:, 0], k_p, hparams)
+        update = rank_one(C, key, residuals[:, 0], k_p, hparams)
     else:  # the paper's equation: W' k* = v*
         keys, residuals = key[None], (v_star - initial.mlp_out.mean(0))[:, None]
-        update = rank_one(C[layer], key, residuals[:, 0], key, hparams)
+        update = rank_one(C, key, residuals[:, 0], key, hparams)
     weight = model.adapter.down_proj_weight(model.hf, layer)
     adapter = model.adapter
     new = adapter.from_out_in(adapter.as_out_in(weight.detach()).float() + update.to(weight.device))
-    lap("update")
+    seconds = {**seconds, "update": time.perf_counter() - started}
+    seconds["total"] = sum(seconds.values())
     info = EditInfo(
-        method="rome", layers=[layer], seconds=lap.done(), steps_taken=found.steps,
-        losses=[t["loss"] for t in found.trace], final_nll=found.final_nll, engine=objective.engine,
+        method="rome", layers=[layer], seconds=seconds, steps_taken=value.steps,
+        losses=[t["loss"] for t in value.trace], final_nll=value.final_nll, engine=found.engine,
         conventions=conventions(hparams, ("value_reference", "update_key", "v_stop_on", "v_final_step",
                                           "erasure_objective", "erasure_final_step", "key_per_tokenisation", "mom2_solve")),
         noise=None if rows.noise is None else rows.noise.as_dict(),
-        details={"templates": len(rows.spans) - 1, "loss_trace": found.trace, "delta_norm": float(found.delta.norm()),
-                 "value_norm": found.reference_norm, "v_star_norm": float(v_star.norm()), "key_norm": float(key.norm()),
-                 "update_norm": float(update.norm()), "stats": stats_info[layer],
-                 "key": key, "delta": found.delta, "v_star": v_star,  # k*, v* - v_0, v*
+        details={"templates": len(rows.spans) - 1, "loss_trace": value.trace, "delta_norm": float(value.delta.norm()),
+                 "value_norm": value.reference_norm, "v_star_norm": float(v_star.norm()), "key_norm": float(key.norm()),
+                 "update_norm": float(update.norm()), "stats": stats_info, "batch": found.batch,
+                 "key": key, "delta": value.delta, "v_star": v_star,  # k*, v* - v_0, v*
                  "mean_output": initial.mlp_out.mean(0),  # W k* + b
                  "keys": keys, "residuals": residuals.T,  # keys the update maps onto v*, and v* - (W k + b) for each
                  "update": update})
-    return Edit(model.hf, {param_name(model, weight): new}, info)
+    return Edit(model.hf, {param_name(model, weight): new}, info, model=model)

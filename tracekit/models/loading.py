@@ -255,7 +255,14 @@ def load_model(spec: str, backend: str = "hf", device: str | None = None, dtype=
     ``prepend_bos``: put the spec's document-start token (``DOCUMENT_START``) before every
     prompt; None takes the spec's default (on for smollm2-135m, off elsewhere).
     """
-    if not isinstance(spec, str) or not spec.strip():
+    if not isinstance(spec, str):
+        from tracekit.models.wrap import describe_object
+
+        call = describe_object(spec)
+        if call is None:
+            raise TracekitError(f"load_model takes a spec string (see `tracekit models`), got a {type(spec).__name__}")
+        raise TracekitError(f"load_model takes a spec string; for a {type(spec).__name__} you already hold use {call}")
+    if not spec.strip():
         raise TracekitError("empty model spec; try `tracekit models` for the list")
     torch_dtype = _parse_dtype(dtype)
     device = parse_device(device)

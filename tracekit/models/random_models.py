@@ -30,6 +30,15 @@ _SHAPES: dict[str, tuple[str, dict]] = {
     "gptj-tiny": ("gptj", dict(n_embd=64, n_layer=4, n_head=4, n_positions=128, rotary_dim=8)),
     "llama-tiny": ("llama", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                                   num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128)),
+    "pythia-tiny": ("gpt_neox", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                                      max_position_embeddings=128, rotary_pct=0.25)),
+    "gemma-tiny": ("gemma", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                                 head_dim=16, intermediate_size=128, max_position_embeddings=128,
+                                 # Gemma scales embeddings by sqrt(d_model): at the default 0.02 init the tied
+                                 # embedding swamps every layer, and noising the subject moves nothing
+                                 initializer_range=0.1)),
+    "phi-tiny": ("phi", dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256,
+                             max_position_embeddings=128)),
     "gpt2-small": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)),
     "gpt2-xl": ("gpt2", dict(n_embd=1600, n_layer=48, n_head=25, n_positions=1024, vocab_size=50257)),
     "gpt-j-6b": ("gptj", dict(n_embd=4096, n_layer=28, n_head=16, n_positions=2048, rotary_dim=64,
@@ -39,9 +48,13 @@ _CLASSES = {  # config and model class names in transformers
     "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
     "gptj": ("GPTJConfig", "GPTJForCausalLM"),
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "phi": ("PhiConfig", "PhiForCausalLM"),
 }
 # Approximate parameter counts, for saying where a shape fits (``tracekit models``).
-PARAMETERS = {"gpt2-tiny": 2e5, "gptj-tiny": 2e5, "llama-tiny": 2e5, "gpt2-small": 1.24e8, "gpt2-xl": 1.56e9,
+PARAMETERS = {"gpt2-tiny": 2e5, "gptj-tiny": 2e5, "llama-tiny": 2e5, "pythia-tiny": 2e5, "gemma-tiny": 2e5,
+              "phi-tiny": 2e5, "gpt2-small": 1.24e8, "gpt2-xl": 1.56e9,
               "gpt-j-6b": 6.05e9}
 
 RANDOM_SHAPES = tuple(_SHAPES)

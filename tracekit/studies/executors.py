@@ -73,7 +73,12 @@ class LocalExecutor:
         _, todo = select_items(store, task.table, items, shard=shard, shard_by=shard_by)
         if any(task.needs_prepare(item) for item in todo):
             task.prepare(self.model, progress=progress)  # key statistics, all layers in one pass; cached
+        batch = getattr(task, "items_per_call", 1)
         with task.session(self.model):
+            if batch > 1:  # items computed together (EditTask with batch > 1)
+                return run_sweep(store, task.table, items, work_many=lambda chunk: task.compute_many(self.model, chunk),
+                                 batch_size=batch, shard=shard, shard_by=shard_by, progress=progress,
+                                 description=task.description)
             return run_sweep(store, task.table, items, work=lambda item: task.compute(self.model, item),
                              shard=shard, shard_by=shard_by, progress=progress, description=task.description)
 

@@ -126,7 +126,11 @@ def tokenise_prompt(model, prompt: str, subject: str, target: str | None,
     check(isinstance(prompt, str) and prompt.strip() != "", "empty prompt: give some text")
     batch = model.encode([prompt])
     span = model.subject_span(prompt, subject, occurrence)
-    target_id = None if target is None else model.target_ids(target)[0]
+    target_id = None
+    if target is not None:
+        from tracekit.patching.metrics import target_tokens  # warns for a target off a token boundary
+
+        target_id = target_tokens(model.tokenizer, prompt, target, stacklevel=5)[0]
     return Unanswered(prompt, subject, batch.input_ids, span, target, target_id)
 
 

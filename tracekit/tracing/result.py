@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -13,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tracekit.errors import TracekitError, check
+from tracekit.plotting import Plottable
 from tracekit.tracing.noise import noise_scale_info
 from tracekit.tracing.plan import indistinguishable, tracing_effect
 
@@ -24,7 +26,7 @@ _BARS = " \u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
 
 
 @dataclass
-class _LayerMap:
+class _LayerMap(Plottable):
     """Fields shared by tracing and zeroing results."""
 
     model: str
@@ -75,15 +77,18 @@ class _LayerMap:
         return cls(**data)
 
     # ---- pictures ------------------------------------------------------------------
-    def _heatmap(self, matrix: torch.Tensor, labels: list[str], title: str, path, label: str, vmin: float) -> Path:
-        try:
-            import matplotlib
+    def _heatmap(self, matrix: torch.Tensor, labels: list[str], title: str, label: str, vmin: float, ax):
+        """ROME-style heatmap (rows = labels, columns = layers) as a matplotlib Figure."""
+        from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as err:
-            raise TracekitError("plotting needs matplotlib: pip install 'tracekit[plot]'") from err
-        fig, ax = plt.subplots(figsize=(3 + 0.18 * matrix.shape[1], 1 + 0.3 * len(labels)), dpi=150)
+        from tracekit.plotting import figure_and_axes
+
+        title = "\n".join(textwrap.fill(line, 64) for line in title.splitlines())  # long prompts wrap
+        label_in = 0.3 + 0.07 * max(map(len, labels))  # row labels, left of the cells
+        title_in = 0.075 * max(len(line) for line in title.splitlines())  # at fontsize 9, centred on the cells
+        width_in = max(3 + 0.18 * matrix.shape[1] + label_in, label_in + title_in + 0.5)
+        flat = len(labels) <= 2  # a colour bar beside one row could not hold its own label: put it below
+        fig, ax = figure_and_axes(ax, figsize=(width_in, 2.7 if flat else 1.7 + 0.3 * len(labels)))
         image = ax.pcolormesh(matrix.numpy(), cmap=_CMAPS.get(self.kind, "Greens"), vmin=vmin)
         ax.invert_yaxis()
         ax.set_yticks([i + 0.5 for i in range(len(labels))], labels)
@@ -91,13 +96,12 @@ class _LayerMap:
         ax.set_xticks([i + 0.5 for i in range(0, matrix.shape[1], step)], list(range(0, matrix.shape[1], step)))
         ax.set_xlabel(f"window centre layer ({self.kind}, window {self.config.get('window')})")
         ax.set_title(title, fontsize=9)
-        fig.colorbar(image, ax=ax).set_label(label)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        bar = fig.colorbar(image, ax=ax, location="bottom" if flat else "right")
+        bar.set_label(label)
+        bar.locator = MaxNLocator(4)  # a flat bar's tick labels would run into each other
+        bar.formatter = FormatStrFormatter("%.3g")
+        bar.update_ticks()
+        return fig
 
     def _table(self, title: str, labels: list[str], matrix: torch.Tensor) -> Group:
         table = Table()
@@ -175,12 +179,17 @@ class TraceResult(_LayerMap):
                              "p_clean": self.p_clean, "p_noise": self.p_noise})
         return pd.DataFrame(rows)
 
-    def plot(self, path: str | Path = "trace.png") -> Path:
-        """ROME-style heatmap of p_restore (tokens x layers), subject tokens marked with *."""
+    def plot(self, ax=None):
+        """ROME-style heatmap of p_restore (tokens x layers), subject tokens marked with *, as a
+        matplotlib Figure (drawn into ``ax`` when given); ``save(path)`` writes it to a file."""
         title = (f"restoring {self.kind}: p({self.answer!r}) clean {self.p_clean:.3f}, "
                  f"noised {self.p_noise:.3f}\n{self.prompt}")
         vmin = min(self.p_noise, float(self.p_restore.min()))  # ROME's scale: white = the noised run
-        return self._heatmap(self.p_restore, self.labels(), title, path, f"p({self.answer!r})", vmin)
+        return self._heatmap(self.p_restore, self.labels(), title, f"p({self.answer!r})", vmin, ax)
+
+    def caption(self) -> str:
+        return (f"{self.prompt!r} -> {self.answer!r}: p_clean {self.p_clean:.4f}, p_noise {self.p_noise:.4f} "
+                f"(restoring {self.kind}, window {self.config.get('window')}; * subject)")
 
     def __rich__(self) -> Group:
         title = (f"{self.prompt!r} -> {self.answer!r}: p_clean {self.p_clean:.4f}, p_noise {self.p_noise:.4f} "
@@ -217,9 +226,14 @@ class ZeroResult(_LayerMap):
     def _label(self) -> str:
         return "zeroed " + "".join(self.tokens[t] for t in self.positions).strip()
 
-    def plot(self, path: str | Path = "zero.png") -> Path:
+    def plot(self, ax=None):
+        """One-row heatmap of the fraction of p_clean removed per layer, as a matplotlib Figure."""
         title = f"zeroing {self.kind} at the subject: p({self.answer!r}) clean {self.p_clean:.3f}\n{self.prompt}"
-        return self._heatmap(self.effect[None], [self._label()], title, path, "fraction of p_clean removed", 0.0)
+        return self._heatmap(self.effect[None], [self._label()], title, "fraction of p_clean removed", 0.0, ax)
+
+    def caption(self) -> str:
+        return (f"{self.prompt!r} -> {self.answer!r}: p_clean {self.p_clean:.4f}; zeroing {self.kind} "
+                f"(window {self.config.get('window')})")
 
     def __rich__(self) -> Group:
         title = (f"{self.prompt!r} -> {self.answer!r}: p_clean {self.p_clean:.4f}; zeroing {self.kind} "
