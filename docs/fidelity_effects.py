@@ -97,7 +97,7 @@ def _golden_gamma(T, case) -> float:
 
 def _gamma(C, edit, ridge: float) -> float:
     """(C^-1 k*)^T k_p / (C^-1 k*)^T k* of a ROME edit made with update_key="prompt"."""
-    C = C.double()
+    C = getattr(C, "matrix", C).double()  # a LayerStats (rome.key_statistics) or the matrix
     if ridge:
         C = C + ridge * C.diagonal().mean() * torch.eye(C.shape[0], dtype=C.dtype)
     k_star = edit.info.details["key"].double()
