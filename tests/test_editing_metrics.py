@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from tracekit import prompts as P
 from tracekit.data import FactRecord
 from tracekit.editing import metrics as M
 from tracekit.editing.delta import Edit
@@ -189,6 +190,23 @@ def test_essence_texts_are_seeded():
     b = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=1))
     c = M.sample_essence_texts(model, "Toko Yasuda", M.MetricsConfig(essence_new_tokens=6, seed=2))
     assert a == b and a != c and len(set(a)) > 1
+
+
+def test_essence_sampling_with_the_cache_equals_whole_passes():
+    """The key/value cache changes the cost of sampling, not the texts: a reference sampler
+    running one whole forward pass per new token draws the same tokens."""
+    model = tiny("random:llama-tiny")
+    config = M.MetricsConfig(essence_new_tokens=12, seed=5)
+    prompt = P.token_ids(model.tokenizer, M.ESSENCE_PROMPT.format("Toko Yasuda"))
+    rows, gen = [list(prompt) for _ in range(config.essence_samples)], torch.Generator().manual_seed(config.seed)
+    for _ in range(config.essence_new_tokens):
+        logits = model.run(torch.tensor(rows), positions=torch.full((len(rows),), len(rows[0]) - 1)).logits.float()
+        top_logits, top_ids = logits.topk(config.essence_top_k, dim=-1)
+        picks = torch.multinomial(torch.softmax(top_logits, dim=-1), 1, generator=gen)
+        for row, token in zip(rows, top_ids.gather(1, picks)[:, 0].tolist()):
+            row.append(token)
+    assert M.sample_essence_tokens(model, "Toko Yasuda", config) == [tuple(r) for r in rows]
+    assert len(set(map(tuple, rows))) > 1
 
 
 def test_essence_texts_are_the_same_on_every_backend():
