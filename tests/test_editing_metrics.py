@@ -11,7 +11,7 @@ from tracekit import prompts as P
 from tracekit.data import FactRecord
 from tracekit.editing import metrics as M
 from tracekit.editing.delta import Edit
-from tracekit.editing.logprobs import text_query, token_logprobs
+from tracekit.editing.logprobs import text_query, token_logprobs, token_logprobs_kept
 from tracekit.editing.problems import prepare
 from tracekit.memo import drop_memo
 
@@ -223,9 +223,41 @@ def test_a_sweep_runs_each_points_before_pass_once(monkeypatch):
     plain = [M.evaluate_edit(model, setup, e, config).scores for e in (first, second)]
     passes = []
     monkeypatch.setattr(M, "token_logprobs", lambda m, q, **k: passes.append(len(q)) or token_logprobs(m, q, **k))
+    monkeypatch.setattr(M, "token_logprobs_kept", lambda m, q, **k: passes.append(len(q)) or token_logprobs_kept(m, q, **k))
     with M.baseline_cached(model):
         cached = [M.evaluate_edit(model, setup, e, config).scores for e in (first, second)]
     assert len(passes) == 6  # one "before" (prompts, essence texts), two "after"
     assert cached == plain
     M.evaluate_edit(model, setup, first, config)
     assert len(passes) == 10  # outside the block nothing is reused
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_an_after_pass_from_the_kept_block_inputs_equals_a_whole_pass(spec, backend):
+    """Starting at the edit's lowest layer from a "before" pass's block inputs gives the whole
+    pass's log-probabilities (rows found across two kept passes, one of them only in part)."""
+    model = tiny(spec, backend)
+    prompts = [RECORD.text, *RECORD.paraphrase_prompts]
+    queries = [text_query(model, p, o) for p in prompts for o in (" English", " French")]
+    essence = [text_query(model, "Danielle Darrieux is a", " singer from Paris, France")]
+    _, kept_q = token_logprobs_kept(model, queries)
+    _, kept_e = token_logprobs_kept(model, essence)
+    edit = _bump_edit(model, layer=2, scale=0.2)
+    assert M.lowest_changed_layer(model, edit) == 2
+    mixed = queries[1:] + essence
+    with edit:
+        whole = token_logprobs(model, mixed)
+        resumed = token_logprobs(model, mixed, start=(2, [kept_q, kept_e]))
+        missing = token_logprobs(model, mixed + [text_query(model, "Paris is in", " France")], start=(2, [kept_q]))
+    unedited = token_logprobs(model, mixed)
+    for a, b, c, d in zip(whole, resumed, missing, unedited):
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+        assert not torch.allclose(a, d, atol=1e-3)  # the edit reaches every row
+
+
+def test_lowest_changed_layer_is_none_outside_the_blocks():
+    model = tiny("random:gpt2-tiny")
+    embed = next(n for n, p in model.hf.named_parameters() if p.dim() == 2)
+    assert M.lowest_changed_layer(model, Edit(model.hf, {embed: dict(model.hf.named_parameters())[embed] + 1})) is None
+    assert M.lowest_changed_layer(model, _bump_edit(model, layer=0)) == 0

@@ -9,6 +9,12 @@ Subject noise (Fact Forcing): a query may name its subject span; ``token_logprob
 those spans with one ``SubjectNoise.eval_plan`` per pass (``tracing.noise.add_subject_noise``).
 Identical rows are run once, except under noise drawn afresh per pass, where every row has a
 draw of its own (as in the paper's code).
+
+Passes go through the partial forward (``Model.forward``). A "before" pass can keep every
+block's input (``token_logprobs_kept`` -> ``BlockInputs``); a pass after an edit whose lowest
+changed layer is l then starts at block l from the kept inputs (``start=``), since the blocks
+below l compute exactly what they computed before. That skips l of the model's layers for every
+scored row (essence texts included) of every edit in a sweep over layers.
 """
 
 from __future__ import annotations
@@ -57,16 +63,53 @@ def _rows(queries: Sequence[Query], unique: bool, groups: Sequence[int] | None =
     return rows, spans, where, row_groups
 
 
+@dataclass(frozen=True)
+class BlockInputs:
+    """Every block's input for the rows of one pass: rows[(tokens, span)] -> row index,
+    inputs[l] = block l's input [rows, T, d] (``token_logprobs_kept``)."""
+
+    rows: dict
+    inputs: tuple[torch.Tensor, ...]
+
+    def entry(self, layer: int, keys: Sequence[tuple], kept: Sequence["BlockInputs"]) -> torch.Tensor | None:
+        """Block ``layer``'s input for rows ``keys`` gathered from ``kept`` passes (this one
+        among them), padded to the longest; None if a row is in none of them."""
+        parts = []
+        for key in keys:
+            found = next(((k, k.rows[key]) for k in kept if key in k.rows), None)
+            if found is None:
+                return None
+            parts.append(found)
+        length = max(k.inputs[layer].shape[1] for k, _ in parts)
+        first = parts[0][0].inputs[layer]
+        out = first.new_zeros((len(parts), length, first.shape[2]))
+        for i, (k, row) in enumerate(parts):  # zeros after a row's recorded end: causal attention never reads them
+            out[i, : k.inputs[layer].shape[1]] = k.inputs[layer][row]
+        return out
+
+
 def token_logprobs(model, queries: Sequence[Query], grad: bool = False, noise=None,
                    row_spans: Sequence | None = None, groups: Sequence[int] | None = None,
-                   row_edits=None) -> list[torch.Tensor]:
+                   row_edits=None, start: tuple[int, Sequence[BlockInputs]] | None = None) -> list[torch.Tensor]:
     """log p of every continuation token, per query ([n_continuation_tokens] each), in one pass.
 
     ``noise``: a ``SubjectNoise``; the spans of the queries that name one are noised.
     ``row_spans``: the span to noise in each row instead (rows are the queries, in order, when
     the noise is drawn afresh per pass): the paper code's scorer (``metrics``) needs it.
     ``groups``: each query's group (several edits scored in one pass: ``metrics.evaluate_edits``);
-    ``row_edits(row_groups)``: more edits for the pass, given each row's group [rows]."""
+    ``row_edits(row_groups)``: more edits for the pass, given each row's group [rows].
+    ``start``: (layer, kept passes): start at block ``layer`` from the block inputs that earlier
+    passes over the same rows kept (the caller promises nothing below ``layer`` has changed, the
+    noise included); rows found in none of them make it a whole pass."""
+    return _score(model, queries, grad, noise, row_spans, groups, row_edits, start, keep=False)[0]
+
+
+def token_logprobs_kept(model, queries: Sequence[Query], noise=None) -> tuple[list[torch.Tensor], BlockInputs]:
+    """``token_logprobs`` that also keeps every block's input for its rows (``start=`` of a later pass)."""
+    return _score(model, queries, False, noise, None, None, None, None, keep=True)
+
+
+def _score(model, queries, grad, noise, row_spans, groups, row_edits, start, keep: bool):
     fresh = noise is not None and noise.fresh_per_pass
     rows, spans, where, row_groups = _rows(queries, unique=not fresh and row_spans is None, groups=groups)
     if row_spans is not None:
@@ -75,16 +118,21 @@ def token_logprobs(model, queries: Sequence[Query], grad: bool = False, noise=No
     batch = P.pad(rows, model.tokenizer.pad_token_id)
     check(batch.input_ids.shape[1] <= model.n_ctx,
           f"a scored row is {batch.input_ids.shape[1]} tokens, longer than the model's context of {model.n_ctx}")
-    last_block = Site("resid", model.n_layers - 1)
+    entry = None
+    if start is not None and start[0] > 0:
+        entry = start[1][0].entry(start[0], list(zip(rows, spans)), start[1]) if start[1] else None
     edits = {}
-    if noise is not None and any(s is not None for s in spans):
+    if entry is None and noise is not None and any(s is not None for s in spans):
         plan_spans, draws, align = noise.eval_plan(noise.source(model.d_model), spans)
         edits[Site("embed")] = spans_noise_hook(plan_spans, draws, align)
     if row_edits is not None:
         edits.update(row_edits(torch.tensor(row_groups)))
-    # Logits at one position per row are cheap; the scored positions come from the last block.
-    out = model.run(batch.input_ids, edits=edits, capture=[last_block], positions=batch.last, grad=grad)
-    hidden = out.captured[last_block]
+    kept_sites = [Site("resid_pre", layer) for layer in range(model.n_layers)] if keep else []
+    if entry is None:
+        out = model.forward(batch.input_ids, edits=edits, capture=kept_sites, grad=grad)
+    else:
+        out = model.forward(hidden=entry[:, : batch.input_ids.shape[1]], start_layer=start[0], edits=edits, grad=grad)
+    hidden = out.hidden  # the last block's output at every position
 
     picks_row, picks_pos, picks_tok, owners = [], [], [], []
     for qi, q in enumerate(queries):
@@ -102,7 +150,12 @@ def token_logprobs(model, queries: Sequence[Query], grad: bool = False, noise=No
     picked = torch.log_softmax(logits, dim=-1)[torch.arange(len(picks_tok), device=device),
                                                torch.tensor(picks_tok, device=device)]
     owners_t = torch.tensor(owners)
-    return [picked[(owners_t == qi).to(device)] for qi in range(len(queries))]
+    scores = [picked[(owners_t == qi).to(device)] for qi in range(len(queries))]
+    kept = None
+    if keep:
+        kept = BlockInputs({key: i for i, key in enumerate(zip(rows, spans))},
+                           tuple(out.captured[site] for site in kept_sites))
+    return scores, kept
 
 
 def final_norm(model) -> torch.nn.Module:

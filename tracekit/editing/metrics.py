@@ -34,7 +34,7 @@ import torch
 
 from tracekit import prompts as P
 from tracekit.editing.delta import Edit
-from tracekit.editing.logprobs import Query, text_query, token_logprobs
+from tracekit.editing.logprobs import Query, text_query, token_logprobs, token_logprobs_kept
 from tracekit.editing.problems import EditSetup
 from tracekit.errors import check
 from tracekit.memo import model_memo, peek_memo
@@ -302,10 +302,10 @@ def _essence_queries(model, setup: EditSetup, essence_rows, noised: bool) -> lis
     return [Query(ids[:1], ids[1:], span) for ids in essence_rows if len(ids) > 1]
 
 
-def _essence_pass(model, queries: list[Query], noise) -> list[torch.Tensor]:
+def _essence_pass(model, queries: list[Query], noise, start=None) -> list[torch.Tensor]:
     if noise is not None and noise.fresh_per_pass:  # the paper's code: one pass, and one new stream, per text
         return [token_logprobs(model, [q], noise=noise)[0] for q in queries]
-    return token_logprobs(model, queries) if queries else []
+    return token_logprobs(model, queries, start=start) if queries else []
 
 
 @dataclass
@@ -341,8 +341,29 @@ def _plan(model, setup: EditSetup, config: MetricsConfig, essence_texts: Sequenc
 
 
 def _before(model, plan: _Scoring):
-    return (_cached_pass(model, plan.queries, plan.noise, row_spans=plan.row_spans),
-            _cached_pass(model, plan.essence, plan.noise if plan.essence_noised else None, essence=True))
+    """The "before" scores of the point's queries and essence texts, and the block inputs kept from
+    those passes (for after-passes that start at an edit's lowest layer; none under subject noise)."""
+    before, kept_q = _cached_pass(model, plan.queries, plan.noise, row_spans=plan.row_spans)
+    essence_before, kept_e = _cached_pass(model, plan.essence, plan.noise if plan.essence_noised else None, essence=True)
+    return before, essence_before, [k for k in (kept_q, kept_e) if k is not None]
+
+
+def lowest_changed_layer(model, edit: Edit) -> int | None:
+    """The lowest block whose parameters ``edit`` changes, or None if it changes anything outside
+    the blocks (embeddings, final norm): a pass after the edit computes the blocks below it as before."""
+    prefix = model.adapter.layers + "."
+    layers = []
+    for name in edit.parameter_names:
+        index = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+        if not index.isdigit():
+            return None
+        layers.append(int(index))
+    return min(layers) if layers else None
+
+
+def _start(model, plan: _Scoring, edit: Edit, kept: list) -> tuple | None:
+    layer = lowest_changed_layer(model, edit)
+    return (layer, kept) if layer and kept and plan.noise is None else None
 
 
 def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig(),
@@ -353,10 +374,11 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
     ``essence_max_tokens``) instead of sampling them from the model."""
     check(not edit.applied, "evaluate_edit needs the edit un-applied: the 'before' pass runs the original model")
     plan = _plan(model, setup, config, essence_texts)
-    before, essence_before = _before(model, plan)
+    before, essence_before, kept = _before(model, plan)
+    start = _start(model, plan, edit, kept)
     with edit:
-        after = token_logprobs(model, plan.queries, noise=plan.noise, row_spans=plan.row_spans)
-        essence_after = _essence_pass(model, plan.essence, plan.noise if plan.essence_noised else None)
+        after = token_logprobs(model, plan.queries, noise=plan.noise, row_spans=plan.row_spans, start=start)
+        essence_after = _essence_pass(model, plan.essence, plan.noise if plan.essence_noised else None, start=start)
     return _scores(model, plan, config, before, after, essence_before, essence_after)
 
 
@@ -383,16 +405,20 @@ def evaluate_edits(model, setups: Sequence[EditSetup], edits: Sequence[Edit],
         plans[i], deltas[i] = plan, found
         together.append(i)
     if together:
-        queries, groups, spans = [], [], []
+        queries, groups, spans, kept, befores = [], [], [], [], {}
         for g, i in enumerate(together):
             spans.append((len(queries), len(plans[i].queries), len(plans[i].essence)))
             queries += plans[i].queries + plans[i].essence
             groups += [g] * (len(plans[i].queries) + len(plans[i].essence))
-        after = token_logprobs(model, queries, groups=groups,
+            before, essence_before, point_kept = _before(model, plans[i])
+            befores[i] = (before, essence_before)
+            kept += point_kept
+        lowest = min(min(deltas[i]) for i in together)
+        after = token_logprobs(model, queries, groups=groups, start=(lowest, kept) if lowest and kept else None,
                                row_edits=lambda row_groups: row_delta_edits(model, [deltas[i] for i in together],
                                                                             row_groups))
         for (at, n_q, n_e), i in zip(spans, together):
-            before, essence_before = _before(model, plans[i])
+            before, essence_before = befores[i]
             out[i] = _scores(model, plans[i], config, before, after[at: at + n_q], essence_before,
                              after[at + n_q: at + n_q + n_e])
     return out
@@ -474,6 +500,7 @@ def baseline_cached(model):
     finally:
         if not outer:
             drop_memo(model, _BASELINE)
+            drop_memo(model, _KEPT)
 
 
 def _noise_key(noise) -> tuple | None:
@@ -482,19 +509,36 @@ def _noise_key(noise) -> tuple | None:
     return (noise.convention, noise.scale.scale, noise.seed, noise.prompt_span, _tensor_digest(noise.draw))
 
 
-def _cached_pass(model, queries: Sequence[Query], noise, essence: bool = False, row_spans=None) -> list[torch.Tensor]:
-    run = (lambda: _essence_pass(model, list(queries), noise)) if essence else \
-        (lambda: token_logprobs(model, queries, noise=noise, row_spans=row_spans))
+_KEPT = "baseline_block_inputs"  # block inputs of the latest "before" passes inside ``baseline_cached``
+_KEPT_ENTRIES = 8  # ~60 MB each on SmolLM2 (a point's queries and essence texts x 30 layers); a sweep needs its batch's
+
+
+def _cached_pass(model, queries: Sequence[Query], noise, essence: bool = False, row_spans=None):
+    """(before scores, kept block inputs or None): the "before" pass, run once per point inside
+    ``baseline_cached``. Block inputs are kept only for noise-free passes."""
+    if not queries:
+        return [], None
+    keep = noise is None and row_spans is None
+
+    def run():
+        if keep:
+            return token_logprobs_kept(model, queries)
+        scores = _essence_pass(model, list(queries), noise) if essence else \
+            token_logprobs(model, queries, noise=noise, row_spans=row_spans)
+        return scores, None
+
     cache = peek_memo(model, _BASELINE)
-    if cache is None or not queries:
-        return run() if queries else []
+    if cache is None:
+        return run()
     key = (essence, tuple((q.prefix, q.continuation, q.span) for q in queries), _noise_key(noise),
            None if row_spans is None else tuple(row_spans))
+    kept = model_memo(model, _KEPT)
     if key not in cache:
-        if len(cache) >= _BASELINE_ENTRIES:
-            cache.pop(next(iter(cache)))  # oldest first: a sweep moves on point by point
-        cache[key] = run()
-    return cache[key]
+        cache[key], kept[key] = run()
+        for table, limit in ((cache, _BASELINE_ENTRIES), (kept, _KEPT_ENTRIES)):
+            while len(table) > limit:
+                table.pop(next(iter(table)))  # oldest first: a sweep moves on point by point
+    return cache[key], kept.get(key)
 
 
 def _tensor_digest(value: torch.Tensor | None) -> str | None:
