@@ -136,6 +136,41 @@ def test_a_ray_sweep_stores_what_a_local_sweep_stores(pool, local, records, clus
     assert_same_results(tmp_path / "ray.sqlite", local)
 
 
+def test_a_batched_ray_sweep_stores_what_a_local_sweep_stores(pool, local, records, cluster, tmp_path):
+    """EditTask(batch=2): each worker gets two points per batch and edits them together."""
+    report = sweep(pool.model, ResultStore(tmp_path / "ray.sqlite"), records, str(cluster / "corpus.txt"), batch=2)
+    assert report.computed == N_POINTS * 2 * len(LAYERS) and not report.failed
+    assert_same_results(tmp_path / "ray.sqlite", local)
+
+
+def test_a_worker_runs_a_batch_together_and_redoes_what_fails_one_by_one():
+    from tracekit.studies.ray_worker import StudyWorker
+
+    class Task:
+        items_per_call, calls = 2, []
+
+        def session(self, model):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def compute_many(self, model, items):
+            self.calls.append(("many", [i["n"] for i in items]))
+            yield items[0], {"together": items[0]["n"]}
+            raise RuntimeError("the second point broke")
+
+        def compute(self, model, item):
+            self.calls.append(("one", item["n"]))
+            return {"alone": item["n"]}
+
+    worker = StudyWorker.__new__(StudyWorker)
+    worker.model, worker.task_id, worker._reload = object(), "t", lambda: None
+    import contextlib
+    worker.session = contextlib.ExitStack()
+    got = [(index, values) for index, values, _ in worker.run("t", Task(), [(5, {"n": 0}), (6, {"n": 1})])]
+    assert got == [(5, {"together": 0}), (6, {"alone": 1})]
+    assert Task.calls == [("many", [0, 1]), ("one", 1)]
+
+
 def test_key_statistics_are_computed_once_per_layer_not_per_worker(pool, records, cluster, tmp_path):
     log = cluster / "statistics.log"
     log.write_text("")

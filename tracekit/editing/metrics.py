@@ -405,22 +405,36 @@ def evaluate_edits(model, setups: Sequence[EditSetup], edits: Sequence[Edit],
         plans[i], deltas[i] = plan, found
         together.append(i)
     if together:
-        queries, groups, spans, kept, befores = [], [], [], [], {}
-        for g, i in enumerate(together):
-            spans.append((len(queries), len(plans[i].queries), len(plans[i].essence)))
-            queries += plans[i].queries + plans[i].essence
-            groups += [g] * (len(plans[i].queries) + len(plans[i].essence))
+        kept, befores = [], {}
+        for i in together:
             before, essence_before, point_kept = _before(model, plans[i])
             befores[i] = (before, essence_before)
             kept += point_kept
         lowest = min(min(deltas[i]) for i in together)
-        after = token_logprobs(model, queries, groups=groups, start=(lowest, kept) if lowest and kept else None,
-                               row_edits=lambda row_groups: row_delta_edits(model, [deltas[i] for i in together],
-                                                                            row_groups))
-        for (at, n_q, n_e), i in zip(spans, together):
+        start = (lowest, kept) if lowest and kept else None
+
+        def after_pass(part: str) -> list[list[torch.Tensor]]:
+            """Every point's prompts, or every point's essence texts, in one pass (two passes, not
+            one: a prompt row padded to an essence text's 100 tokens would cost 8x its own length)."""
+            queries, groups = [], []
+            for g, i in enumerate(together):
+                queries += getattr(plans[i], part)
+                groups += [g] * len(getattr(plans[i], part))
+            if not queries:
+                return [[] for _ in together]
+            scores = token_logprobs(model, queries, groups=groups, start=start,
+                                    row_edits=lambda row_groups: row_delta_edits(model, [deltas[i] for i in together],
+                                                                                 row_groups))
+            out, at = [], 0
+            for i in together:
+                n = len(getattr(plans[i], part))
+                out.append(scores[at: at + n])
+                at += n
+            return out
+
+        for i, after, essence_after in zip(together, after_pass("queries"), after_pass("essence")):
             before, essence_before = befores[i]
-            out[i] = _scores(model, plans[i], config, before, after[at: at + n_q], essence_before,
-                             after[at + n_q: at + n_q + n_e])
+            out[i] = _scores(model, plans[i], config, before, after, essence_before, essence_after)
     return out
 
 

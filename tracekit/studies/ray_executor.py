@@ -6,7 +6,9 @@
 
 - Each worker (a Ray actor) loads the model from its spec or path once and keeps it, with its
   caches (context templates, key statistics, per-point baselines), for the whole sweep.
-- The driver hands out batches (one point's items by default: they share per-point work),
+- The driver hands out batches (one point's items by default: they share per-point work; a
+  task that edits N points together, ``EditTask(batch=N)``, gets N points and runs them with
+  ``compute_many``),
   receives each item's values the moment the worker yields them (Ray streaming generators)
   and writes them to the result store. Items already stored are never sent; a rerun resumes.
 - A worker that dies (killed, out of memory, its machine gone) loses only what it had not yet
@@ -26,11 +28,8 @@ from __future__ import annotations
 import itertools
 import os
 import time
-import traceback
 from collections import Counter, deque
-from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tracekit.errors import TracekitError
@@ -39,109 +38,7 @@ from tracekit.store.sweep import (ResultWriter, Shard, SweepItem, SweepReport, a
                                   sweep_progress)
 from tracekit.studies.executors import ModelCard, ModelSource
 
-INSTALL_HINT = "pip install 'tracekit[ray]'"
-
-
-def import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise TracekitError(f"--executor ray needs Ray, which is not installed here: {INSTALL_HINT}") from None
-    return ray
-
-
-@dataclass(frozen=True)
-class Crash:
-    """An item raised something other than a TracekitError (a bug, CUDA out of memory...)."""
-
-    error: str
-
-
-# ---- the worker ------------------------------------------------------------------------------
-class StudyWorker:
-    """One Ray actor: a model, loaded once, and the items it is given, one after another."""
-
-    def __init__(self, source: ModelSource):
-        self.source, self.model, self.error = source, None, None
-        self.task_id, self.session = None, ExitStack()
-        try:
-            self.model = source.load()
-            self.card = ModelCard.of(self.model)
-        except Exception as err:  # noqa: BLE001 - reported to the driver by ready()
-            self.error = f"{type(err).__name__}: {err}"
-
-    def ready(self) -> dict:
-        import ray
-
-        device = None if self.model is None else str(self.model.device)
-        return {"error": self.error, "card": None if self.error else self.card, "pid": os.getpid(),
-                "node": ray.util.get_node_ip_address(), "device": device}
-
-    def prepare(self, task) -> list[str]:
-        """Run the task's one-off preparation (key statistics); its cache files, relative to $TRACEKIT_CACHE."""
-        from tracekit.cache import cache_dir
-
-        root = cache_dir().resolve()
-        files = [Path(path).resolve() for path in task.prepare(self.model, progress=False)]
-        return [str(path.relative_to(root)) for path in files if path.is_relative_to(root)]
-
-    def missing(self, files: list[str]) -> list[str]:
-        from tracekit.cache import cache_dir
-
-        return [f for f in files if not (cache_dir() / f).is_file()]
-
-    def read_file(self, name: str) -> bytes:
-        from tracekit.cache import cache_dir
-
-        return (cache_dir() / name).read_bytes()
-
-    def install(self, name: str, data: bytes) -> None:
-        from tracekit.cache import cache_dir, write_atomic
-
-        write_atomic(cache_dir() / name, lambda p: p.write_bytes(data))
-
-    def _reload(self) -> None:
-        """A fresh copy of the model: the failed item may have left an edit half applied or a hook on."""
-        import gc
-
-        import torch
-
-        self.session.close()
-        self.task_id, self.model = None, None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.model = self.source.load()
-
-    def generate(self, prompts: list[str], kwargs: dict) -> list[str]:
-        return self.model.generate(prompts, **kwargs)
-
-    def run(self, task_id: str, task, batch: list[tuple[int, SweepItem]]):
-        """Yield ``(index, values, seconds)`` per item as each finishes; ``values`` is a ``Crash``
-        when the item raised something unexpected (the model is then reloaded: an edit may be
-        half applied)."""
-        if task_id != self.task_id:
-            self.session.close()
-            self.session = ExitStack()
-            self.session.enter_context(task.session(self.model))
-            self.task_id = task_id
-        for index, item in batch:
-            started = time.perf_counter()
-            try:
-                values = task.compute(self.model, item)
-            except TracekitError as err:  # bad input at this point: stored as failed, as run_sweep does
-                values = {"status": f"failed: {err}"}
-            except Exception as err:  # noqa: BLE001 - the driver retries it elsewhere, then records it
-                values = Crash(f"{type(err).__name__}: {err} (at {_where(err)})")
-                self._reload()
-            yield index, values, time.perf_counter() - started
-            if isinstance(values, Crash):
-                return  # the rest of the batch goes back to the driver's queue
-
-
-def _where(err: BaseException) -> str:
-    frames = traceback.extract_tb(err.__traceback__)
-    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+from tracekit.studies.ray_worker import INSTALL_HINT, Crash, StudyWorker, import_ray  # noqa: F401 (re-exported)
 
 
 # ---- the driver --------------------------------------------------------------------------------
@@ -395,7 +292,9 @@ class _Sweep:
         self.report, self.todo = report, todo
         self.writer = ResultWriter(store, task.table, report)
         needs = [task.needs_prepare(item) for item in todo]
-        self.queue: deque[Batch] = deque(_batches(todo, needs, shard_by, executor.points_per_batch))
+        # a task that edits several points together (EditTask(batch=N)) gets at least N points per batch
+        points = max(executor.points_per_batch, getattr(task, "items_per_call", 1))
+        self.queue: deque[Batch] = deque(_batches(todo, needs, shard_by, points))
         self.files: list[str] | None = None if any(needs) else []  # None: preparation not done yet
         self.preparing: tuple[Worker, Any] | None = None
         self.prepare_tries = 0
