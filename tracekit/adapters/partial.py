@@ -47,17 +47,15 @@ Row joins: a branch's rows are sorted by layer, and at layer l a pass holds rows
 returns) exactly those n(l) rows and ``width`` columns.
 
 Who runs the network through it: causal tracing and zeroing (``tracekit.tracing``: clean
-runs, recorded base runs, branches). The naive loop keeps ``Model.run`` on purpose (it is
-the reference). Meant to move onto it next, each a few lines: v* (``editing.kv_core``:
-``_run_prefix`` = ``forward(ids, stop_layer=l + 1, capture=...)``; ``_prepare_suffix`` and
-``_blocks_logits`` = a recording of the edit rows and ``Branch.make(rec, subject_last,
-l + 1, width=W)`` with ``hidden`` = recorded state + delta, ``grad=True``), key statistics
-(``editing.covariance.accumulate`` = ``forward(ids, stop_layer=top + 1, edits={mlp_in:
-fold the keys, return them unchanged})``), fine-tuning (``editing.finetune._scorer`` =
-``forward(ids, stop_layer=lowest)`` once, then ``forward(hidden=..., start_layer=lowest,
-logits=columns, grad=True)``) and ``editing.logprobs.token_logprobs`` (``logits`` [B, k]
-columns). Activation patching composes edits on any site (``resid_pre`` included); heads
-need one more input site (the attention output projection's input) in the adapters.
+runs, recorded base runs, branches); v* (``editing.kv_batch``: a recording of the edit rows, then
+per step a branch from the last subject token at block l + 1 with ``hidden`` = recorded state +
+delta, ``grad=True``); key statistics (``editing.covariance.accumulate``: ``stop_layer`` = the
+top layer needed); fine-tuning (``editing.finetune``: the frozen bottom once, then the top with
+grad); and the edit scores (``editing.logprobs``: the "before" pass keeps every block's input,
+the pass after an edit starts at the edit's lowest layer). The naive tracing loop keeps
+``Model.run`` on purpose (it is the reference), as does Fact Forcing's noised-prompt baseline
+(``editing.problems``, one pass per point). Activation patching composes edits on any site
+(``resid_pre`` included).
 """
 
 from __future__ import annotations

@@ -144,7 +144,7 @@ def add_edit_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch", type=int, default=None,
                        help="points edited together at each (method, problem, layer): their v* optimised in one "
                             "pass per step and their scoring in one pass (same results); default: 16 on a GPU, "
-                            "4 on a CPU")
+                            "1 on a CPU (where padding to the longest point costs more than batching saves)")
     add_store_args(parser)
     add_executor_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -156,8 +156,9 @@ def edit_batch(args, model) -> int:
         if args.batch < 1:
             raise TracekitError(f"--batch must be >= 1, got {args.batch}")
         return args.batch
-    device = getattr(model, "device", None)
-    return 16 if getattr(device, "type", None) == "cuda" else 4
+    from tracekit.editing.kv_batch import default_batch
+
+    return default_batch(getattr(model, "device", "cpu"))
 
 
 def edit_layers(args, model) -> tuple[list[int], int | None]:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 from tracekit.data.loaders import parse_record
 from tracekit.editing.delta import Edit
 from tracekit.editing.finetune import FTHyperParams, apply_ft
-from tracekit.editing.kv_batch import DEFAULT_BATCH
+from tracekit.editing.kv_batch import default_batch
 from tracekit.editing.metrics import EditScores, MetricsConfig, evaluate_edit, evaluate_edits
 from tracekit.editing.presets import ft_preset, memit_preset, rome_preset
 from tracekit.editing.problems import EditSetup, Problem, prepare, setup_from_request
@@ -123,9 +123,9 @@ def edit(model, record_or_request, method: str = "rome", problem: str | Problem 
 def edit_many(model, records: Sequence, method: str = "rome", problem: str | Problem = "error-injection",
               layer: int | None = None, hparams=None, evaluate: bool = True, *, seeds: Sequence[int] | None = None,
               noise="s3", metrics: MetricsConfig = MetricsConfig(), clip_window: bool | None = None,
-              convention: str = "paper-code", batch: int = DEFAULT_BATCH) -> list:
+              convention: str = "paper-code", batch: int | None = None) -> list:
     """``edit`` of several points with one method, problem and layer, the work batched: v* of
-    ``batch`` requests optimised together (ROME, MEMIT) and the scoring's "after" passes of
+    ``batch`` requests (default: ``kv_batch.default_batch`` for the model's device) optimised together (ROME, MEMIT) and the scoring's "after" passes of
     ``batch`` points in one pass (``metrics.evaluate_edits``). Each edit is computed on the
     unedited model, exactly as ``edit`` one by one (up to floating-point reassociation, <= 1e-5).
 
@@ -150,6 +150,8 @@ def edit_many(model, records: Sequence, method: str = "rome", problem: str | Pro
         except TracekitError as err:
             out[i] = err
     ready = sorted(setups)
+    batch = default_batch(model.device) if batch is None else batch
+    check(isinstance(batch, int) and batch >= 1, f"batch must be a positive integer, got {batch!r}")
     for at in range(0, len(ready), batch):
         chunk = ready[at:at + batch]
         problem_of = setups[chunk[0]].problem or Problem.ERROR_INJECTION

@@ -25,7 +25,7 @@ from tracekit.editing.context import context_templates
 from tracekit.editing.delta import Edit
 from tracekit.editing.hparams import MEMITHyperParams
 from tracekit.editing.info import EditInfo
-from tracekit.editing.kv_batch import DEFAULT_BATCH, FoundValue, find_values
+from tracekit.editing.kv_batch import FoundValue, find_values
 from tracekit.editing.kv_core import (NoisePasses, ValueObjective, average_keys, build_rows, optimize_value, param_name,
                                       solve_update, subject_states)
 from tracekit.editing.presets import memit_preset
@@ -63,7 +63,7 @@ def apply_memit(model, request: EditRequest, layer: int | None = None, hparams: 
 
 def memit_edits(model, requests: Sequence[EditRequest], layer: int | None = None,
                 hparams: MEMITHyperParams | None = None, *, engine: str = "auto", templates=None,
-                progress: bool = True, second_moment=None, batch: int = DEFAULT_BATCH) -> list[Edit]:
+                progress: bool = True, second_moment=None, batch: int | None = None) -> list[Edit]:
     """MEMIT's edit of each request on its own (none applied; each computed on the current
     weights): ``apply_memit`` one by one, with the v* of ``batch`` requests optimised together."""
     plan = _plan(model, requests, layer, hparams, engine, templates, progress, second_moment, batch)
@@ -72,7 +72,7 @@ def memit_edits(model, requests: Sequence[EditRequest], layer: int | None = None
 
 def apply_memit_mass(model, requests: Sequence[EditRequest], layer: int | None = None,
                      hparams: MEMITHyperParams | None = None, *, engine: str = "auto", templates=None,
-                     progress: bool = True, second_moment=None, batch: int = DEFAULT_BATCH) -> Edit:
+                     progress: bool = True, second_moment=None, batch: int | None = None) -> Edit:
     """Mass editing (MEMIT's own use): one edit holding every request. Each request's z is found
     as for one fact (v* batched); then, layer by layer, the keys of ALL requests enter one update
     dW = R ((lam C + K K^T)^-1 K)^T, K [d_in, n] and R [d_model, n] the requests' keys and shares."""

@@ -30,7 +30,7 @@ from tracekit.editing.delta import Edit
 from tracekit.editing.factors import LayerStats, matrix_identity, ridged
 from tracekit.editing.hparams import ROMEHyperParams
 from tracekit.editing.info import EditInfo
-from tracekit.editing.kv_batch import DEFAULT_BATCH, FoundValue, find_values
+from tracekit.editing.kv_batch import FoundValue, find_values
 from tracekit.editing.kv_core import (NoisePasses, ValueObjective, build_rows, keys_by_tokenisation, optimize_value,
                                       param_name, solve_update, subject_states, weights_by_tokenisation)
 from tracekit.editing.presets import rome_preset
@@ -114,7 +114,7 @@ def apply_rome(model, request: EditRequest, layer: int | None = None, hparams: R
 
 def rome_edits(model, requests: Sequence[EditRequest], layer: int | None = None, hparams: ROMEHyperParams | None = None,
                *, engine: str = "auto", templates=None, progress: bool = True, second_moment=None,
-               batch: int = DEFAULT_BATCH) -> list[Edit]:
+               batch: int | None = None) -> list[Edit]:
     """ROME's edit of each request at ``layer``, each computed on the current weights on its own
     (none applied): the same edits as ``apply_rome`` one by one, with the v* of ``batch`` requests
     optimised together in one pass per step (``kv_batch``) and the key statistics' factor shared.
