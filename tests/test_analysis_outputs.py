@@ -82,6 +82,9 @@ def test_every_output_is_written(frames, tmp_path):
     assert set(practical["fixed"]) == {"default layer", "best layer on average"}
     assert (practical.loc[practical["fixed"] == "default layer", "fixed_layer"] == 3).all()
     assert "data" in summary.headline and "counterfact (40 points)" in summary.headline["data"]
+    text = (tmp_path / "summary.md").read_text()  # the paper's figure beside ours, where its text gives one
+    assert "- table 1 (rome, error-injection): tracing " in text and "(paper, GPT-J: layer 0.947, layer x tracing 0.948" in text
+    assert "(paper, GPT-J: 0.032, Fact Forcing with FT" in text
     markdown = (tmp_path / "table1_r2.md").read_text()
     assert markdown.startswith("### R² for rewrite score, rome / error-injection") and "| layer x tracing |" in markdown
 

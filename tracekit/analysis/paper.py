@@ -20,6 +20,7 @@ from tracekit.analysis import figures
 from tracekit.analysis import frames as F
 from tracekit.analysis import scrutiny as X
 from tracekit.analysis import stats as S
+from tracekit.analysis.published import with_paper
 from tracekit.analysis.report import save_table
 from tracekit.errors import TracekitError
 
@@ -37,7 +38,7 @@ class Summary:
 
     def markdown(self) -> str:
         lines = [f"# {self.title}", ""]
-        lines += [f"- {k}: {v}" for k, v in self.headline.items()] + [""]
+        lines += [f"- {k}: {with_paper(k, v)}" for k, v in self.headline.items()] + [""]
         lines += (["## Flags", ""] + [f"- {f}" for f in self.flags] + [""]) if self.flags else []
         lines += [f"- note: {n}" for n in self.notes] + ([""] if self.notes else [])
         lines += ["## Files", ""] + [f"- {p.name}" for p in self.outputs]
