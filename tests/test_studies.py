@@ -48,3 +48,35 @@ def test_the_sweeps_are_commands_of_the_installed_package(capsys):
         except SystemExit as exit:
             assert exit.code == 0
         assert "--executor {local,ray}" in capsys.readouterr().out
+
+
+def test_a_batched_trace_study_stores_what_an_item_by_item_one_stores(tmp_path, monkeypatch):
+    """TraceTask(batch=3): points traced together by trace_many, each with its own seed."""
+    import json
+
+    import pandas as pd
+    import pytest
+
+    import tracekit.tracing
+    from conftest import tiny
+    from tracekit.data.loaders import load_dataset
+    from tracekit.store import ResultStore
+    from tracekit.studies import trace_study
+
+    model, records = tiny("random:gpt2-tiny"), load_dataset("worldfacts", None, 4)
+    calls, original = [], tracekit.tracing.trace_many
+    monkeypatch.setattr(tracekit.tracing, "trace_many", lambda m, rs, **k: calls.append(len(rs)) or original(m, rs, **k))
+    frames = {}
+    for batch in (1, 3):
+        with ResultStore(tmp_path / f"b{batch}.sqlite") as store:
+            report = trace_study(model, records, store, kinds=("mlp", "zero"), windows=(2,), samples=3, progress=False,
+                                 batch=batch)
+            assert report.computed == 8 and not report.failed
+            frames[batch] = store.frame("traces").sort_values(["case_id", "kind"]).reset_index(drop=True)
+    assert calls and max(calls) > 1  # the batched study traced several points per call
+    one, many = frames[1], frames[3]
+    pd.testing.assert_frame_equal(one[["case_id", "kind", "window"]], many[["case_id", "kind", "window"]])
+    pd.testing.assert_series_equal(one["p_clean"], many["p_clean"], rtol=1e-5)
+    pd.testing.assert_series_equal(one["p_noise"], many["p_noise"], rtol=1e-5)
+    for a, b in zip(one["effect_max"], many["effect_max"]):
+        assert json.loads(b) == pytest.approx(json.loads(a), rel=1e-4, abs=1e-5)

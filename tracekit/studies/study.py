@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from tracekit.data.records import FactRecord
-from tracekit.errors import TracekitError
+from tracekit.errors import TracekitError, check
 from tracekit.store.db import ResultStore
 from tracekit.store.manifest import model_identity
 from tracekit.store.sweep import Shard, SweepReport
@@ -50,10 +50,12 @@ def run_study(model, task, records: Sequence[FactRecord], store: ResultStore, *,
 def trace_study(model, records: Sequence[FactRecord], store: ResultStore, *, kinds=("mlp",), windows=(5,),
                 samples: int = 10, noise="s3", seed: int = 0, shard: Shard | None = None,
                 trace_fn: Callable | None = None, zero_fn: Callable | None = None,
-                progress: bool = True) -> SweepReport:
+                progress: bool = True, batch: int = 1) -> SweepReport:
     """Trace every (point, kind, window) not yet in the store; o_true is the traced target.
-    Point i's noise seed is ``seed + case_id``."""
-    task = TraceTask(tuple(kinds), tuple(int(w) for w in windows), samples, noise, seed, trace_fn, zero_fn)
+    Point i's noise seed is ``seed + case_id``. ``batch``: points traced together (``trace_many``:
+    their rows packed into shared passes; the same results)."""
+    check(isinstance(batch, int) and batch >= 1, f"batch must be a positive integer, got {batch!r}")
+    task = TraceTask(tuple(kinds), tuple(int(w) for w in windows), samples, noise, seed, trace_fn, zero_fn, batch)
     return run_study(model, task, records, store, shard=shard, progress=progress)
 
 

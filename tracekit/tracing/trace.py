@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
@@ -205,7 +205,7 @@ def default_prompt_batch(model, samples: int = 10, length: int = 32) -> int:
 
 
 def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: bool = True, errors: str = "raise",
-               batch: int | None = None, **kwargs) -> Iterator[tuple[object, TraceResult | ZeroResult | TracekitError]]:
+               batch: int | None = None, seeds: Sequence[int] | None = None, **kwargs) -> Iterator[tuple[object, TraceResult | ZeroResult | TracekitError]]:
     """Trace (or zero, ``zeroing=True``) each record, yielding (record, result) in order.
 
     A record is a dict with prompt/subject[/target], a (prompt, subject[, target])
@@ -213,6 +213,7 @@ def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: boo
     ``errors="yield"`` yields (record, TracekitError) for a bad record instead of raising.
     ``batch``: prompts traced together, their rows packed into shared passes by the fast
     engine (default ``default_prompt_batch``: 1 on a CPU); results come a batch at a time.
+    ``seeds``: one noise seed per record (a study seeds each point by its case id) instead of ``seed``.
     Other keyword arguments go to ``trace`` / ``zero_trace``.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -220,8 +221,11 @@ def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: boo
     if errors not in ("raise", "yield"):
         raise TracekitError(f"errors must be 'raise' or 'yield', got {errors!r}")
     records = list(records)
+    check(seeds is None or len(seeds) == len(records), f"{0 if seeds is None else len(seeds)} seeds for "
+                                                       f"{len(records)} records")
     if zeroing:  # the noise settings of a tracing sweep mean nothing to zeroing
         kwargs = {k: v for k, v in kwargs.items() if k not in ("samples", "noise", "seed", "noise_draws")}
+        seeds = None
     batch_tokens = kwargs.pop("batch_tokens", None)
     check(batch is None or (isinstance(batch, int) and batch >= 1), f"batch must be an integer >= 1, got {batch!r}")
     batch = batch or default_prompt_batch(model, kwargs.get("samples", 10))
@@ -232,9 +236,10 @@ def trace_many(model, records: Iterable, *, zeroing: bool = False, progress: boo
         task = bar.add_task("zeroing" if zeroing else "tracing", total=len(records))
         for first in range(0, len(records), batch):
             chunk, failure = [], None
-            for record in records[first:first + batch]:
+            for at, record in enumerate(records[first:first + batch], start=first):
+                own = kwargs if seeds is None else {**kwargs, "seed": seeds[at]}
                 try:
-                    chunk.append((record, check_record(model, *record_fields(record), **kwargs)))
+                    chunk.append((record, check_record(model, *record_fields(record), **own)))
                 except TracekitError as err:
                     if errors == "raise":
                         failure = err
