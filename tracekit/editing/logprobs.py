@@ -71,21 +71,21 @@ class BlockInputs:
     rows: dict
     inputs: tuple[torch.Tensor, ...]
 
-    def entry(self, layer: int, keys: Sequence[tuple], kept: Sequence["BlockInputs"]) -> torch.Tensor | None:
-        """Block ``layer``'s input for rows ``keys`` gathered from ``kept`` passes (this one
-        among them), padded to the longest; None if a row is in none of them."""
-        parts = []
-        for key in keys:
-            found = next(((k, k.rows[key]) for k in kept if key in k.rows), None)
-            if found is None:
-                return None
-            parts.append(found)
-        length = max(k.inputs[layer].shape[1] for k, _ in parts)
-        first = parts[0][0].inputs[layer]
-        out = first.new_zeros((len(parts), length, first.shape[2]))
-        for i, (k, row) in enumerate(parts):  # zeros after a row's recorded end: causal attention never reads them
-            out[i, : k.inputs[layer].shape[1]] = k.inputs[layer][row]
-        return out
+
+def gather_block_inputs(kept: Sequence[BlockInputs], layer: int, keys: Sequence[tuple]) -> torch.Tensor | None:
+    """Block ``layer``'s input for the rows ``keys`` ((tokens, span) each), taken from whichever
+    ``kept`` pass holds each and padded to the longest; None if a row is in none of them."""
+    parts = []
+    for key in keys:
+        found = next(((k.inputs[layer], k.rows[key]) for k in kept if key in k.rows), None)
+        if found is None:
+            return None
+        parts.append(found)
+    length = max(inputs.shape[1] for inputs, _ in parts)
+    out = parts[0][0].new_zeros((len(parts), length, parts[0][0].shape[2]))
+    for i, (inputs, row) in enumerate(parts):  # zeros after a row's recorded end: causal attention never reads them
+        out[i, : inputs.shape[1]] = inputs[row]
+    return out
 
 
 def token_logprobs(model, queries: Sequence[Query], grad: bool = False, noise=None,
@@ -119,8 +119,8 @@ def _score(model, queries, grad, noise, row_spans, groups, row_edits, start, kee
     check(batch.input_ids.shape[1] <= model.n_ctx,
           f"a scored row is {batch.input_ids.shape[1]} tokens, longer than the model's context of {model.n_ctx}")
     entry = None
-    if start is not None and start[0] > 0:
-        entry = start[1][0].entry(start[0], list(zip(rows, spans)), start[1]) if start[1] else None
+    if start is not None and start[0] > 0 and start[1]:
+        entry = gather_block_inputs(start[1], start[0], list(zip(rows, spans)))
     edits = {}
     if entry is None and noise is not None and any(s is not None for s in spans):
         plan_spans, draws, align = noise.eval_plan(noise.source(model.d_model), spans)
