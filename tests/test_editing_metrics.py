@@ -261,3 +261,24 @@ def test_lowest_changed_layer_is_none_outside_the_blocks():
     embed = next(n for n, p in model.hf.named_parameters() if p.dim() == 2)
     assert M.lowest_changed_layer(model, Edit(model.hf, {embed: dict(model.hf.named_parameters())[embed] + 1})) is None
     assert M.lowest_changed_layer(model, _bump_edit(model, layer=0)) == 0
+
+
+def test_a_batch_of_points_keeps_every_points_block_inputs_at_hand(monkeypatch):
+    """evaluate_edits over more points than the kept-pass floor: every after-pass starts at the
+    edit's layer (no point's kept inputs evicted by the next point's before-passes)."""
+    from tracekit.data.loaders import load_dataset
+
+    model = tiny("random:llama-tiny")
+    setups = [prepare(model, r, "error-injection") for r in load_dataset("worldfacts", None, 4)]
+    edits = [_bump_edit(model, layer=2, scale=0.1 * (i + 1)) for i in range(len(setups))]
+    config = M.MetricsConfig(essence_new_tokens=4)
+    starts = []
+    original = model.backend.forward
+    monkeypatch.setattr(model.backend, "forward", lambda *a, **k: starts.append(k.get("start_layer")) or original(*a, **k))
+    with M.baseline_cached(model):
+        together = M.evaluate_edits(model, setups, edits, config)
+    after = starts[-2:]  # the prompts' pass and the essence texts' pass
+    assert after == [2, 2]
+    alone = [M.evaluate_edit(model, s, e, config) for s, e in zip(setups, edits)]
+    for a, b in zip(together, alone):
+        assert a.scores["rewrite"] == pytest.approx(b.scores["rewrite"], rel=1e-4, abs=1e-7)

@@ -340,11 +340,14 @@ def _plan(model, setup: EditSetup, config: MetricsConfig, essence_texts: Sequenc
     return _Scoring(setup, noise, paper_code, labels, queries, essence_rows, essence, essence_noised, row_spans)
 
 
-def _before(model, plan: _Scoring):
+def _before(model, plan: _Scoring, points: int = 1):
     """The "before" scores of the point's queries and essence texts, and the block inputs kept from
-    those passes (for after-passes that start at an edit's lowest layer; none under subject noise)."""
-    before, kept_q = _cached_pass(model, plan.queries, plan.noise, row_spans=plan.row_spans)
-    essence_before, kept_e = _cached_pass(model, plan.essence, plan.noise if plan.essence_noised else None, essence=True)
+    those passes (for after-passes that start at an edit's lowest layer; none under subject noise).
+    ``points``: how many points' kept inputs must stay at hand together (a batch's)."""
+    passes = max(_KEPT_ENTRIES, 2 * points)
+    before, kept_q = _cached_pass(model, plan.queries, plan.noise, row_spans=plan.row_spans, kept_passes=passes)
+    essence_before, kept_e = _cached_pass(model, plan.essence, plan.noise if plan.essence_noised else None,
+                                          essence=True, kept_passes=passes)
     return before, essence_before, [k for k in (kept_q, kept_e) if k is not None]
 
 
@@ -407,7 +410,7 @@ def evaluate_edits(model, setups: Sequence[EditSetup], edits: Sequence[Edit],
     if together:
         kept, befores = [], {}
         for i in together:
-            before, essence_before, point_kept = _before(model, plans[i])
+            before, essence_before, point_kept = _before(model, plans[i], points=len(together))
             befores[i] = (before, essence_before)
             kept += point_kept
         lowest = min(min(deltas[i]) for i in together)
@@ -524,18 +527,20 @@ def _noise_key(noise) -> tuple | None:
 
 
 _KEPT = "baseline_block_inputs"  # block inputs of the latest "before" passes inside ``baseline_cached``
-_KEPT_ENTRIES = 8  # ~60 MB each on SmolLM2 (a point's queries and essence texts x 30 layers); a sweep needs its batch's
+_KEPT_ENTRIES = 4  # passes kept at least (~60 MB each on SmolLM2: a point's prompts or essence texts x 30 layers)
 
 
-def _cached_pass(model, queries: Sequence[Query], noise, essence: bool = False, row_spans=None):
+def _cached_pass(model, queries: Sequence[Query], noise, essence: bool = False, row_spans=None,
+                 kept_passes: int = _KEPT_ENTRIES):
     """(before scores, kept block inputs or None): the "before" pass, run once per point inside
-    ``baseline_cached``. Block inputs are kept only for noise-free passes."""
+    ``baseline_cached``, which holds the block inputs of the latest ``kept_passes`` passes. Block
+    inputs are kept only for noise-free passes."""
     if not queries:
         return [], None
-    keep = noise is None and row_spans is None
+    clean = noise is None and row_spans is None
 
     def run():
-        if keep:
+        if clean:
             return token_logprobs_kept(model, queries)
         scores = _essence_pass(model, list(queries), noise) if essence else \
             token_logprobs(model, queries, noise=noise, row_spans=row_spans)
@@ -549,7 +554,7 @@ def _cached_pass(model, queries: Sequence[Query], noise, essence: bool = False, 
     kept = model_memo(model, _KEPT)
     if key not in cache:
         cache[key], kept[key] = run()
-        for table, limit in ((cache, _BASELINE_ENTRIES), (kept, _KEPT_ENTRIES)):
+        for table, limit in ((cache, _BASELINE_ENTRIES), (kept, kept_passes)):
             while len(table) > limit:
                 table.pop(next(iter(table)))  # oldest first: a sweep moves on point by point
     return cache[key], kept.get(key)
