@@ -80,3 +80,21 @@ def test_a_batched_trace_study_stores_what_an_item_by_item_one_stores(tmp_path, 
     pd.testing.assert_series_equal(one["p_noise"], many["p_noise"], rtol=1e-5)
     for a, b in zip(one["effect_max"], many["effect_max"]):
         assert json.loads(b) == pytest.approx(json.loads(a), rel=1e-4, abs=1e-5)
+
+
+def test_default_batches_go_by_the_device_the_items_run_on():
+    """1 on a CPU; 16 where the workers hold the model on GPUs (a Ray pool's card says so)."""
+    import argparse
+    from types import SimpleNamespace
+
+    from conftest import tiny
+    from tracekit.cli.studies import edit_batch, trace_batch
+    from tracekit.studies.executors import ModelCard
+
+    args = argparse.Namespace(batch=None, samples=10)
+    local = tiny("random:gpt2-tiny")
+    assert ModelCard.of(local).device_type == "cpu"
+    assert edit_batch(args, local) == 1 and trace_batch(args, local) == 1
+    gpu_pool = SimpleNamespace(device_type="cuda")  # a RemoteModel: no device attribute, the workers' type
+    assert edit_batch(args, gpu_pool) == 16 and trace_batch(args, gpu_pool) == 16
+    assert edit_batch(argparse.Namespace(batch=3, samples=10), gpu_pool) == 3

@@ -111,7 +111,7 @@ def add_trace_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch", type=int, default=None,
                        help="points traced together, their rows packed into shared passes (same results); "
                             "default: 1 on a CPU (packing only adds padding there), on a GPU as many as a quarter "
-                            "of its free memory holds (up to 64)")
+                            "of its free memory holds (up to 64; 16 on Ray workers' GPUs)")
     add_store_args(parser)
     add_executor_args(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -123,8 +123,8 @@ def trace_batch(args, model) -> int:
         if args.batch < 1:
             raise TracekitError(f"--batch must be >= 1, got {args.batch}")
         return args.batch
-    if getattr(model, "device", None) is None:  # a Ray pool: its devices are on the workers
-        return 1
+    if getattr(model, "device", None) is None:  # a Ray pool: the workers' memory is not seen from here
+        return 16 if getattr(model, "device_type", "cpu") == "cuda" else 1
     from tracekit.tracing.trace import default_prompt_batch
 
     return default_prompt_batch(model, args.samples)
@@ -175,7 +175,7 @@ def edit_batch(args, model) -> int:
         return args.batch
     from tracekit.editing.kv_batch import default_batch
 
-    return default_batch(getattr(model, "device", "cpu"))
+    return default_batch(getattr(model, "device", None) or getattr(model, "device_type", "cpu"))
 
 
 def edit_layers(args, model) -> tuple[list[int], int | None]:

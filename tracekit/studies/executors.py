@@ -43,10 +43,12 @@ class ModelCard:
     identity: str
     n_layers: int
     preset_layer: int | None
+    device_type: str = "cpu"  # "cuda" where the model runs on a GPU: it sets the default batch sizes
 
     @classmethod
     def of(cls, model) -> "ModelCard":
-        return cls(str(model.spec), model_identity(model), int(model.n_layers), preset_layer(model))
+        return cls(str(model.spec), model_identity(model), int(model.n_layers), preset_layer(model),
+                   str(getattr(model.device, "type", model.device)))
 
 
 def preset_layer(model) -> int | None:

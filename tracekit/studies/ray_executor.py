@@ -75,6 +75,11 @@ class RemoteModel:
         self.card, self.executor = card, executor
         self.spec, self.n_layers, self.model_identity = card.spec, card.n_layers, card.identity
 
+    @property
+    def device_type(self) -> str:
+        """The workers' device type ("cuda" or "cpu"): what the default batch sizes go by."""
+        return self.card.device_type
+
     def generate(self, prompts, max_new_tokens: int = 20, batch_size: int = 32, top_k: int | None = None,
                  seed: int = 0) -> list[str]:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
