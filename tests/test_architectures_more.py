@@ -139,3 +139,21 @@ def test_every_site_equals_the_bridge_hook_on_every_backend(spec):
         for site in sites:
             want = cache[names[site]].transpose(1, 2) if site.kind == "pattern" else cache[names[site]]
             assert close(captured[site], want), (backend, str(site))
+
+
+def test_the_unembedding_of_another_transformers_version_is_found():
+    """GPT-NeoX's head is `lm_head` in transformers 5 and `embed_out` before: the model says which."""
+    from torch import nn
+
+    from tracekit.adapters.architectures import GPT_NEOX
+
+    class OlderNeoX(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_out = nn.Linear(4, 8, bias=False)
+
+        def get_output_embeddings(self):
+            return self.embed_out
+
+    model = OlderNeoX()
+    assert GPT_NEOX.unembed_module(model) is model.embed_out

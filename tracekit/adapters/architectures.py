@@ -262,7 +262,13 @@ class ArchAdapter:
         return _get(model, self.final_norm)
 
     def unembed_module(self, model: nn.Module) -> nn.Module:
-        return _get(model, self.unembed)
+        try:
+            return _get(model, self.unembed)
+        except AttributeError:  # another transformers version's name (GPT-NeoX: embed_out before 5.0)
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            if head is None:
+                raise
+            return head
 
     def down_proj_module(self, model: nn.Module, layer: int) -> nn.Module:
         return self.module(model, Site("mlp_in", layer))
@@ -338,7 +344,7 @@ LLAMA = ArchAdapter(
 )
 # GPT-NeoX / Pythia: attention and MLP in parallel on the same input (use_parallel_residual, the
 # default) or in sequence; either way "attn" and "mlp" are the two sublayer outputs. The LM head is
-# ``lm_head`` in transformers 5 (``embed_out`` before).
+# ``lm_head`` in transformers 5 (``embed_out`` before: ``unembed_module`` then asks the model).
 GPT_NEOX = ArchAdapter(
     name="gpt_neox", model_types=("gpt_neox",), base="gpt_neox", layers="gpt_neox.layers",
     embed="gpt_neox.embed_in", attn="gpt_neox.layers.{}.attention", mlp="gpt_neox.layers.{}.mlp",
