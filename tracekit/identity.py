@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # for annotations only: no import cycle, no early torch
@@ -61,13 +60,6 @@ def weight_fingerprint(model: Model, keep: Callable[[str], bool] | None = None) 
     return digest.hexdigest()[:16]
 
 
-def _layer_of(model: Model, name: str) -> int | None:
-    """The block index a parameter name belongs to (works for renamed trees too)."""
-    prefix = model.adapter.layers.split(".")[-1]
-    match = re.search(rf"(?:^|\.){re.escape(prefix)}\.(\d+)\.", name)
-    return int(match.group(1)) if match else None
-
-
 def key_fingerprint(model: Model, layer: int) -> str:
     """Fingerprint of the weights that determine layer ``layer``'s MLP keys.
 
@@ -80,7 +72,7 @@ def key_fingerprint(model: Model, layer: int) -> str:
     final = (model.adapter.final_norm.split(".")[-1], model.adapter.unembed.split(".")[-1])
 
     def keep(name: str) -> bool:
-        at = _layer_of(model, name)
+        at = model.adapter.layer_of(name)
         if at is None:
             return not any(part in final for part in name.split("."))
         return at < layer or (at == layer and name != down_name)

@@ -13,6 +13,7 @@ against TransformerLens's bridge.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 import torch
@@ -260,6 +261,13 @@ class ArchAdapter:
 
     def final_norm_module(self, model: nn.Module) -> nn.Module:
         return _get(model, self.final_norm)
+
+    def layer_of(self, parameter_name: str) -> int | None:
+        """The block a parameter belongs to, from its name (None outside the blocks: embeddings,
+        final norm, head); works for trees renamed above the blocks too."""
+        prefix = self.layers.split(".")[-1]
+        match = re.search(rf"(?:^|\.){re.escape(prefix)}\.(\d+)\.", parameter_name)
+        return int(match.group(1)) if match else None
 
     def unembed_module(self, model: nn.Module) -> nn.Module:
         try:
