@@ -117,11 +117,15 @@ def add_trace_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _given_batch(args) -> int | None:
+    if args.batch is not None and args.batch < 1:
+        raise TracekitError(f"--batch must be >= 1, got {args.batch}")
+    return args.batch
+
+
 def trace_batch(args, model) -> int:
     """--batch, or the default for the device the points are traced on (1 where that is not here)."""
-    if args.batch is not None:
-        if args.batch < 1:
-            raise TracekitError(f"--batch must be >= 1, got {args.batch}")
+    if _given_batch(args) is not None:
         return args.batch
     if getattr(model, "device", None) is None:  # a Ray pool: the workers' memory is not seen from here
         return 16 if getattr(model, "device_type", "cpu") == "cuda" else 1
@@ -169,9 +173,7 @@ def add_edit_args(parser: argparse.ArgumentParser) -> None:
 
 def edit_batch(args, model) -> int:
     """--batch, or the default for the device the items run on."""
-    if args.batch is not None:
-        if args.batch < 1:
-            raise TracekitError(f"--batch must be >= 1, got {args.batch}")
+    if _given_batch(args) is not None:
         return args.batch
     from tracekit.editing.kv_batch import default_batch
 
