@@ -125,8 +125,9 @@ def edit_many(model, records: Sequence, method: str = "rome", problem: str | Pro
               noise="s3", metrics: MetricsConfig = MetricsConfig(), clip_window: bool | None = None,
               convention: str = "paper-code", batch: int | None = None) -> list:
     """``edit`` of several points with one method, problem and layer, the work batched: v* of
-    ``batch`` requests (default: ``kv_batch.default_batch`` for the model's device) optimised together (ROME, MEMIT) and the scoring's "after" passes of
-    ``batch`` points in one pass (``metrics.evaluate_edits``). Each edit is computed on the
+    ``batch`` requests optimised together (ROME, MEMIT) and the scoring's "after" passes of
+    ``batch`` points in one pass (``metrics.evaluate_edits``); default batch:
+    ``kv_batch.default_batch`` for the model's device. Each edit is computed on the
     unedited model, exactly as ``edit`` one by one (up to floating-point reassociation, <= 1e-5).
 
     Returns one entry per record: its ``EditResult``, or the ``TracekitError`` (e.g.

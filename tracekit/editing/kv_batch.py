@@ -156,7 +156,7 @@ def default_batch(device) -> int:
     + scoring), 4 together cost 18.2 s -> 20.0 s per point: the rows and columns padded to the
     longest request cost more than the larger matrix products save. 16 on a GPU, where one
     request's ~22 rows x ~3 positions fill little of the device (not yet measured on one)."""
-    return 16 if getattr(torch.device(device), "type", "cpu") == "cuda" else 1
+    return 16 if torch.device(device).type == "cuda" else 1
 
 
 @dataclass
