@@ -12,6 +12,7 @@ from tracekit.editing.hparams import ROMEHyperParams
 from tracekit.editing.request import EditRequest
 from tracekit.editing.rome import apply_rome
 from tracekit.tracing import naive_trace, trace, zero_trace
+from test_tracing_semantics import hand_zeroed_probability
 from tracing_models import PROMPT, SUBJECT, SHARPNESS, one_thread  # noqa: F401
 
 SPECS = {"random:pythia-tiny": "gpt_neox", "random:gemma-tiny": "gemma", "random:phi-tiny": "phi"}
@@ -79,21 +80,8 @@ def test_other_backends_equal_the_naive_loop(backend, spec):
 def test_zeroing_every_layer_equals_a_hand_built_forward(spec):
     model = sharp(spec)
     result = zero_trace(model, PROMPT, SUBJECT, window=4)
-    start, end = result.subject_span
-
-    def hook(module, args, output):
-        output = output.clone()
-        output[:, start:end] = 0
-        return output
-
-    handles = [_get(model.hf, model.adapter.mlp.format(layer)).register_forward_hook(hook) for layer in range(4)]
-    try:
-        with torch.no_grad():
-            logits = model.hf(model.encode([PROMPT]).input_ids).logits[0, -1]
-    finally:
-        for handle in handles:
-            handle.remove()
-    expected = float(torch.softmax(logits.float(), -1)[result.answer_id])
+    assert model.n_layers == 4  # so the hand-built forward's every-layer zeroing is the window's
+    expected = hand_zeroed_probability(model, PROMPT, result.subject_span, result.answer_id)
     assert abs(float(result.p_zero[2]) - expected) <= 1e-6  # window 4 at layer 2 covers layers 0..3
     assert abs(expected - result.p_clean) > 2e-5
 
@@ -125,20 +113,12 @@ def test_rome_raises_the_target_and_undo_restores_bit_for_bit(spec, tmp_path, mo
 def test_every_site_equals_the_bridge_hook_on_every_backend(spec):
     """As tests/test_sites.py for the other architectures: each mapped site (per-head q/k/v/z and the
     attention pattern included) holds the value the TransformerLens bridge reports at its hook."""
-    from test_sites import IDS, TL_NAMES, close, sites_of
+    from test_sites import assert_sites_equal_the_bridge, sites_of
 
     sites = sites_of(sharp(spec))
     assert {s.kind for s in sites} >= {"q", "k", "v", "z", "pattern", "resid_pre", "mlp_in"}
     assert (Site("resid_mid", 0) in sites) == (SPECS[spec] == "gemma")  # NeoX (Pythia) and Phi are parallel
-    names = {site: TL_NAMES[site.kind].format(site.layer) for site in sites}
-    with torch.no_grad():
-        _, cache = sharp(spec, "transformer_lens").wrapper.run_with_cache(
-            IDS, names_filter=lambda name: name in names.values())
-    for backend in ("hf", "transformer_lens", "nnsight"):
-        captured = sharp(spec, backend).run(IDS, capture=sites).captured
-        for site in sites:
-            want = cache[names[site]].transpose(1, 2) if site.kind == "pattern" else cache[names[site]]
-            assert close(captured[site], want), (backend, str(site))
+    assert_sites_equal_the_bridge(lambda backend: sharp(spec, backend), sites)
 
 
 def test_the_unembedding_of_another_transformers_version_is_found():

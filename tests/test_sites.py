@@ -29,18 +29,22 @@ def close(a, b):
     return a.shape == b.shape and float((a - b).abs().max()) <= TOL * max(1.0, float(b.abs().max()))
 
 
-@pytest.mark.parametrize("spec", TINY_SPECS)
-def test_every_site_equals_the_bridge_hook_on_every_backend(spec):
-    bridge = tiny(spec, "transformer_lens").wrapper
-    sites = sites_of(tiny(spec))
+def assert_sites_equal_the_bridge(load, sites):
+    """Each site, captured on every backend (``load(backend)`` gives the model), holds the value
+    the TransformerLens bridge reports at its hook."""
     names = {site: TL_NAMES[site.kind].format(site.layer) for site in sites}
     with torch.no_grad():
-        _, cache = bridge.run_with_cache(IDS, names_filter=lambda name: name in names.values())
+        _, cache = load("transformer_lens").wrapper.run_with_cache(IDS, names_filter=lambda name: name in names.values())
     for backend in ("hf", "transformer_lens", "nnsight"):
-        captured = tiny(spec, backend).run(IDS, capture=sites).captured
+        captured = load(backend).run(IDS, capture=sites).captured
         for site in sites:
             want = cache[names[site]].transpose(1, 2) if site.kind == "pattern" else cache[names[site]]
             assert close(captured[site], want), (backend, str(site))
+
+
+@pytest.mark.parametrize("spec", TINY_SPECS)
+def test_every_site_equals_the_bridge_hook_on_every_backend(spec):
+    assert_sites_equal_the_bridge(lambda backend: tiny(spec, backend), sites_of(tiny(spec)))
 
 
 def test_sites_per_architecture():

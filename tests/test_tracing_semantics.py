@@ -126,7 +126,7 @@ def test_noised_prediction_is_the_top_token_of_the_corrupted_run():
     assert other.p_noise <= o_noise.p + 1e-7
 
 
-def _hand_zeroed_probability(model, prompt, span, answer_id):
+def hand_zeroed_probability(model, prompt, span, answer_id):
     """Zero every MLP output at the subject tokens with plain torch hooks on the HF modules."""
     def hook(module, args, output):
         output = output.clone()
@@ -151,7 +151,7 @@ def test_zeroing_every_layer_at_the_subject_equals_a_hand_built_forward(spec, en
     L = model.n_layers
     result = zero_trace(model, PREFIXED, SUBJECT, window=L, engine=engine)
     assert window_layers(L // 2, L, L) == range(0, L)
-    expected = _hand_zeroed_probability(model, PREFIXED, result.subject_span, result.answer_id)
+    expected = hand_zeroed_probability(model, PREFIXED, result.subject_span, result.answer_id)
     assert abs(float(result.p_zero[L // 2]) - expected) <= 1e-6
     assert abs(expected - result.p_clean) > 2e-5  # zeroing changes p by more than the tolerance
     assert torch.allclose(result.effect, ((result.p_clean - result.p_zero) / result.p_clean).clamp(0, 1))

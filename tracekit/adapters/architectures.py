@@ -369,16 +369,7 @@ GPT_NEOX = ArchAdapter(
 # Gemma: Llama's module names; the body scales the embeddings by sqrt(d_model) after "embed" (so
 # subject noise, drawn at the embedding output, is scaled with them), and RMSNorm multiplies by
 # (1 + weight).
-GEMMA = ArchAdapter(
-    name="gemma", model_types=("gemma",), base="model", layers="model.layers",
-    embed="model.embed_tokens", attn="model.layers.{}.self_attn", mlp="model.layers.{}.mlp",
-    down_proj="model.layers.{}.mlp.down_proj", final_norm="model.norm", unembed="lm_head",
-    down_proj_transposed=False, n_layers_attr="num_hidden_layers", d_model_attr="hidden_size",
-    n_ctx_attrs=("max_position_embeddings",),
-    resid_mid="model.layers.{}.post_attention_layernorm", q=Hook("model.layers.{}.self_attn.q_proj", heads="q"),
-    k=Hook("model.layers.{}.self_attn.k_proj", heads="kv"), v=Hook("model.layers.{}.self_attn.v_proj", heads="kv"),
-    z=Hook("model.layers.{}.self_attn.o_proj", input=True, heads="q"), n_kv_heads_attr="num_key_value_heads",
-)
+GEMMA = dataclasses.replace(LLAMA, name="gemma", model_types=("gemma",))
 # Phi-1/1.5/2: one LayerNorm feeds attention and MLP in parallel (like GPT-J); MLP fc1 -> fc2.
 PHI = ArchAdapter(
     name="phi", model_types=("phi",), base="model", layers="model.layers",
