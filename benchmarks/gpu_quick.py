@@ -16,8 +16,9 @@ the moment it ends, so a run stopped at its limit keeps what it measured:
      benchmark, not a replication), seconds per edit and its parts; the key statistics'
      factorisations made (once per layer); ROME over --edit-batch requests with batched v*;
      mass MEMIT over them in one edit;
-  5. a small sweep: edit + score per (point, layer) item by item, then --edit-batch points
-     edited together per layer (batched v* and scoring), and the 652 x 9 sweep estimates.
+  5. a sweep as a study runs it: --sweep-points points x 9 layers (edit-sweep's --layers auto),
+     key statistics first, ROME and MEMIT with --edit-batch points edited together (batched v*
+     and scoring), FT-1 and FT-5, ROME one point at a time; the 652 x 9 sweep estimates.
 Everything goes to one folder: report.json, report.md (both name the device), log.txt.
 
 Carrying what the GPU machine lacks (it has no internet; torch and transformers are there):
@@ -311,67 +312,55 @@ def batch_requests(n: int) -> list:
     return [REQUEST] + [EditRequest.from_record(r) for r in facts[: max(0, n - 1)]]
 
 
-def sweep_points():
-    from bench_editing import fact_record
-    from tracekit.data.records import FactRecord
-
-    second = dataclasses.replace(
-        fact_record(), case_id=1, prompt="{} is located in the city of", subject="The Eiffel Tower",
-        target_true=" Paris", target_new=" Rome",
-        paraphrase_prompts=("The Eiffel Tower can be found in", "Where is the Eiffel Tower? In"),
-        neighborhood_prompts=("The Louvre is located in the city of", "Notre-Dame is located in the city of"))
-    assert isinstance(second, FactRecord)
-    return [fact_record(), second]
-
-
 def stage_sweep(run: Run, model, args) -> dict:
-    from tracekit.editing.api import edit
+    """Edit + score per (point, layer) as a study runs it: every point over the same spread of
+    layers as ``edit-sweep --layers auto`` (so each point's one-off work, its "before" pass and
+    essence texts, is shared by its layers as in a study), the key statistics computed first
+    (a study computes them once per layer; timed apart). ROME and MEMIT edit ``--edit-batch``
+    points together; fine-tuning edits one point at a time whatever the batch (only its scoring
+    is batched), so a quarter of the points measure it. Then ROME one point at a time (batch 1),
+    the gain's baseline. The estimates scale the per-item time to the paper's 652 x 9 sweep."""
+    from tracekit.data.loaders import load_dataset
+    from tracekit.editing.api import edit_many, warm_key_statistics
     from tracekit.editing.metrics import MetricsConfig
+    from tracekit.studies.executors import preset_layer
+    from tracekit.studies.study import spread_layers
 
     hparams = edit_hparams(model, args)
     metrics = MetricsConfig(essence=not args.smoke)
-    points = sweep_points()[: args.sweep_points]
-    top = model.n_layers - 3  # room for FT's and MEMIT's windows
-    layers = sorted({round(top * (k + 1) / (args.sweep_layers + 1)) for k in range(args.sweep_layers)})
-    out: dict = {"points": len(points), "layers": layers, "methods": {}}
-    for method in ("rome", "ft-1"):
-        times = []
-        for point in points:
-            for layer in layers:
-                if run.left() < 30:
-                    break
-                seconds, result = clocked(lambda: edit(model, point, method, layer=layer, hparams=hparams[method],
-                                                       metrics=metrics))
-                times.append({"point": point.case_id, "layer": layer, "seconds": seconds, **result.seconds,
-                              "rewrite": result.scores.scores.get("rewrite") if result.scores else None})
-        if times:
-            per = statistics.median(t["seconds"] for t in times)
-            out["methods"][method] = {"per_point_layer_seconds": per, "runs": times,
-                                      "study_sweep_hours": STUDY_POINTS * STUDY_LAYERS * per / 3600}
-            run.log(f"  sweep {method}: {per:.2f} s per (point, layer) -> {STUDY_POINTS} x {STUDY_LAYERS} sweep "
-                    f"{STUDY_POINTS * STUDY_LAYERS * per / 3600:.2f} h")
-    # batched: --edit-batch points edited together per layer (batched v* and one scoring pass)
-    from tracekit.data.loaders import load_dataset
-    from tracekit.editing.api import edit_many
-
-    records = load_dataset("worldfacts")[: args.edit_batch]
-    for method in ("rome",):
-        if run.left() < 45 or len(records) < 2:
-            break
-        total, done = 0.0, 0
+    records = load_dataset("worldfacts")[: args.sweep_points]
+    layers = spread_layers(model.n_layers, args.sweep_layers - 1, preset_layer(model))[: args.sweep_layers]
+    out: dict = {"points": len(records), "layers": layers, "batch": args.edit_batch, "methods": {}}
+    seconds, _ = clocked(lambda: [warm_key_statistics(model, [m], layers, hparams[m], progress=False, clip_window=True)
+                                  for m in ("rome", "memit")])
+    out["key_statistics_seconds"] = seconds
+    run.log(f"  key statistics for layers {layers} (ROME, MEMIT): {seconds:.1f} s")
+    ft_points = max(1, len(records) // 4)
+    plan = [("rome", records, args.edit_batch), ("memit", records, args.edit_batch),
+            ("ft-1", records[:ft_points], args.edit_batch), ("ft-5", records[:ft_points], args.edit_batch),
+            ("rome", records[:max(1, ft_points // 2)], 1)]
+    for method, points, batch in plan:
+        label = method if batch > 1 or method.startswith("ft") else f"{method}, batch 1"
+        done, total, per_layer = 0, 0.0, {}
         for layer in layers:
             if run.left() < 30:
                 break
-            seconds, results = clocked(lambda: edit_many(model, records, method, layer=layer, hparams=hparams[method],
-                                                         metrics=metrics, batch=len(records)))
-            total += seconds
-            done += sum(1 for r in results if not isinstance(r, Exception))
-        if done:
-            per = total / done
-            out["batched"] = {"method": method, "batch": len(records), "items": done,
-                              "per_point_layer_seconds": per, "study_sweep_hours": STUDY_POINTS * STUDY_LAYERS * per / 3600}
-            run.log(f"  sweep {method}, {len(records)} points batched: {per:.2f} s per (point, layer) -> "
-                    f"{STUDY_POINTS} x {STUDY_LAYERS} sweep {STUDY_POINTS * STUDY_LAYERS * per / 3600:.2f} h")
+            seconds, results = clocked(lambda: edit_many(model, points, method, layer=layer, hparams=hparams[method],
+                                                         metrics=metrics, batch=batch, clip_window=True))
+            failed = [r for r in results if isinstance(r, Exception)]
+            if failed:
+                raise RuntimeError(f"{method} at layer {layer}: {failed[0]}")
+            total, done, per_layer[layer] = total + seconds, done + len(points), seconds / len(points)
+        complete = len(per_layer) == len(layers)
+        if not done:
+            continue
+        per = total / done
+        out["methods"][label] = {"points": len(points), "batch": batch, "items": done, "complete": complete,
+                                 "per_point_layer_seconds": per, "per_layer_seconds_per_point": per_layer,
+                                 "study_sweep_hours": STUDY_POINTS * STUDY_LAYERS * per / 3600 if complete else None}
+        run.log(f"  sweep {label}: {len(points)} points x {len(per_layer)} layers, {per:.2f} s per (point, layer)"
+                + (f" -> {STUDY_POINTS} x {STUDY_LAYERS} sweep {STUDY_POINTS * STUDY_LAYERS * per / 3600:.2f} h"
+                   if complete else " (stopped by the time limit: no estimate)"))
     return out
 
 
@@ -441,14 +430,12 @@ def markdown(report: dict) -> str:
             lines.append(f"Mass MEMIT, {ed['memit_mass']['requests']} requests in one edit: {ed['memit_mass']['seconds']:.2f} s.")
     sw = stages.get("sweep", {})
     if sw.get("methods"):
-        lines += ["", f"## Sweep ({sw['points']} points x layers {sw['layers']}, edit + score)", ""]
-        for method, e in sw["methods"].items():
-            lines.append(f"- {method}: {e['per_point_layer_seconds']:.2f} s per (point, layer); "
-                         f"{STUDY_POINTS} x {STUDY_LAYERS} sweep estimate {e['study_sweep_hours']:.2f} h")
-        if "batched" in sw:
-            b = sw["batched"]
-            lines.append(f"- {b['method']}, {b['batch']} points batched (v* and scoring): {b['per_point_layer_seconds']:.2f} s "
-                         f"per (point, layer); {STUDY_POINTS} x {STUDY_LAYERS} sweep estimate {b['study_sweep_hours']:.2f} h")
+        lines += ["", f"## Sweep ({sw['points']} points x layers {sw['layers']}, edit + score, as a study runs it)", "",
+                  f"Key statistics for these layers first (once per layer in a study): {sw['key_statistics_seconds']:.1f} s.",
+                  "", "| method | points | batch | s per (point, layer) | 652 x 9 sweep estimate |", "|---|---|---|---|---|"]
+        for label, e in sw["methods"].items():
+            hours = _f(e.get("study_sweep_hours"), "{:.2f} h", "- (stopped early)")
+            lines.append(f"| {label} | {e['points']} | {e['batch']} | {e['per_point_layer_seconds']:.2f} | {hours} |")
     broken = [f"{name}: {s['error']}" for name, s in stages.items() if "error" in s]
     skipped = [f"{name}: {s['skipped']}" for name, s in stages.items() if "skipped" in s]
     if broken or skipped:
@@ -469,8 +456,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", choices=["exact", "bucketed"], default="bucketed")
     parser.add_argument("--mom2-samples", type=int, default=64, help="key-statistics samples (benchmark-sized)")
     parser.add_argument("--mom2-tokens", type=int, default=128)
-    parser.add_argument("--sweep-points", type=int, default=2)
-    parser.add_argument("--sweep-layers", type=int, default=2)
+    parser.add_argument("--sweep-points", type=int, default=16,
+                        help="points of the sweep stage (worldfacts); fine-tuning takes a quarter of them")
+    parser.add_argument("--sweep-layers", type=int, default=9, help="layers per point, spread as --layers auto")
     parser.add_argument("--edit-batch", type=int, default=None,
                         help="requests / points edited together in the batched runs; default: 16 on CUDA, 4 otherwise")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tracing", "editing", "sweep"])
@@ -480,7 +468,7 @@ def main(argv=None) -> int:
     if args.smoke:
         args.model = args.model or "random:gptj-tiny"
         args.prompts, args.naive, args.samples, args.window = min(args.prompts, 4), min(args.naive, 1), 2, 3
-        args.mom2_samples, args.mom2_tokens, args.sweep_points, args.sweep_layers = 16, 32, 1, 1
+        args.mom2_samples, args.mom2_tokens, args.sweep_points, args.sweep_layers = 16, 32, 4, 3
         args.edit_batch = args.edit_batch or 2
         os.environ["TRACEKIT_CACHE"] = tempfile.mkdtemp(prefix="tracekit-gpu-quick-")  # leave the user's cache alone
     args.model = args.model or ("random:gpt-j-6b" if cuda else "random:gptj-tiny")

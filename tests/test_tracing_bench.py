@@ -65,9 +65,11 @@ runpy.run_path({str(ROOT / "benchmarks" / "gpu_quick.py")!r}, run_name='__main__
     assert len(set(tracing["prompt_lengths"])) == len(tracing["prompt_lengths"]) == 4  # distinct lengths
     assert tracing["max_abs_diff"] <= 1e-5 and tracing["cold"]["ratio"] > 0 and tracing["study_estimate_minutes"] > 0
     assert {"rome", "memit", "ft-1"} <= set(stages["editing"]["methods"])
-    assert stages["sweep"]["methods"]["rome"]["study_sweep_hours"] > 0
+    sweep = stages["sweep"]
+    assert set(sweep["methods"]) == {"rome", "memit", "ft-1", "ft-5", "rome, batch 1"}
+    assert all(m["complete"] and m["study_sweep_hours"] > 0 for m in sweep["methods"].values())
+    assert sweep["methods"]["rome"]["items"] == 4 * len(sweep["layers"]) and sweep["methods"]["rome"]["batch"] == 2
     editing = stages["editing"]
     assert editing["factorisations"] and set(editing["factorisations"].values()) == {1}  # once per layer
     assert editing["rome_batched"]["requests"] == 2 and editing["memit_mass"]["requests"] == 2
-    assert stages["sweep"]["batched"]["items"] >= 2
     assert "GPU quick check" in (tmp_path / "report.md").read_text()
