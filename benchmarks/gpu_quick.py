@@ -341,6 +341,10 @@ def stage_sweep(run: Run, model, args) -> dict:
             ("rome", records[:max(1, ft_points // 2)], 1)]
     for method, points, batch in plan:
         label = method if batch > 1 or method.startswith("ft") else f"{method}, batch 1"
+        if method not in args.sweep_methods:
+            continue
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         done, total, per_layer = 0, 0.0, {}
         for layer in layers:
             if run.left() < 30:
@@ -357,7 +361,8 @@ def stage_sweep(run: Run, model, args) -> dict:
         per = total / done
         out["methods"][label] = {"points": len(points), "batch": batch, "items": done, "complete": complete,
                                  "per_point_layer_seconds": per, "per_layer_seconds_per_point": per_layer,
-                                 "study_sweep_hours": STUDY_POINTS * STUDY_LAYERS * per / 3600 if complete else None}
+                                 "study_sweep_hours": STUDY_POINTS * STUDY_LAYERS * per / 3600 if complete else None,
+                                 "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
         run.log(f"  sweep {label}: {len(points)} points x {len(per_layer)} layers, {per:.2f} s per (point, layer)"
                 + (f" -> {STUDY_POINTS} x {STUDY_LAYERS} sweep {STUDY_POINTS * STUDY_LAYERS * per / 3600:.2f} h"
                    if complete else " (stopped by the time limit: no estimate)"))
@@ -432,10 +437,12 @@ def markdown(report: dict) -> str:
     if sw.get("methods"):
         lines += ["", f"## Sweep ({sw['points']} points x layers {sw['layers']}, edit + score, as a study runs it)", "",
                   f"Key statistics for these layers first (once per layer in a study): {sw['key_statistics_seconds']:.1f} s.",
-                  "", "| method | points | batch | s per (point, layer) | 652 x 9 sweep estimate |", "|---|---|---|---|---|"]
+                  "", "| method | points | batch | s per (point, layer) | 652 x 9 sweep estimate | peak GPU memory |",
+                  "|---|---|---|---|---|---|"]
         for label, e in sw["methods"].items():
             hours = _f(e.get("study_sweep_hours"), "{:.2f} h", "- (stopped early)")
-            lines.append(f"| {label} | {e['points']} | {e['batch']} | {e['per_point_layer_seconds']:.2f} | {hours} |")
+            lines.append(f"| {label} | {e['points']} | {e['batch']} | {e['per_point_layer_seconds']:.2f} | {hours} "
+                         f"| {_f(e.get('peak_gpu_gib'), '{:.1f} GiB')} |")
     broken = [f"{name}: {s['error']}" for name, s in stages.items() if "error" in s]
     skipped = [f"{name}: {s['skipped']}" for name, s in stages.items() if "skipped" in s]
     if broken or skipped:
@@ -459,6 +466,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-points", type=int, default=16,
                         help="points of the sweep stage (worldfacts); fine-tuning takes a quarter of them")
     parser.add_argument("--sweep-layers", type=int, default=9, help="layers per point, spread as --layers auto")
+    parser.add_argument("--sweep-methods", nargs="+", default=["rome", "memit", "ft-1", "ft-5"],
+                        choices=["rome", "memit", "ft-1", "ft-5"], help="the sweep stage's methods")
     parser.add_argument("--edit-batch", type=int, default=None,
                         help="requests / points edited together in the batched runs; default: 16 on CUDA, 4 otherwise")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tracing", "editing", "sweep"])

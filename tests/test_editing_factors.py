@@ -94,3 +94,36 @@ def _no_essence():
     from tracekit.editing.metrics import MetricsConfig
 
     return MetricsConfig(essence=False)
+
+
+def test_factor_memo_stays_within_its_byte_budget_and_remakes_what_it_dropped(monkeypatch):
+    """GPT-J's float64 factors are 2 GiB a layer and MEMIT's windows touch every layer: the memo is
+    bounded in bytes (least recently used out first), and a dropped factor is made again, the same."""
+    model = tiny("random:gpt2-tiny")
+    d = 48
+    one_factor = d * d * 8  # float64
+    monkeypatch.setenv(factors.BUDGET_VARIABLE, str(2.5 * one_factor / 2**30))  # room for two
+    stats = [LayerStats(model, layer, _spd(d, seed=layer), f"budget-test-{layer}") for layer in range(4)]
+    first = stats[0].solver().factor.clone()
+    made = factors.FACTORISATIONS[0]
+    stats[1].solver()
+    stats[0].solver()  # used again: now the most recent, so layer 1 goes first
+    stats[2].solver()
+    held = [v for k, v in factors._table(model).items() if str(k[2]).startswith("budget-test")]
+    assert len(held) == 2 and sum(map(factors.entry_bytes, held)) <= 2.5 * one_factor
+    assert factors.FACTORISATIONS[0] == made  # layer 0 was kept (recently used)
+    stats[3].solver()
+    stats[1].solver()  # dropped earlier: made again
+    again = stats[0].solver()  # dropped by now too: made again, equal to the first
+    assert factors.FACTORISATIONS[0] == made + 1
+    torch.testing.assert_close(again.factor, first, rtol=0, atol=0)
+
+
+def test_factor_memo_budget_is_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv(factors.BUDGET_VARIABLE, "1.5")
+    assert factors.memo_budget("cpu") == int(1.5 * 2**30)
+    monkeypatch.setenv(factors.BUDGET_VARIABLE, "lots")
+    with pytest.raises(Exception, match="TRACEKIT_FACTOR_MEMO_GB must be a number"):
+        factors.memo_budget("cpu")
+    monkeypatch.delenv(factors.BUDGET_VARIABLE)
+    assert factors.memo_budget("cpu") == 8 * 2**30

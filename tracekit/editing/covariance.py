@@ -21,7 +21,7 @@ and a sha256 of the matrix). A cached file whose metadata does not match what wa
 bytes do not match their checksum, whose shape is not [d_mlp, d_mlp] or that holds NaN or inf is
 recomputed with a warning; a file the caller names explicitly must pass the same checks, or it
 is an error. Within a process, statistics read or computed for a model are kept in its memo
-table (``tracekit.memo``) while their file is unchanged, so a sweep reads and checks each file once.
+table (``tracekit.memo``), in host memory while their file is unchanged, so a sweep reads and checks each file once.
 """
 
 from __future__ import annotations
@@ -373,7 +373,9 @@ def second_moments(model: Model, layers: Sequence[int], *, n_samples: int, sampl
         warnings.warn(f"the corpus {path.name} gave {tokens // sample_tokens} samples of {sample_tokens} tokens, "
                       f"fewer than the {n_samples} asked; the statistics use those", stacklevel=2)
     for layer in todo:
-        matrix = (sums[layer] / tokens).contiguous()
+        # kept in host memory, as statistics read from a file are: C is read once per layer, when its
+        # factorisation is made (tracekit.editing.factors), and a sweep's layers would fill a GPU
+        matrix = (sums.pop(layer) / tokens).contiguous().cpu()
         check_matrix(matrix, None, f"key statistics of {model.spec} at layer {layer} (the model gave NaN or inf keys)")
         metadata = {**expected[layer], "tokens": str(tokens), "source": description, "sha256": matrix_sha256(matrix)}
         if cache:
