@@ -345,16 +345,28 @@ def stage_sweep(run: Run, model, args) -> dict:
             continue
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        done, total, per_layer = 0, 0.0, {}
+        done, total, per_layer, error = 0, 0.0, {}, None
         for layer in layers:
             if run.left() < 30:
                 break
-            seconds, results = clocked(lambda: edit_many(model, points, method, layer=layer, hparams=hparams[method],
-                                                         metrics=metrics, batch=batch, clip_window=True))
-            failed = [r for r in results if isinstance(r, Exception)]
-            if failed:
-                raise RuntimeError(f"{method} at layer {layer}: {failed[0]}")
+            try:
+                seconds, results = clocked(lambda: edit_many(model, points, method, layer=layer, hparams=hparams[method],
+                                                             metrics=metrics, batch=batch, clip_window=True))
+                failed = [r for r in results if isinstance(r, Exception)]
+                if failed:
+                    raise RuntimeError(f"{method} at layer {layer}: {failed[0]}")
+            except Exception as err:  # the other methods' numbers stay (an OOM here once lost ROME's)
+                error = f"{type(err).__name__} at layer {layer}: {str(err)[:300]}"
+                run.log(f"  sweep {label}: FAILED {error}")
+                out["methods"][label] = {"points": len(points), "batch": batch, "error": error,
+                                         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
+                                         if torch.cuda.is_available() else None}
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                break
             total, done, per_layer[layer] = total + seconds, done + len(points), seconds / len(points)
+        if error:
+            continue
         complete = len(per_layer) == len(layers)
         if not done:
             continue
@@ -440,6 +452,10 @@ def markdown(report: dict) -> str:
                   "", "| method | points | batch | s per (point, layer) | 652 x 9 sweep estimate | peak GPU memory |",
                   "|---|---|---|---|---|---|"]
         for label, e in sw["methods"].items():
+            if "error" in e:
+                lines.append(f"| {label} | {e['points']} | {e['batch']} | failed: {e['error'][:120]} | | "
+                             f"{_f(e.get('peak_gpu_gib'), '{:.1f} GiB')} |")
+                continue
             hours = _f(e.get("study_sweep_hours"), "{:.2f} h", "- (stopped early)")
             lines.append(f"| {label} | {e['points']} | {e['batch']} | {e['per_point_layer_seconds']:.2f} | {hours} "
                          f"| {_f(e.get('peak_gpu_gib'), '{:.1f} GiB')} |")
