@@ -119,6 +119,11 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def peak_gib() -> float | None:
+    """The GPU memory PyTorch held at most since the last reset, in GiB (None on a CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 def clocked(fn):
     sync()
     started = time.perf_counter()
@@ -333,7 +338,7 @@ def stage_sweep(run: Run, model, args) -> dict:
     layers = spread_layers(model.n_layers, args.sweep_layers - 1, preset_layer(model))[: args.sweep_layers]
     out: dict = {"points": len(records), "layers": layers, "batch": args.edit_batch, "methods": {}}
     seconds, _ = clocked(lambda: [warm_key_statistics(model, [m], layers, hparams[m], progress=False, clip_window=True)
-                                  for m in ("rome", "memit")])
+                                  for m in ("rome", "memit") if m in args.sweep_methods])
     out["key_statistics_seconds"] = seconds
     run.log(f"  key statistics for layers {layers} (ROME, MEMIT): {seconds:.1f} s")
     ft_points = max(1, len(records) // 4)
@@ -359,23 +364,19 @@ def stage_sweep(run: Run, model, args) -> dict:
             except Exception as err:  # the other methods' numbers stay (an OOM here once lost ROME's)
                 error = f"{type(err).__name__} at layer {layer}: {str(err)[:300]}"
                 run.log(f"  sweep {label}: FAILED {error}")
-                out["methods"][label] = {"points": len(points), "batch": batch, "error": error,
-                                         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
-                                         if torch.cuda.is_available() else None}
+                out["methods"][label] = {"points": len(points), "batch": batch, "error": error, "peak_gpu_gib": peak_gib()}
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 break
             total, done, per_layer[layer] = total + seconds, done + len(points), seconds / len(points)
-        if error:
+        if error or not done:
             continue
         complete = len(per_layer) == len(layers)
-        if not done:
-            continue
         per = total / done
         out["methods"][label] = {"points": len(points), "batch": batch, "items": done, "complete": complete,
                                  "per_point_layer_seconds": per, "per_layer_seconds_per_point": per_layer,
                                  "study_sweep_hours": STUDY_POINTS * STUDY_LAYERS * per / 3600 if complete else None,
-                                 "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None}
+                                 "peak_gpu_gib": peak_gib()}
         run.log(f"  sweep {label}: {len(points)} points x {len(per_layer)} layers, {per:.2f} s per (point, layer)"
                 + (f" -> {STUDY_POINTS} x {STUDY_LAYERS} sweep {STUDY_POINTS * STUDY_LAYERS * per / 3600:.2f} h"
                    if complete else " (stopped by the time limit: no estimate)"))
