@@ -155,7 +155,9 @@ def default_batch(device) -> int:
     1 on a CPU: measured on SmolLM2-135M (one thread, 4 CounterFact points, ROME at layer 8, edit
     + scoring), 4 together cost 18.2 s -> 20.0 s per point: the rows and columns padded to the
     longest request cost more than the larger matrix products save. 16 on a GPU, where one
-    request's ~22 rows x ~3 positions fill little of the device (not yet measured on one)."""
+    request's ~22 rows x ~3 positions fill little of the device: on an H200 (GPT-J-6B's shapes,
+    bfloat16) 16 requests' v* took 0.21 s each against 1.14 s alone, and a ROME sweep item
+    (edit + scoring) 0.74 s with 16 points together."""
     return 16 if torch.device(device).type == "cuda" else 1
 
 
