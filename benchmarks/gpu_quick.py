@@ -231,7 +231,25 @@ def stage_tracing(run: Run, model, args) -> dict:
                 entry["fraction_of_measured_peak"] = fraction(entry["useful_tflops"] * 1e12, measured)
     best = out.get("warm", {}).get("seconds_per_prompt") or out["cold"]["seconds_per_prompt"]
     out["study_estimate_minutes"] = STUDY_PROMPTS * best / 60
+    if args.profile and run.left() > 60:
+        out["profile"] = profile_tracing(run, model, prompts[: args.profile], kw, args)
     return out
+
+
+def profile_tracing(run: Run, model, prompts, kw, args) -> dict:
+    """torch.profiler over one warm ``trace_many`` of ``prompts``: the operators and kernels that
+    take the time, written to profile.txt (where the engine's two-thirds of peak goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        seconds, _ = clocked(lambda: list(trace_many(model, prompts, batch=len(prompts), progress=False,
+                                                     shapes=args.shapes, **kw)))
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70)
+    (run.out / "profile.txt").write_text(f"{len(prompts)} prompts, {kw}, {seconds:.2f} s\n\n{table}\n")
+    run.log(f"  profile of {len(prompts)} prompts: {seconds:.1f} s, operators in profile.txt")
+    return {"prompts": len(prompts), "seconds": seconds, "file": "profile.txt"}
 
 
 def edit_hparams(model, args):
@@ -403,6 +421,8 @@ def main(argv=None) -> int:
                         choices=["rome", "memit", "ft-1", "ft-5"], help="the sweep stage's methods")
     parser.add_argument("--edit-batch", type=int, default=None,
                         help="requests / points edited together in the batched runs; default: 16 on CUDA, 4 otherwise")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the tracing stage, profile one warm trace of N prompts (profile.txt)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["tracing", "editing", "sweep"])
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results/gpu-quick-<device>-<time>")
     args = parser.parse_args(argv)

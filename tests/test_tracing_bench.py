@@ -51,7 +51,7 @@ def test_gpu_quick_smoke_runs_without_transformer_lens_nnsight_or_gguf(tmp_path)
     without them. On a CPU it runs the smoke mode: a tiny model, every stage, the same code."""
     script = BLOCK_OPTIONAL_PACKAGES + f"""
 import runpy
-sys.argv = ['gpu_quick.py', '--smoke', '--out-dir', {str(tmp_path)!r}]
+sys.argv = ['gpu_quick.py', '--smoke', '--profile', '2', '--out-dir', {str(tmp_path)!r}]
 runpy.run_path({str(ROOT / "benchmarks" / "gpu_quick.py")!r}, run_name='__main__')
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=1200, cwd=ROOT)
@@ -73,3 +73,4 @@ runpy.run_path({str(ROOT / "benchmarks" / "gpu_quick.py")!r}, run_name='__main__
     assert editing["factorisations"] and set(editing["factorisations"].values()) == {1}  # once per layer
     assert editing["rome_batched"]["requests"] == 2 and editing["memit_mass"]["requests"] == 2
     assert "GPU quick check" in (tmp_path / "report.md").read_text()
+    assert tracing["profile"]["prompts"] == 2 and "aten::" in (tmp_path / "profile.txt").read_text()
