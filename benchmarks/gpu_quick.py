@@ -17,8 +17,9 @@ the moment it ends, so a run stopped at its limit keeps what it measured:
      factorisations made (once per layer); ROME over --edit-batch requests with batched v*;
      mass MEMIT over them in one edit;
   5. a sweep as a study runs it: --sweep-points points x 9 layers (edit-sweep's --layers auto),
-     key statistics first, ROME and MEMIT with --edit-batch points edited together (batched v*
-     and scoring), FT-1 and FT-5, ROME one point at a time; the 652 x 9 sweep estimates.
+     key statistics first, ROME, MEMIT, FT-1 and FT-5 with --edit-batch points edited together
+     (batched v*, shared FT passes, batched scoring), ROME one point at a time; the 652 x 9
+     sweep estimates.
 Everything goes to one folder: report.json, report.md (both name the device), log.txt.
 
 Carrying what the GPU machine lacks (it has no internet; torch and transformers are there):
@@ -340,10 +341,10 @@ def stage_sweep(run: Run, model, args) -> dict:
     """Edit + score per (point, layer) as a study runs it: every point over the same spread of
     layers as ``edit-sweep --layers auto`` (so each point's one-off work, its "before" pass and
     essence texts, is shared by its layers as in a study), the key statistics computed first
-    (a study computes them once per layer; timed apart). ROME and MEMIT edit ``--edit-batch``
-    points together; fine-tuning edits one point at a time whatever the batch (only its scoring
-    is batched), so a quarter of the points measure it. Then ROME one point at a time (batch 1),
-    the gain's baseline. The estimates scale the per-item time to the paper's 652 x 9 sweep."""
+    (a study computes them once per layer; timed apart). Every method edits ``--edit-batch``
+    points together (v* of ROME and MEMIT batched, FT's passes shared: ``finetune_batch``); then
+    ROME one point at a time (batch 1) on a quarter of the points, the gain's baseline. The
+    estimates scale the per-item time to the paper's 652 x 9 sweep."""
     from tracekit.data.loaders import load_dataset
     from tracekit.editing.api import edit_many, warm_key_statistics
     from tracekit.editing.metrics import MetricsConfig
@@ -359,12 +360,10 @@ def stage_sweep(run: Run, model, args) -> dict:
                                   for m in ("rome", "memit") if m in args.sweep_methods])
     out["key_statistics_seconds"] = seconds
     run.log(f"  key statistics for layers {layers} (ROME, MEMIT): {seconds:.1f} s")
-    ft_points = max(1, len(records) // 4)
-    plan = [("rome", records, args.edit_batch), ("memit", records, args.edit_batch),
-            ("ft-1", records[:ft_points], args.edit_batch), ("ft-5", records[:ft_points], args.edit_batch),
-            ("rome", records[:max(1, ft_points // 2)], 1)]
+    plan = [(method, records, args.edit_batch) for method in ("rome", "memit", "ft-1", "ft-5")]
+    plan.append(("rome", records[:max(1, len(records) // 4)], 1))
     for method, points, batch in plan:
-        label = method if batch > 1 or method.startswith("ft") else f"{method}, batch 1"
+        label = method if batch > 1 else f"{method}, batch 1"
         if method not in args.sweep_methods:
             continue
         if torch.cuda.is_available():
@@ -415,7 +414,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mom2-samples", type=int, default=64, help="key-statistics samples (benchmark-sized)")
     parser.add_argument("--mom2-tokens", type=int, default=128)
     parser.add_argument("--sweep-points", type=int, default=16,
-                        help="points of the sweep stage (worldfacts); fine-tuning takes a quarter of them")
+                        help="points of the sweep stage (worldfacts)")
     parser.add_argument("--sweep-layers", type=int, default=9, help="layers per point, spread as --layers auto")
     parser.add_argument("--sweep-methods", nargs="+", default=["rome", "memit", "ft-1", "ft-5"],
                         choices=["rome", "memit", "ft-1", "ft-5"], help="the sweep stage's methods")

@@ -69,6 +69,7 @@ runpy.run_path({str(ROOT / "benchmarks" / "gpu_quick.py")!r}, run_name='__main__
     assert set(sweep["methods"]) == {"rome", "memit", "ft-1", "ft-5", "rome, batch 1"}
     assert all(m["complete"] and m["study_sweep_hours"] > 0 for m in sweep["methods"].values())
     assert sweep["methods"]["rome"]["items"] == 4 * len(sweep["layers"]) and sweep["methods"]["rome"]["batch"] == 2
+    assert sweep["methods"]["ft-1"]["items"] == 4 * len(sweep["layers"])
     editing = stages["editing"]
     assert editing["factorisations"] and set(editing["factorisations"].values()) == {1}  # once per layer
     assert editing["rome_batched"]["requests"] == 2 and editing["memit_mass"]["requests"] == 2

@@ -125,7 +125,8 @@ def edit_many(model, records: Sequence, method: str = "rome", problem: str | Pro
               noise="s3", metrics: MetricsConfig = MetricsConfig(), clip_window: bool | None = None,
               convention: str = "paper-code", batch: int | None = None) -> list:
     """``edit`` of several points with one method, problem and layer, the work batched: v* of
-    ``batch`` requests optimised together (ROME, MEMIT) and the scoring's "after" passes of
+    ``batch`` requests optimised together (ROME, MEMIT), or their fine-tuning in shared passes
+    (FT; ``finetune_batch``), and the scoring's "after" passes of
     ``batch`` points in one pass (``metrics.evaluate_edits``); default batch:
     ``kv_batch.default_batch`` for the model's device. Each edit is computed on the
     unedited model, exactly as ``edit`` one by one (up to floating-point reassociation, <= 1e-5).
@@ -170,6 +171,10 @@ def edit_many(model, records: Sequence, method: str = "rome", problem: str | Pro
             from tracekit.editing.memit import memit_edits
 
             edits = memit_edits(model, requests, at_layer, hp, batch=batch)
+        elif len(chunk) > 1:  # fine-tuning: the noise-free requests tuned together
+            from tracekit.editing.finetune_batch import apply_ft_many
+
+            edits = apply_ft_many(model, requests, at_layer, _ft_hparams(method, hp))
         else:
             edits = [_dispatch(model, method, r, at_layer, hp) for r in requests]
         edit_seconds = (time.perf_counter() - started) / len(chunk)
@@ -252,12 +257,16 @@ def _pick_layer(model, layer: int | None, hparams) -> int:
     return layer
 
 
+def _ft_hparams(method: str, hparams) -> FTHyperParams:
+    want = 1 if method == "ft-1" else 5
+    check(isinstance(hparams, FTHyperParams), f"{method} needs FTHyperParams, got {type(hparams).__name__}")
+    check(hparams.n_layers == want, f"{method} edits {want} layer(s) but the hparams say n_layers={hparams.n_layers}")
+    return hparams
+
+
 def _dispatch(model, method: str, request: EditRequest, layer: int, hparams) -> Edit:
     if method in ("ft-1", "ft-5"):
-        want = 1 if method == "ft-1" else 5
-        check(isinstance(hparams, FTHyperParams), f"{method} needs FTHyperParams, got {type(hparams).__name__}")
-        check(hparams.n_layers == want, f"{method} edits {want} layer(s) but the hparams say n_layers={hparams.n_layers}")
-        return apply_ft(model, request, layer, hparams)
+        return apply_ft(model, request, layer, _ft_hparams(method, hparams))
     if method == "rome":
         from tracekit.editing.rome import apply_rome as apply_method
     else:
