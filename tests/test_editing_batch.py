@@ -13,6 +13,7 @@ from tracekit.editing.kv_core import build_rows, optimize_value, ValueObjective
 from tracekit.editing.memit import apply_memit, memit_edits
 from tracekit.editing.request import EditRequest
 from tracekit.editing.rome import apply_rome, rome_edits
+from tracing_models import one_thread  # noqa: F401  (one intra-op thread for tiny models)
 
 TEMPLATES = ["{}", "The capital of Japan is Tokyo. {}", "Hello. {}"]
 # different lengths, target lengths, subjects inside and at the end, one Fact Erasure request
@@ -21,14 +22,6 @@ REQUESTS = [EditRequest("We visited {}", "The Eiffel Tower", " Rome"),
             EditRequest("The home of {} is", "the Louvre", " Tokyo", minimize=True),
             EditRequest("Everyone knows that {}", "Notre Dame", " is in Berlin")]
 HP = dict(mom2_ridge=1e-2, context_lengths=((3, 2),), v_num_grad_steps=10, v_weight_decay=0.0, clamp_norm_factor=1e3)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _C(model, layers, seed=0):

@@ -10,6 +10,7 @@ from test_editing_ft import six_layers
 from tracekit.editing.finetune import FTHyperParams, apply_ft
 from tracekit.editing.finetune_batch import apply_ft_many
 from tracekit.editing.request import EditRequest
+from tracing_models import one_thread  # noqa: F401  (one intra-op thread for tiny models)
 
 # different prompt and target lengths, a subject at the end, a Fact Erasure request
 REQUESTS = [EditRequest("We visited {}", "The Eiffel Tower", " Rome"),
@@ -17,14 +18,6 @@ REQUESTS = [EditRequest("We visited {}", "The Eiffel Tower", " Rome"),
             EditRequest("The home of {} is", "the Louvre", " Tokyo", minimize=True),
             EditRequest("Everyone knows that {}", "Notre Dame", " is in Berlin")]
 STRONG = FTHyperParams(lr=5e-2, norm_constraint=5e-2, steps=8)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def assert_same_edits(model, requests, layer, hp):

@@ -20,19 +20,11 @@ from golden import tracekit_side as T
 from golden.common import FACTS, FIXTURE_JSON, FIXTURE_TENSORS
 from tracekit.editing.finetune import LEGACY_FT
 from tracekit.editing.hparams import LEGACY
+from tracing_models import one_thread  # noqa: F401  (one intra-op thread for tiny models)
 
 FIXTURE = json.loads(FIXTURE_JSON.read_text())
 CASES = {c["id"]: c for c in FIXTURE["cases"]}
 RESULTS = FIXTURE["results"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is 10-50x faster than several on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
