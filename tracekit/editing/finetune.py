@@ -108,9 +108,7 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
     names = [_name_of(model, p) for p in params]
     originals = [p.detach().clone() for p in params]
     scorer = _Scorer(model, request, layers[0], hparams)
-    probability = request.minimize and hparams.erasure_objective == "probability"
-    gated = hparams.stop_loss is not None and (probability or not request.minimize)
-    eps = hparams.norm_constraint
+    objective = Objective(request.minimize, hparams)
     losses: list[float] = []  # the loss of each pass
     final_nll = float("nan")
     steps_taken = patience = 0
@@ -122,10 +120,9 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
         for _ in range(hparams.steps):
             optimizer.zero_grad(set_to_none=True)
             nll = scorer.nll()
-            loss = torch.exp(-nll) if probability else (-nll if request.minimize else nll)
+            loss, below = objective(nll)
             losses.append(float(loss.detach()))
             final_nll = float(nll.detach())  # stays the final NLL unless a step follows
-            below = gated and losses[-1] < hparams.stop_loss
             if not below:
                 if not loss.requires_grad:
                     raise TracekitError("this backend gives no gradients to the down-projection; fine-tune with backend='hf'")
@@ -133,10 +130,7 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
                 optimizer.step()
                 steps_taken += 1
                 final_nll = float("nan")
-            if eps is not None:
-                with torch.no_grad():
-                    for p, p0 in zip(params, originals):
-                        p.copy_(torch.minimum(torch.maximum(p, p0 - eps), p0 + eps))
+            clamp(params, originals, hparams.norm_constraint)
             if not request.minimize:
                 patience = patience + 1 if below else 0
                 if below and (patience >= PATIENCE or not scorer.fresh):  # nothing can change any more
@@ -148,13 +142,40 @@ def apply_ft(model, request: EditRequest, layer: int, hparams: FTHyperParams) ->
                 p.requires_grad_(False)
                 p.copy_(p0)
     noise = scorer.noise
-    info = EditInfo(method=f"ft-{hparams.n_layers}", layers=layers,
-                    seconds={"total": time.perf_counter() - started}, steps_taken=steps_taken, losses=losses,
-                    final_nll=final_nll, engine=scorer.engine,
+    info = ft_info(hparams, layers, time.perf_counter() - started, steps_taken, losses, final_nll, scorer.engine,
+                   None if noise is None else noise.as_dict(), {"parameters": names})
+    return Edit(model.hf, new, info=info, model=model)
+
+
+class Objective:
+    """The loss of a pass from the target's NLL, and whether it is below the stopping threshold:
+    NLL (raise the target), -NLL (lower it), or exp(-NLL) for Fact Erasure's probability objective."""
+
+    def __init__(self, minimize: bool, hparams: FTHyperParams):
+        self.minimize, self.stop_loss = minimize, hparams.stop_loss
+        self.probability = minimize and hparams.erasure_objective == "probability"
+        self.gated = hparams.stop_loss is not None and (self.probability or not minimize)
+
+    def __call__(self, nll: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        loss = torch.exp(-nll) if self.probability else (-nll if self.minimize else nll)
+        return loss, self.gated and float(loss.detach()) < self.stop_loss
+
+
+@torch.no_grad()
+def clamp(params, originals, eps: float | None) -> None:
+    """Every parameter into the L-infinity ball of radius ``eps`` around its original (None: free)."""
+    if eps is not None:
+        for p, p0 in zip(params, originals):
+            p.copy_(torch.minimum(torch.maximum(p, p0 - eps), p0 + eps))
+
+
+def ft_info(hparams: FTHyperParams, layers, seconds: float, steps_taken: int, losses, final_nll: float, engine: str,
+            noise: dict | None, details: dict) -> EditInfo:
+    return EditInfo(method=f"ft-{hparams.n_layers}", layers=layers, seconds={"total": seconds}, steps_taken=steps_taken,
+                    losses=losses, final_nll=final_nll, engine=engine,
                     conventions={"loss_reduction": hparams.loss_reduction, "train_bias": hparams.train_bias,
                                  "erasure_objective": hparams.erasure_objective},
-                    noise=None if noise is None else noise.as_dict(), details={"parameters": names})
-    return Edit(model.hf, new, info=info, model=model)
+                    noise=noise, details=details)
 
 
 class _Scorer:

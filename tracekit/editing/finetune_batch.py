@@ -24,8 +24,7 @@ import torch
 from tracekit import prompts as P
 from tracekit.adapters import Site
 from tracekit.editing.delta import Edit
-from tracekit.editing.finetune import PATIENCE, FTHyperParams, _name_of, apply_ft, tuned_parameters
-from tracekit.editing.info import EditInfo
+from tracekit.editing.finetune import FTHyperParams, Objective, _name_of, apply_ft, clamp, ft_info, tuned_parameters
 from tracekit.editing.request import EditRequest
 from tracekit.editing.subject_noise import as_subject_noise
 from tracekit.editing.windows import edit_window
@@ -53,6 +52,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     request: EditRequest
     target: list[int]
+    objective: Objective
     losses: list[float] = field(default_factory=list)
     final_nll: float = float("nan")
     steps_taken: int = 0
@@ -68,9 +68,8 @@ def _tune_together(model, requests: list[EditRequest], layer: int, hp: FTHyperPa
     for request in requests:
         copies = [p.detach().clone().requires_grad_(True) for p in originals]
         runs.append(_Run(copies, torch.optim.Adam(copies, lr=hp.lr, weight_decay=hp.weight_decay), request,
-                         model.target_ids(request.target)))
+                         model.target_ids(request.target), Objective(request.minimize, hp)))
     rows = _Rows(model, runs, layers[0])
-    eps = hp.norm_constraint
     started = time.perf_counter()
     for _ in range(hp.steps):
         active = [r for r, run in enumerate(runs) if not run.done]
@@ -80,12 +79,9 @@ def _tune_together(model, requests: list[EditRequest], layer: int, hp: FTHyperPa
         stepping, total = [], None
         for r, nll in zip(active, nlls):
             run = runs[r]
-            probability = run.request.minimize and hp.erasure_objective == "probability"
-            gated = hp.stop_loss is not None and (probability or not run.request.minimize)
-            loss = torch.exp(-nll) if probability else (-nll if run.request.minimize else nll)
+            loss, below = run.objective(nll)
             run.losses.append(float(loss.detach()))
             run.final_nll = float(nll.detach())
-            below = gated and run.losses[-1] < hp.stop_loss
             if below:
                 run.done = not run.request.minimize  # noise-free: nothing can change any more
             else:
@@ -99,19 +95,13 @@ def _tune_together(model, requests: list[EditRequest], layer: int, hp: FTHyperPa
                 runs[r].optimizer.step()
                 runs[r].steps_taken += 1
                 runs[r].final_nll = float("nan")
-        if eps is not None:
-            with torch.no_grad():
-                for r in active:
-                    for p, p0 in zip(runs[r].params, originals):
-                        p.copy_(torch.minimum(torch.maximum(p, p0 - eps), p0 + eps))
+        for r in active:
+            clamp(runs[r].params, originals, hp.norm_constraint)
     seconds = (time.perf_counter() - started) / len(runs)
     edits = []
     for run in runs:
-        info = EditInfo(method=f"ft-{hp.n_layers}", layers=layers, seconds={"total": seconds},
-                        steps_taken=run.steps_taken, losses=run.losses, final_nll=run.final_nll, engine=rows.engine,
-                        conventions={"loss_reduction": hp.loss_reduction, "train_bias": hp.train_bias,
-                                     "erasure_objective": hp.erasure_objective},
-                        noise=None, details={"parameters": names, "batch": len(runs)})
+        info = ft_info(hp, layers, seconds, run.steps_taken, run.losses, run.final_nll, rows.engine, None,
+                       {"parameters": names, "batch": len(runs)})
         edits.append(Edit(model.hf, {n: p.detach().clone() for n, p in zip(names, run.params)}, info=info, model=model))
     return edits
 
