@@ -9,7 +9,9 @@ request exactly its single-request schedule (its own Adam, early stop, final pas
 equal k single optimisations up to floating-point reassociation (tests: <= 1e-5).
 
 Requests whose subject noise is drawn afresh per pass (the paper code's Fact Forcing) cannot
-reuse a recording; callers run those one by one (``ValueObjective`` with the hooks engine).
+reuse a recording: ``WholePassObjective`` runs their rows in one whole pass per step instead,
+each request's noise drawn from its own stream for its own rows, so each stream sees exactly the
+draws it would alone (``ValueObjective``'s hooks engine is the one-request case).
 """
 
 from __future__ import annotations
@@ -148,6 +150,88 @@ class BatchedObjective:
         return nll, kl
 
 
+class WholePassObjective:
+    """NLL and KL of k requests' rows, one whole pass per step, the delta added at ``Site("mlp",
+    layer)`` on each row's last subject token; for subject noise drawn afresh per pass."""
+
+    engine = "hooks"
+
+    def __init__(self, model, rows: Sequence[EditRows], layer: int,
+                 template_weights: Sequence[torch.Tensor | None] | None = None,
+                 noises: Sequence[NoisePasses] | None = None):
+        check(len(rows) >= 1, "no requests to optimise")
+        self.model, self.rows, self.layer = model, list(rows), layer
+        self.size, self.device, self.d_model = len(self.rows), model.device, model.d_model
+        self.template_weights = list(template_weights) if template_weights is not None else [None] * self.size
+        self.noises = list(noises) if noises is not None else [NoisePasses(r, model.d_model) for r in self.rows]
+        self.offsets = [0]
+        for r in self.rows:
+            self.offsets.append(self.offsets[-1] + r.input_ids.shape[0])
+        pad = model.tokenizer.pad_token_id
+        width = max(r.input_ids.shape[1] for r in self.rows)
+        self.ids = torch.cat([torch.nn.functional.pad(r.input_ids, (0, width - r.input_ids.shape[1]), value=pad)
+                              for r in self.rows])
+        self.last = torch.cat([r.subject_last for r in self.rows])
+        m = max(r.target_pos.shape[1] for r in self.rows)
+        cols = self.last[:, None].repeat(1, m)  # the KL row reads its subject_last (``_hooks_logits``)
+        for r, er in enumerate(self.rows):
+            own = er.target_pos  # a shorter target repeats its last column (scored once, ignored after)
+            cols[self.offsets[r]: self.offsets[r] + er.n_templates] = torch.cat(
+                [own, own[:, -1:].expand(-1, m - own.shape[1])], dim=1)
+        self.cols = cols
+        self.initials: list[SubjectValues | None] = [None] * self.size
+        self.kl_init: list[torch.Tensor | None] = [None] * self.size
+
+    def initial(self, r: int) -> SubjectValues:
+        return self.initials[r]
+
+    def suspended(self):
+        return BatchedObjective.suspended(self)
+
+    def losses(self, deltas: Sequence[torch.Tensor], active: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        index = torch.cat([torch.arange(self.offsets[r], self.offsets[r + 1]) for r in active])
+        spans, at = [], 0
+        for r in active:  # each request's draw for its own rows, from its own stream
+            count = self.offsets[r + 1] - self.offsets[r]
+            spans.append((slice(at, at + count), self.noises[r].edits(range(count)).get(Site("embed"))))
+            at += count
+        last = self.last[index]
+        bump_rows = torch.arange(len(index))
+
+        def embed(h):
+            return torch.cat([h[where] if fn is None else fn(h[where]) for where, fn in spans])
+
+        def add_delta(h):
+            delta = torch.cat([deltas[r].to(h.device, h.dtype)[None].expand(self.offsets[r + 1] - self.offsets[r], -1)
+                               for r in active])
+            bump = torch.zeros_like(h)
+            bump[bump_rows.to(h.device), last.to(h.device)] = delta
+            return h + bump
+
+        sites = [Site("mlp_in", self.layer), Site("mlp", self.layer), Site("resid", self.layer)]
+        first = any(self.initials[r] is None for r in active)
+        edits = {Site("mlp", self.layer): add_delta}
+        if any(fn is not None for _, fn in spans):
+            edits[Site("embed")] = embed
+        out = self.model.forward(self.ids[index], edits=edits, grad=torch.is_grad_enabled(),
+                                 capture=sites if first else (), logits=self.cols[index])
+        results, at = [], 0
+        for r in active:
+            er = self.rows[r]
+            own = out.logits[at: at + er.input_ids.shape[0]]
+            if self.initials[r] is None:  # the first pass is at delta = 0: the original values
+                rows_at, positions = torch.arange(at, at + er.n_templates), er.subject_last[: er.n_templates]
+                self.initials[r] = SubjectValues(*(out.captured[s][rows_at.to(out.captured[s].device),
+                                                                   positions.to(out.captured[s].device)]
+                                                   .detach().float() for s in sites))
+            at += er.input_ids.shape[0]
+            nll, kl, self.kl_init[r] = value_terms(er, own[: er.n_templates, : er.target_pos.shape[1]],
+                                                   own[er.n_templates, 0] if er.has_kl else None,
+                                                   self.template_weights[r], self.kl_init[r])
+            results.append((nll, kl))
+        return results
+
+
 # ---- v* for many requests --------------------------------------------------------------------------
 def default_batch(device) -> int:
     """Requests optimised (and points scored) together when the caller does not say.
@@ -177,7 +261,9 @@ class FoundValue:
 def find_values(model, rows: Sequence[EditRows], layer: int, hp, minimize: Sequence[bool], reference_site: str,
                 *, noises: Sequence[NoisePasses] | None = None, weights: Sequence[torch.Tensor | None] | None = None,
                 batch: int | None = None) -> list[FoundValue]:
-    """v* of every request (noise fixed across passes), ``batch`` requests optimised together."""
+    """v* of every request, ``batch`` requests optimised together: from a recording
+    (``BatchedObjective``) where the noise is fixed across passes, in whole passes
+    (``WholePassObjective``) where every request's noise is drawn afresh per pass."""
     batch = default_batch(model.device) if batch is None else batch
     check(isinstance(batch, int) and batch >= 1, f"batch must be a positive integer, got {batch!r}")
     noises = list(noises) if noises is not None else [NoisePasses(r, model.d_model) for r in rows]
@@ -186,8 +272,11 @@ def find_values(model, rows: Sequence[EditRows], layer: int, hp, minimize: Seque
     for at in range(0, len(rows), batch):
         chunk = range(at, min(at + batch, len(rows)))
         started = time.perf_counter()
-        objective = BatchedObjective(model, [rows[i] for i in chunk], layer, [weights[i] for i in chunk],
-                                     noises=[noises[i] for i in chunk])
+        fresh = [noises[i].fresh for i in chunk]
+        check(all(fresh) or not any(fresh), "a batch mixes noise drawn afresh per pass with fixed noise")
+        kind = WholePassObjective if all(fresh) else BatchedObjective
+        objective = kind(model, [rows[i] for i in chunk], layer, [weights[i] for i in chunk],
+                         noises=[noises[i] for i in chunk])
         found = optimize_values(objective, hp, [minimize[i] for i in chunk], reference_site)
         share = (time.perf_counter() - started) / len(chunk)
         out += [FoundValue(f, objective.initial(j), objective.engine, len(chunk), share) for j, f in enumerate(found)]

@@ -25,7 +25,7 @@ from tracekit.editing.context import context_templates
 from tracekit.editing.delta import Edit
 from tracekit.editing.hparams import MEMITHyperParams
 from tracekit.editing.info import EditInfo
-from tracekit.editing.kv_batch import FoundValue, find_values
+from tracekit.editing.kv_batch import FoundValue, default_batch, find_values
 from tracekit.editing.kv_core import (NoisePasses, ValueObjective, average_keys, build_rows, optimize_value, param_name,
                                       solve_update, subject_states)
 from tracekit.editing.presets import memit_preset
@@ -115,6 +115,12 @@ def _plan(model, requests, layer, hparams, engine, templates, progress, second_m
     found = dict(zip(together, find_values(model, [rows[i] for i in together], last, hparams,
                                            [requests[i].minimize for i in together], hparams.clamp_to,
                                            noises=[noises[i] for i in together], batch=batch)))
+    fresh = [i for i in range(len(requests)) if engine != "hooks" and noises[i].fresh]
+    # noise drawn afresh per pass: shared whole passes, each request drawing from its own stream
+    if len(fresh) > 1 and (default_batch(model.device) if batch is None else batch) > 1:
+        found.update(zip(fresh, find_values(model, [rows[i] for i in fresh], last, hparams,
+                                            [requests[i].minimize for i in fresh], hparams.clamp_to,
+                                            noises=[noises[i] for i in fresh], batch=batch)))
     for i, request in enumerate(requests):
         if i not in found:
             started = time.perf_counter()

@@ -30,7 +30,7 @@ from tracekit.editing.delta import Edit
 from tracekit.editing.factors import LayerStats, matrix_identity, ridged
 from tracekit.editing.hparams import ROMEHyperParams
 from tracekit.editing.info import EditInfo
-from tracekit.editing.kv_batch import FoundValue, find_values
+from tracekit.editing.kv_batch import FoundValue, default_batch, find_values
 from tracekit.editing.kv_core import (NoisePasses, ValueObjective, build_rows, keys_by_tokenisation, optimize_value,
                                       param_name, solve_update, subject_states, weights_by_tokenisation)
 from tracekit.editing.presets import rome_preset
@@ -117,8 +117,8 @@ def rome_edits(model, requests: Sequence[EditRequest], layer: int | None = None,
                batch: int | None = None) -> list[Edit]:
     """ROME's edit of each request at ``layer``, each computed on the current weights on its own
     (none applied): the same edits as ``apply_rome`` one by one, with the v* of ``batch`` requests
-    optimised together in one pass per step (``kv_batch``) and the key statistics' factor shared.
-    Requests under subject noise drawn afresh per pass (or ``engine="hooks"``) run one by one."""
+    optimised together in one pass per step (``kv_batch``; whole passes under subject noise drawn
+    afresh per pass) and the key statistics' factor shared. ``engine="hooks"`` runs one by one."""
     hparams = rome_preset(model) if hparams is None else hparams
     check(isinstance(hparams, ROMEHyperParams), f"ROME needs ROMEHyperParams, got {type(hparams).__name__}")
     requests = list(requests)
@@ -141,20 +141,26 @@ def rome_edits(model, requests: Sequence[EditRequest], layer: int | None = None,
                                            [requests[i].minimize for i in together], "mlp",
                                            noises=[noises[i] for i in together],
                                            weights=[weights[i] for i in together], batch=batch)))
+    # Noise drawn afresh per pass: keep the public code's order of passes in each request's stream
+    # (compute_u's pass over the templates, then compute_v's passes, then one over the bare prompt);
+    # with batch > 1 the v* passes of the requests are shared (kv_batch.WholePassObjective).
+    key_in = Site("mlp_in", layer)
+    template_keys = {i: subject_states(model, rows[i], [key_in], noise=noises[i])[key_in]
+                     for i in range(len(requests)) if noises[i].fresh}
+    fresh = [i for i in template_keys if engine != "hooks"]
+    if len(fresh) > 1 and (default_batch(model.device) if batch is None else batch) > 1:
+        found.update(zip(fresh, find_values(model, [rows[i] for i in fresh], layer, hparams,
+                                            [requests[i].minimize for i in fresh], "mlp",
+                                            noises=[noises[i] for i in fresh],
+                                            weights=[weights[i] for i in fresh], batch=batch)))
     edits = []
     for i, request in enumerate(requests):
-        template_keys = None
         if i not in found:
             started = time.perf_counter()
             objective = ValueObjective(model, rows[i], layer, engine, template_weights=weights[i], noise=noises[i])
-            # Noise drawn afresh per pass: keep the public code's order of passes (compute_u's pass over
-            # the templates, then compute_v's passes, then one pass over the bare prompt).
-            if noises[i].fresh:
-                key_in = Site("mlp_in", layer)
-                template_keys = subject_states(model, rows[i], [key_in], noise=noises[i])[key_in]
             result = optimize_value(objective, hparams, request.minimize, reference_site="mlp")
             found[i] = FoundValue(result, objective.initial, objective.engine, 1, time.perf_counter() - started)
-        edits.append(_rome_update(model, rows[i], noises[i], found[i], template_keys, C[layer], layer, hparams,
+        edits.append(_rome_update(model, rows[i], noises[i], found[i], template_keys.get(i), C[layer], layer, hparams,
                                   {**shared, "v_star": found[i].seconds}, stats_info[layer]))
     return edits
 
