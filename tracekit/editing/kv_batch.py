@@ -28,8 +28,8 @@ from tracekit.editing.kv_core import (EditRows, NoisePasses, SubjectValues, Valu
 from tracekit.errors import check
 
 
-class BatchedObjective:
-    """NLL and KL of k requests' rows as functions of their k deltas at block ``layer``."""
+class _Requests:
+    """What both objectives hold: k requests' rows end to end, their noise, weights and KL baselines."""
 
     def __init__(self, model, rows: Sequence[EditRows], layer: int,
                  template_weights: Sequence[torch.Tensor | None] | None = None,
@@ -39,18 +39,34 @@ class BatchedObjective:
         self.size, self.device, self.d_model = len(self.rows), model.device, model.d_model
         self.template_weights = list(template_weights) if template_weights is not None else [None] * self.size
         self.noises = list(noises) if noises is not None else [NoisePasses(r, model.d_model) for r in self.rows]
-        check(not any(n.fresh for n in self.noises),
-              "batched v* needs noise fixed across passes; run requests with fresh noise one by one")
-        self.engine = "blocks" if model.forward_path == "blocks" else "hooks"
-        counts = [r.input_ids.shape[0] for r in self.rows]
         self.offsets = [0]
-        for c in counts:
-            self.offsets.append(self.offsets[-1] + c)
+        for r in self.rows:
+            self.offsets.append(self.offsets[-1] + r.input_ids.shape[0])
         self.kl_init: list[torch.Tensor | None] = [None] * self.size
-        self._record()
 
     def slice(self, r: int) -> slice:
         return slice(self.offsets[r], self.offsets[r + 1])
+
+    def suspended(self):
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        for noise in self.noises:
+            stack.enter_context(noise.suspended())
+        return stack
+
+
+class BatchedObjective(_Requests):
+    """NLL and KL of k requests' rows as functions of their k deltas at block ``layer``."""
+
+    def __init__(self, model, rows: Sequence[EditRows], layer: int,
+                 template_weights: Sequence[torch.Tensor | None] | None = None,
+                 noises: Sequence[NoisePasses] | None = None):
+        super().__init__(model, rows, layer, template_weights, noises)
+        check(not any(n.fresh for n in self.noises),
+              "batched v* needs noise fixed across passes; run requests with fresh noise one by one")
+        self.engine = "blocks" if model.forward_path == "blocks" else "hooks"
+        self._record()
 
     # -- the recording --------------------------------------------------------------------------
     @torch.no_grad()
@@ -104,14 +120,6 @@ class BatchedObjective:
     def initial(self, r: int) -> SubjectValues:
         return self.initials[r]
 
-    def suspended(self):
-        from contextlib import ExitStack
-
-        stack = ExitStack()
-        for noise in self.noises:
-            stack.enter_context(noise.suspended())
-        return stack
-
     def _branch(self, active: tuple[int, ...]):
         """The rows of the ``active`` requests and their branch off the recording (kept while the set holds)."""
         from tracekit.adapters.partial import Branch
@@ -150,7 +158,7 @@ class BatchedObjective:
         return nll, kl
 
 
-class WholePassObjective:
+class WholePassObjective(_Requests):
     """NLL and KL of k requests' rows, one whole pass per step, the delta added at ``Site("mlp",
     layer)`` on each row's last subject token; for subject noise drawn afresh per pass."""
 
@@ -159,14 +167,7 @@ class WholePassObjective:
     def __init__(self, model, rows: Sequence[EditRows], layer: int,
                  template_weights: Sequence[torch.Tensor | None] | None = None,
                  noises: Sequence[NoisePasses] | None = None):
-        check(len(rows) >= 1, "no requests to optimise")
-        self.model, self.rows, self.layer = model, list(rows), layer
-        self.size, self.device, self.d_model = len(self.rows), model.device, model.d_model
-        self.template_weights = list(template_weights) if template_weights is not None else [None] * self.size
-        self.noises = list(noises) if noises is not None else [NoisePasses(r, model.d_model) for r in self.rows]
-        self.offsets = [0]
-        for r in self.rows:
-            self.offsets.append(self.offsets[-1] + r.input_ids.shape[0])
+        super().__init__(model, rows, layer, template_weights, noises)
         pad = model.tokenizer.pad_token_id
         width = max(r.input_ids.shape[1] for r in self.rows)
         self.ids = torch.cat([torch.nn.functional.pad(r.input_ids, (0, width - r.input_ids.shape[1]), value=pad)
@@ -180,13 +181,9 @@ class WholePassObjective:
                 [own, own[:, -1:].expand(-1, m - own.shape[1])], dim=1)
         self.cols = cols
         self.initials: list[SubjectValues | None] = [None] * self.size
-        self.kl_init: list[torch.Tensor | None] = [None] * self.size
 
     def initial(self, r: int) -> SubjectValues:
         return self.initials[r]
-
-    def suspended(self):
-        return BatchedObjective.suspended(self)
 
     def losses(self, deltas: Sequence[torch.Tensor], active: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         index = torch.cat([torch.arange(self.offsets[r], self.offsets[r + 1]) for r in active])
