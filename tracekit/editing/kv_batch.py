@@ -278,3 +278,23 @@ def find_values(model, rows: Sequence[EditRows], layer: int, hp, minimize: Seque
         share = (time.perf_counter() - started) / len(chunk)
         out += [FoundValue(f, objective.initial(j), objective.engine, len(chunk), share) for j, f in enumerate(found)]
     return out
+
+
+def shared_values(model, rows: Sequence[EditRows], layer: int, hp, minimize: Sequence[bool], reference_site: str,
+                  noises: Sequence[NoisePasses], *, engine: str = "auto",
+                  weights: Sequence[torch.Tensor | None] | None = None, batch: int | None = None) -> dict[int, FoundValue]:
+    """{request index: v*} for the requests that share passes (``find_values``): noise fixed across
+    passes always, noise drawn afresh per pass where ``batch`` > 1 and two or more have it. The
+    others (``engine="hooks"``, a lone request under fresh noise, batch 1) are left to the caller,
+    which runs them one by one (``kv_core.ValueObjective``)."""
+    weights = list(weights) if weights is not None else [None] * len(rows)
+    batch_size = default_batch(model.device) if batch is None else batch
+    fixed = [i for i in range(len(rows)) if engine != "hooks" and not noises[i].fresh]
+    fresh = [i for i in range(len(rows)) if engine != "hooks" and noises[i].fresh]
+    groups = [fixed] + ([fresh] if len(fresh) > 1 and batch_size > 1 else [])
+    found: dict[int, FoundValue] = {}
+    for group in groups:
+        found.update(zip(group, find_values(model, [rows[i] for i in group], layer, hp, [minimize[i] for i in group],
+                                            reference_site, noises=[noises[i] for i in group],
+                                            weights=[weights[i] for i in group], batch=batch)))
+    return found

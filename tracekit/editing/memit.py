@@ -25,7 +25,7 @@ from tracekit.editing.context import context_templates
 from tracekit.editing.delta import Edit
 from tracekit.editing.hparams import MEMITHyperParams
 from tracekit.editing.info import EditInfo
-from tracekit.editing.kv_batch import FoundValue, default_batch, find_values
+from tracekit.editing.kv_batch import FoundValue, shared_values
 from tracekit.editing.kv_core import (NoisePasses, ValueObjective, average_keys, build_rows, optimize_value, param_name,
                                       solve_update, subject_states)
 from tracekit.editing.presets import memit_preset
@@ -111,16 +111,8 @@ def _plan(model, requests, layer, hparams, engine, templates, progress, second_m
     lap("templates_and_stats")
     rows = [build_rows(model, r, templates, hparams.kl_prompt) for r in requests]
     noises = [NoisePasses(r, model.d_model) for r in rows]
-    together = [i for i in range(len(requests)) if engine != "hooks" and not noises[i].fresh]
-    found = dict(zip(together, find_values(model, [rows[i] for i in together], last, hparams,
-                                           [requests[i].minimize for i in together], hparams.clamp_to,
-                                           noises=[noises[i] for i in together], batch=batch)))
-    fresh = [i for i in range(len(requests)) if engine != "hooks" and noises[i].fresh]
-    # noise drawn afresh per pass: shared whole passes, each request drawing from its own stream
-    if len(fresh) > 1 and (default_batch(model.device) if batch is None else batch) > 1:
-        found.update(zip(fresh, find_values(model, [rows[i] for i in fresh], last, hparams,
-                                            [requests[i].minimize for i in fresh], hparams.clamp_to,
-                                            noises=[noises[i] for i in fresh], batch=batch)))
+    found = shared_values(model, rows, last, hparams, [r.minimize for r in requests], hparams.clamp_to, noises,
+                          engine=engine, batch=batch)
     for i, request in enumerate(requests):
         if i not in found:
             started = time.perf_counter()

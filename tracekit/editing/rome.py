@@ -30,7 +30,7 @@ from tracekit.editing.delta import Edit
 from tracekit.editing.factors import LayerStats, matrix_identity, ridged
 from tracekit.editing.hparams import ROMEHyperParams
 from tracekit.editing.info import EditInfo
-from tracekit.editing.kv_batch import FoundValue, default_batch, find_values
+from tracekit.editing.kv_batch import FoundValue, shared_values
 from tracekit.editing.kv_core import (NoisePasses, ValueObjective, build_rows, keys_by_tokenisation, optimize_value,
                                       param_name, solve_update, subject_states, weights_by_tokenisation)
 from tracekit.editing.presets import rome_preset
@@ -136,23 +136,13 @@ def rome_edits(model, requests: Sequence[EditRequest], layer: int | None = None,
     # With one key per tokenisation, each tokenisation gets an equal share of v*'s objective too:
     # ROME's templates hold the bare prompt once and the subject after a space twenty times.
     weights = [weights_by_tokenisation(r) if hparams.key_per_tokenisation else None for r in rows]
-    together = [i for i in range(len(requests)) if engine != "hooks" and not noises[i].fresh]
-    found = dict(zip(together, find_values(model, [rows[i] for i in together], layer, hparams,
-                                           [requests[i].minimize for i in together], "mlp",
-                                           noises=[noises[i] for i in together],
-                                           weights=[weights[i] for i in together], batch=batch)))
     # Noise drawn afresh per pass: keep the public code's order of passes in each request's stream
-    # (compute_u's pass over the templates, then compute_v's passes, then one over the bare prompt);
-    # with batch > 1 the v* passes of the requests are shared (kv_batch.WholePassObjective).
+    # (compute_u's pass over the templates, then compute_v's passes, then one over the bare prompt).
     key_in = Site("mlp_in", layer)
     template_keys = {i: subject_states(model, rows[i], [key_in], noise=noises[i])[key_in]
                      for i in range(len(requests)) if noises[i].fresh}
-    fresh = [i for i in template_keys if engine != "hooks"]
-    if len(fresh) > 1 and (default_batch(model.device) if batch is None else batch) > 1:
-        found.update(zip(fresh, find_values(model, [rows[i] for i in fresh], layer, hparams,
-                                            [requests[i].minimize for i in fresh], "mlp",
-                                            noises=[noises[i] for i in fresh],
-                                            weights=[weights[i] for i in fresh], batch=batch)))
+    found = shared_values(model, rows, layer, hparams, [r.minimize for r in requests], "mlp", noises, engine=engine,
+                          weights=weights, batch=batch)
     edits = []
     for i, request in enumerate(requests):
         if i not in found:
