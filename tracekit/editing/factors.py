@@ -119,18 +119,14 @@ def entry_bytes(value) -> int:
     return value.nbytes
 
 
-def _device_of(value) -> str:
-    return str(value.device)
-
-
 def _remember(table: dict, key, value):
     """Keep ``value``; drop the least recently used entries beyond MAX_ENTRIES or, on its device,
     beyond ``memo_budget`` bytes (the newest entry always stays: the caller is about to use it)."""
     table[key] = value
-    device, budget = _device_of(value), memo_budget(value.device)
+    device, budget = str(value.device), memo_budget(value.device)
     while True:
         others = [k for k in table if k != key]
-        same_device = [k for k in others if _device_of(table[k]) == device]
+        same_device = [k for k in others if str(table[k].device) == device]
         held = entry_bytes(value) + sum(entry_bytes(table[k]) for k in same_device)
         if len(table) > MAX_ENTRIES:
             table.pop(others[0])

@@ -122,8 +122,9 @@ class _Rows:
 
     def __init__(self, model, runs: list[_Run], lowest: int):
         self.model, self.runs, self.lowest = model, runs, lowest
-        rows = [P.token_ids(model.tokenizer, run.request.text) + run.target[:-1] for run in runs]
-        self.prefix = [len(P.token_ids(model.tokenizer, run.request.text)) for run in runs]
+        prompts = [P.token_ids(model.tokenizer, run.request.text) for run in runs]
+        rows = [prompt + run.target[:-1] for prompt, run in zip(prompts, runs)]
+        self.prefix = [len(prompt) for prompt in prompts]
         width = max(map(len, rows))
         pad = model.tokenizer.pad_token_id
         ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
