@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_sweep_item.py                  # ROME, 2 points x 9 layers
     OMP_NUM_THREADS=1 python benchmarks/bench_sweep_item.py --batch 1 4 --layers 8 --points 4
+    OMP_NUM_THREADS=1 python benchmarks/bench_sweep_item.py --methods ft-1 --batch 1 8 --score-batch 1 --points 8
     PYTHONPATH=/path/to/older/checkout python benchmarks/bench_sweep_item.py  # the same on older code
 
 CounterFact points (``../shared/data`` or ``$TRACEKIT_DATA``) on the bundled SmolLM2-135M, the
@@ -31,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=STUDY_LAYERS)
     parser.add_argument("--methods", nargs="+", default=["rome"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="points edited together (one run each)")
+    parser.add_argument("--score-batch", type=int, default=None,
+                        help="of a batch, points scored in one pass (default: the whole batch)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
 
@@ -49,13 +52,13 @@ def main(argv=None) -> int:
     edit_study(model, records[:1], ResultStore(folder / "warm.sqlite"), methods=methods, layers=args.layers[:1],
                progress=False)
     report = {"code": tracekit.__file__, "model": args.model, "methods": methods, "layers": args.layers,
-              "points": args.points, "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
+              "points": args.points, "score_batch": args.score_batch, "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
               "runs": {}}
     for batch in args.batch:
         path = folder / f"batch{batch}.sqlite"
         cpu, wall = time.process_time(), time.perf_counter()
         done = edit_study(model, records[1:], ResultStore(path), methods=methods, layers=args.layers,
-                          progress=False, batch=batch)
+                          progress=False, batch=batch, score_batch=args.score_batch)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         with ResultStore(path, readonly=True) as store:
             frame = store.edits_frame(only_ok=False)

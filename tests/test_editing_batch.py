@@ -114,16 +114,18 @@ def test_a_batched_sweep_stores_the_scores_of_an_item_by_item_sweep(tmp_path, mo
                                            ("{} is in", "Big Ben")])]
     hp = ROMEHyperParams(corpus=str(corpus), mom2_n_samples=40, mom2_sample_tokens=32, **HP)
     tables = {}
-    for batch in (1, 3):
-        task = EditTask(methods=("rome",), layers=(1, 3), hparams=hp, metrics=MetricsConfig(essence=False), batch=batch)
-        store = ResultStore(tmp_path / f"b{batch}.sqlite")
+    for batch, score_batch in ((1, None), (3, None), (3, 1)):
+        task = EditTask(methods=("rome",), layers=(1, 3), hparams=hp, metrics=MetricsConfig(essence=False), batch=batch,
+                        score_batch=score_batch)
+        store = ResultStore(tmp_path / f"b{batch}-{score_batch}.sqlite")
         report = LocalExecutor(model).run(task, store, task.items("tiny", records), progress=False)
         assert report.computed == 6 and not report.failed
-        tables[batch] = {(r["case_id"], r["layer"]): r for r in store.edits_frame().to_dict("records")}
+        tables[batch, score_batch] = {(r["case_id"], r["layer"]): r for r in store.edits_frame().to_dict("records")}
         assert {json.loads(r).get("seconds_batch", 1) for r in store.frame("edits")["result"]} == {batch}
-    for key, row in tables[1].items():
+    for key, row in tables[1, None].items():
         for name in ("rewrite", "paraphrase", "neighborhood", "overall"):
-            assert tables[3][key][name] == pytest.approx(row[name], rel=1e-4, abs=1e-6), (key, name)
+            for batched in ((3, None), (3, 1)):
+                assert tables[batched][key][name] == pytest.approx(row[name], rel=1e-4, abs=1e-6), (key, name)
 
 
 # ---- mass and sequential editing, saved edits ----------------------------------------------------

@@ -78,7 +78,8 @@ def test_weights_untouched():
     assert all(torch.equal(before[n], p) for n, p in model.hf.named_parameters())
 
 
-def test_edit_many_tunes_fine_tuning_points_together_and_scores_as_edit_does(monkeypatch):
+@pytest.mark.parametrize("score_batch", [None, 1])
+def test_edit_many_tunes_fine_tuning_points_together_and_scores_as_edit_does(monkeypatch, score_batch):
     from tracekit.data.loaders import load_dataset
     from tracekit.editing import finetune_batch
     from tracekit.editing.api import edit, edit_many
@@ -91,9 +92,45 @@ def test_edit_many_tunes_fine_tuning_points_together_and_scores_as_edit_does(mon
     records = load_dataset("worldfacts")[:3]
     hp = dataclasses.replace(STRONG, steps=4)
     metrics = MetricsConfig(essence=False)
-    results = edit_many(model, records, "ft-1", layer=1, hparams=hp, metrics=metrics, batch=3)
+    results = edit_many(model, records, "ft-1", layer=1, hparams=hp, metrics=metrics, batch=3,
+                        score_batch=score_batch)
     assert calls == [3]
     for record, result in zip(records, results):
         alone = edit(model, record, "ft-1", layer=1, hparams=hp, metrics=metrics)
         for name, value in alone.scores.scores.items():
             assert result.scores.scores[name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), name
+
+
+def test_points_tuned_together_and_scored_one_by_one_keep_their_before_passes(monkeypatch):
+    """With a batch scored one by one inside a sweep's baseline cache, every point's after-pass
+    starts at the edited layer from its kept "before" inputs, not from the embeddings: the cache
+    keeps the whole batch's inputs, not only the last two points'."""
+    from tracekit.data.loaders import load_dataset
+    from tracekit.editing import metrics as metrics_module
+    from tracekit.editing.api import edit_many
+    from tracekit.editing.metrics import MetricsConfig, baseline_cached
+
+    model = tiny("random:gpt2-tiny")
+    records = load_dataset("worldfacts")[:6]  # more points than the cache keeps by default (4 passes)
+    hp = dataclasses.replace(STRONG, steps=2)
+    metrics = MetricsConfig(essence=False)
+    starts = []
+    passes = metrics_module.token_logprobs
+    monkeypatch.setattr(metrics_module, "token_logprobs",
+                        lambda m, q, **kw: starts.append(kw.get("start")) or passes(m, q, **kw))
+    with baseline_cached(model):
+        first = edit_many(model, records, "ft-1", layer=2, hparams=hp, metrics=metrics, batch=6, score_batch=1)
+        starts.clear()
+        again = edit_many(model, records, "ft-1", layer=2, hparams=hp, metrics=metrics, batch=6, score_batch=1)
+    assert len(starts) == 6 and all(s is not None and s[0] == 2 for s in starts)
+    for a, b in zip(first, again):
+        assert a.scores.scores == pytest.approx(b.scores.scores, rel=1e-5, nan_ok=True)
+
+
+def test_score_batch_must_be_positive():
+    from tracekit.data.loaders import load_dataset
+    from tracekit.editing.api import edit_many
+    from tracekit.errors import TracekitError
+
+    with pytest.raises(TracekitError, match="score_batch"):
+        edit_many(tiny("random:gpt2-tiny"), load_dataset("worldfacts")[:2], "ft-1", layer=1, batch=2, score_batch=0)

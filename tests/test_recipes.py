@@ -171,6 +171,9 @@ def test_bad_input_is_one_line(data, tmp_path, capsys, monkeypatch):
     assert recipe("analyse").main(["--store", str(tmp_path / "none.sqlite")]) == 2
     assert recipe("edit_sweep").main(common(data, tmp_path / "s.sqlite") + ["--layers", "7"], edit_fn=fake_edit) == 2
     assert "outside 0..3" in capsys.readouterr().out
+    assert recipe("edit_sweep").main(common(data, tmp_path / "s.sqlite") + ["--score-batch", "0"],
+                                     edit_fn=fake_edit) == 2
+    assert "--score-batch must be >= 1, got 0" in capsys.readouterr().out
 
 
 def test_spread_layers():

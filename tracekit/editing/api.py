@@ -123,13 +123,15 @@ def edit(model, record_or_request, method: str = "rome", problem: str | Problem 
 def edit_many(model, records: Sequence, method: str = "rome", problem: str | Problem = "error-injection",
               layer: int | None = None, hparams=None, evaluate: bool = True, *, seeds: Sequence[int] | None = None,
               noise="s3", metrics: MetricsConfig = MetricsConfig(), clip_window: bool | None = None,
-              convention: str = "paper-code", batch: int | None = None) -> list:
+              convention: str = "paper-code", batch: int | None = None, score_batch: int | None = None) -> list:
     """``edit`` of several points with one method, problem and layer, the work batched: v* of
     ``batch`` requests optimised together (ROME, MEMIT), or their fine-tuning in shared passes
-    (FT; ``finetune_batch``), and the scoring's "after" passes of
-    ``batch`` points in one pass (``metrics.evaluate_edits``); default batch:
-    ``kv_batch.default_batch`` for the model's device. Each edit is computed on the
-    unedited model, exactly as ``edit`` one by one (up to floating-point reassociation, <= 1e-5).
+    (FT; ``finetune_batch``), and the scoring's "after" passes of ``score_batch`` points in one
+    pass (``metrics.evaluate_edits``); default batch: ``kv_batch.default_batch`` for the model's
+    device, default score_batch: batch. (On a CPU, FT tuned 8 at a time but scored one by one is
+    the fastest: padding several points' prompts to one length costs more than it saves there.)
+    Each edit is computed on the unedited model, exactly as ``edit`` one by one (up to
+    floating-point reassociation, <= 1e-5).
 
     Returns one entry per record: its ``EditResult``, or the ``TracekitError`` (e.g.
     ``PointSkipped``) that ``edit`` would have raised for it. ``seeds``: one per record (default 0)."""
@@ -154,6 +156,9 @@ def edit_many(model, records: Sequence, method: str = "rome", problem: str | Pro
     ready = sorted(setups)
     batch = default_batch(model.device) if batch is None else batch
     check(isinstance(batch, int) and batch >= 1, f"batch must be a positive integer, got {batch!r}")
+    score_batch = batch if score_batch is None else score_batch
+    check(isinstance(score_batch, int) and score_batch >= 1,
+          f"score_batch must be a positive integer, got {score_batch!r}")
     for at in range(0, len(ready), batch):
         chunk = ready[at:at + batch]
         problem_of = setups[chunk[0]].problem or Problem.ERROR_INJECTION
@@ -182,7 +187,14 @@ def edit_many(model, records: Sequence, method: str = "rome", problem: str | Pro
         score_seconds = 0.0
         if evaluate:
             started = time.perf_counter()
-            scores = evaluate_edits(model, [setups[i] for i in chunk], edits, metrics)
+            if score_batch == 1:  # as ``edit`` scores: the edit applied to the weights
+                scores = [evaluate_edit(model, setups[i], e, metrics, keep_points=len(chunk))
+                          for i, e in zip(chunk, edits)]
+            else:
+                scores = []
+                for k in range(0, len(chunk), score_batch):
+                    scores += evaluate_edits(model, [setups[i] for i in chunk[k:k + score_batch]],
+                                             edits[k:k + score_batch], metrics, keep_points=len(chunk))
             score_seconds = (time.perf_counter() - started) / len(chunk)
         for i, the_edit, point_scores in zip(chunk, edits, scores):
             seconds = {"edit": edit_seconds, **({"evaluate": score_seconds} if evaluate else {}), "batch": len(chunk)}

@@ -261,14 +261,16 @@ def _start(model, plan: _Scoring, edit: Edit, kept: list) -> tuple | None:
 
 
 def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = MetricsConfig(),
-                  essence_texts: Sequence[str] | None = None) -> EditScores:
+                  essence_texts: Sequence[str] | None = None, *, keep_points: int = 1) -> EditScores:
     """Score ``edit`` (not applied on entry; left as found) on the point described by ``setup``.
 
     ``essence_texts``: score these texts (tokenised as the paper's code does, to
-    ``essence_max_tokens``) instead of sampling them from the model."""
+    ``essence_max_tokens``) instead of sampling them from the model. ``keep_points``: inside
+    ``baseline_cached``, how many points' "before" block inputs to keep at hand (a batch's, when
+    its points are scored one by one)."""
     check(not edit.applied, "evaluate_edit needs the edit un-applied: the 'before' pass runs the original model")
     plan = _plan(model, setup, config, essence_texts)
-    before, essence_before, kept = _before(model, plan)
+    before, essence_before, kept = _before(model, plan, points=keep_points)
     start = _start(model, plan, edit, kept)
     with edit:
         after = token_logprobs(model, plan.queries, noise=plan.noise, row_spans=plan.row_spans, start=start)
@@ -277,13 +279,14 @@ def evaluate_edit(model, setup: EditSetup, edit: Edit, config: MetricsConfig = M
 
 
 def evaluate_edits(model, setups: Sequence[EditSetup], edits: Sequence[Edit],
-                   config: MetricsConfig = MetricsConfig()) -> list[EditScores]:
+                   config: MetricsConfig = MetricsConfig(), *, keep_points: int = 1) -> list[EditScores]:
     """``evaluate_edit`` of several (point, edit) pairs, their "after" passes in ONE pass: each
     point's rows see its own edit, applied as a per-row correction x W_delta^T at the edited
     down-projections (``delta.down_proj_deltas``), so several points' edits of the same or
     different layers share a pass. Points under subject noise, and edits of other parameters
     (FT with biases), are scored one by one. Scores equal one-by-one scoring up to the rounding
-    of W x + dW x against (W + dW) x."""
+    of W x + dW x against (W + dW) x. ``keep_points``: as for ``evaluate_edit`` (at least the
+    points given)."""
     from tracekit.editing.delta import down_proj_deltas, row_delta_edits
 
     check(len(setups) == len(edits), f"{len(setups)} points for {len(edits)} edits")
@@ -294,14 +297,14 @@ def evaluate_edits(model, setups: Sequence[EditSetup], edits: Sequence[Edit],
         plan = _plan(model, setup, config, None)
         found = down_proj_deltas(model, edit) if plan.noise is None else None
         if found is None:
-            out[i] = evaluate_edit(model, setup, edit, config)
+            out[i] = evaluate_edit(model, setup, edit, config, keep_points=max(keep_points, len(edits)))
             continue
         plans[i], deltas[i] = plan, found
         together.append(i)
     if together:
         kept, befores = [], {}
         for i in together:
-            before, essence_before, point_kept = _before(model, plans[i], points=len(together))
+            before, essence_before, point_kept = _before(model, plans[i], points=max(keep_points, len(together)))
             befores[i] = (before, essence_before)
             kept += point_kept
         lowest = min(min(deltas[i]) for i in together)

@@ -155,6 +155,7 @@ class EditTask:
     # points edited together (api.edit_many: batched v*, one scoring pass); 1: item by item.
     # Not part of the config: the results are the same (<= 1e-5) whatever the batch.
     batch: int = 1
+    score_batch: int | None = None  # of a batch, points scored in one pass (None: all)
 
     table = "edits"
     sweep = "edit"
@@ -246,7 +247,7 @@ class EditTask:
             results = edit_many(model, [one.payload for one in group], method=method, problem=problem, layer=layer,
                                 hparams=self.hparams_for(method), seeds=[point_seed(self.seed, one.payload.case_id)
                                                                          for one in group],
-                                clip_window=True, batch=len(group), **kwargs)
+                                clip_window=True, batch=len(group), score_batch=self.score_batch, **kwargs)
             for one, result in zip(group, results):
                 if isinstance(result, PointSkipped):
                     yield one, dict(status=f"skipped: {result}")

@@ -12,7 +12,8 @@
 # points for Error Injection), N_OTHER (40 for the other problems), N_FF (120: Fact Forcing with FT-1
 # and FT-5, the paper's one positive cell, gets as many points as Error Injection), EI_LAYERS (auto: 8 spread + the
 # default layer), OTHER_LAYERS ("0 3 8 17 25"), WINDOW / ROBUST_WINDOW (tracing windows, 5 / 10),
-# SHARDS (2 processes side by side), EVERY (seconds between checkpoints, 1800), COMMIT (1: commit
+# SHARDS (2 processes side by side), BATCH / SCORE_BATCH (points edited together / of those,
+# scored in one pass: 8 / 1, benchmarks/results/editing-cpu-batch-8-score-1.md), EVERY (seconds between checkpoints, 1800), COMMIT (1: commit
 # each checkpoint to git; 0: only copy it), LIVE / SNAP (live store / committed snapshot), EXTRA
 # (more options for every recipe, e.g. --no-known-filter for a smoke test on a random model).
 set -euo pipefail
@@ -29,6 +30,8 @@ OTHER_LAYERS=${OTHER_LAYERS:-0 3 8 17 25}
 WINDOW=${WINDOW:-5}
 ROBUST_WINDOW=${ROBUST_WINDOW:-10}
 SHARDS=${SHARDS:-2}
+BATCH=${BATCH:-8}
+SCORE_BATCH=${SCORE_BATCH:-1}
 EVERY=${EVERY:-1800}
 COMMIT=${COMMIT:-1}
 LIVE=${LIVE:-runs/counterfact.sqlite}
@@ -76,21 +79,22 @@ trap 'kill $TICKER 2>/dev/null || true' EXIT
 
 COMMON=(--model "$MODEL" --dataset counterfact --store "$LIVE" --quiet $EXTRA)
 ALL_METHODS=(--methods rome memit ft-1 ft-5)
+EDIT=(--batch "$BATCH" --score-batch "$SCORE_BATCH")
 
 echo "$(date +%FT%T) 1/5 MLP tracing, window $WINDOW, first $N_EI known points"
 sharded "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds mlp --windows "$WINDOW" --samples 10
 checkpoint
 echo "$(date +%FT%T) 2/5 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
-sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
+sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
     --problems error-injection --layers $EI_LAYERS
 checkpoint
 echo "$(date +%FT%T) 3/5 the other four problems, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
-sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
+sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
     --problems tracing-reversal fact-erasure fact-amplification fact-forcing --layers $OTHER_LAYERS
 checkpoint
 if [ "$N_FF" -gt "$N_OTHER" ]; then
     echo "$(date +%FT%T) 3b/5 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
-    sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
+    sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
         --problems fact-forcing --layers $OTHER_LAYERS
     checkpoint
 fi
