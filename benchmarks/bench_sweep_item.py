@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--points", type=int, default=2, help="CounterFact points timed (after one warm-up point)")
     parser.add_argument("--layers", type=int, nargs="+", default=STUDY_LAYERS)
     parser.add_argument("--methods", nargs="+", default=["rome"])
+    parser.add_argument("--problems", nargs="+", default=["error-injection"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="points edited together (one run each)")
     parser.add_argument("--score-batch", type=int, default=None,
                         help="of a batch, points scored in one pass (default: the whole batch)")
@@ -48,17 +49,17 @@ def main(argv=None) -> int:
     model = tracekit.load_model(args.model)
     records = load_dataset("counterfact", None, args.points + 1)
     folder = Path(tempfile.mkdtemp(prefix="tracekit-bench-item-"))
-    methods = tuple(args.methods)
-    edit_study(model, records[:1], ResultStore(folder / "warm.sqlite"), methods=methods, layers=args.layers[:1],
-               progress=False)
-    report = {"code": tracekit.__file__, "model": args.model, "methods": methods, "layers": args.layers,
-              "points": args.points, "score_batch": args.score_batch, "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
-              "runs": {}}
+    methods, problems = tuple(args.methods), tuple(args.problems)
+    edit_study(model, records[:1], ResultStore(folder / "warm.sqlite"), methods=methods, problems=problems,
+               layers=args.layers[:1], progress=False)
+    report = {"code": tracekit.__file__, "model": args.model, "methods": methods, "problems": problems,
+              "layers": args.layers, "points": args.points, "score_batch": args.score_batch,
+              "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(), "runs": {}}
     for batch in args.batch:
         path = folder / f"batch{batch}.sqlite"
         cpu, wall = time.process_time(), time.perf_counter()
-        done = edit_study(model, records[1:], ResultStore(path), methods=methods, layers=args.layers,
-                          progress=False, batch=batch, score_batch=args.score_batch)
+        done = edit_study(model, records[1:], ResultStore(path), methods=methods, problems=problems,
+                          layers=args.layers, progress=False, batch=batch, score_batch=args.score_batch)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         with ResultStore(path, readonly=True) as store:
             frame = store.edits_frame(only_ok=False)

@@ -134,8 +134,35 @@ def test_split_by_relation(frames, tmp_path):
     within = pd.read_csv(tmp_path / "table3_r2_rewrite_within_relation.csv")
     assert (within["groups"] == 2).all() and {"added_pooled", "p_facts_pooled", "p_permuted"} <= set(within.columns)
     assert (tmp_path / "table3_r2_rewrite_by_relation_without_degenerate.csv").exists()
+    cells = pd.read_csv(tmp_path / "cells_rewrite.csv")
+    assert {"added_in_relation", "p_in_relation", "chance_in_relation"} <= set(cells.columns)
+    assert cells["added_in_relation"].to_list() == pytest.approx(within["added"].to_list())
     with pytest.raises(TracekitError, match=r"20 stored points have no record .*case 0\b"):
         paper_analyses(traces, edits, tmp_path, robustness=False, relations=relations[relations["case_id"] % 2 == 1])
+
+
+def test_cell_table_puts_each_cell_beside_its_chance_level_and_the_paper(frames, tmp_path):
+    traces, edits = frames
+    summary = paper_analyses(traces, edits, tmp_path, default_layer=3, robustness=False, permutations=199)
+    cells = pd.read_csv(tmp_path / "cells_rewrite.csv").set_index(["problem", "method"])
+    assert len(cells) == 4 and (cells["points"] == 40).all() and (cells["n"] == 40 * len(EDIT_LAYERS)).all()
+    planted = cells.loc[("fact-forcing", "ft-1")]  # tracing drives fact-forcing's rewrite score; not error injection's
+    assert planted["added"] > 0.032 and planted["verdict"] == "above chance and above the paper's maximum"
+    assert (cells.loc["error-injection", "verdict"] == "within chance").all()
+    assert "0.947" in cells.loc[("error-injection", "rome"), "paper"]
+    grid = pd.read_csv(tmp_path / "table3_r2_rewrite.csv").set_index(["problem", "method"])
+    assert cells["added"].to_dict() == pytest.approx(grid["added"].to_dict())
+    assert summary.headline["cells where tracing adds R² above chance"].startswith("2 of 4")
+
+
+def test_verdicts():
+    from tracekit.analysis.scrutiny import verdict
+
+    assert verdict(0.01, 0.02, 0.3) == "within chance"
+    assert verdict(0.03, 0.02, 0.01) == "above chance"
+    assert verdict(0.05, 0.02, 0.001) == "above chance and above the paper's maximum"
+    assert verdict(0.05, 0.02, 0.2) == "within chance"  # the facts-shuffled test decides too
+    assert verdict(float("nan"), 0.02, 0.2) == "no fit"
 
 
 def test_flags_name_ceiling_degenerate_layers_and_chance(tmp_path):

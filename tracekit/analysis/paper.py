@@ -67,7 +67,7 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
 
     def optional(make, *args):  # an output the data cannot support is a note, not the end of the analysis
         try:
-            make(*args)
+            return make(*args)
         except TracekitError as err:
             summary.notes.append(f"{getattr(make, '__name__', 'a table').replace('_', ' ')} skipped: {err}")
 
@@ -115,6 +115,7 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
                                                           f"layer x tracing {fit.r2_layer_x_tracing:.3f}")
     summary.headline[f"F-test p ({method}, {problem})"] = (f"rows independent {fit.f_p:.2g}, "
                                                            f"points permuted {fit.f_p_permuted:.2g}")
+    rewrite_grid = within = None
     for outcome, name in OUTCOMES.items():
         if outcome not in joined.columns:
             summary.notes.append(f"no {outcome} scores: {name} skipped")
@@ -128,6 +129,7 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
         summary.headline[f"max R² added by tracing ({outcome})"] = (
             f"{grid['added'].max():.3f}; chance {grid['added_chance'].min():.3f}-{grid['added_chance'].max():.3f}")
         if outcome == "rewrite":
+            rewrite_grid = grid
             summary.outputs.append(figures.save(figures.r2_bars(grid), out / "fig6_r2_rewrite.png"))
             X.flag_notes(grid, summary)
             if grid["degenerate_layers"].astype(bool).any():
@@ -141,7 +143,9 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
                                          permutations=permutations), "table3_r2_rewrite_by_relation",
                                f"R² for rewrite score by relation, problem and method ({localisation})"))
         if split["relation"].nunique() > 1:
-            optional(X.relation_controlled, joined, relations, table, summary, localisation, permutations)
+            within = optional(X.relation_controlled, joined, relations, table, summary, localisation, permutations)
+    if rewrite_grid is not None:
+        X.cell_table(rewrite_grid, joined, within, table, summary, localisation)
 
     optional(X.practical_check, joined, layer, table, summary)
     optional(X.other_outcomes, joined, table, summary, localisation, permutations)

@@ -18,6 +18,22 @@ PAPER = {
 }
 
 
+# What the text says of each (problem, method) cell's rewrite R² (Sec. 4-5): the added R² of
+# tracing over layer, and the maximum it reports for the rest.
+PAPER_MAX_ADDED = 0.032  # Fact Forcing with constrained fine-tuning (Sec. 5, App. B Table 2)
+PAPER_CELLS = {
+    ("error-injection", "rome"): "layer 0.947, added 0.001 (Table 1)",
+    ("fact-forcing", "ft-1"): "added about 0.03 (p < 1e-4), the largest (Sec. 5)",
+    ("fact-forcing", "ft-5"): "added about 0.03 (p < 1e-4), the largest (Sec. 5)",
+}
+OTHER_CELL = "added <= 0.032 (Sec. 5; Fig. 6 values not in the text)"
+
+
+def paper_cell(problem: str, method: str) -> str:
+    """The paper's figure for one (problem, method) cell of Fig. 6 / Table 3, as far as its text gives it."""
+    return PAPER_CELLS.get((problem, method), OTHER_CELL)
+
+
 def with_paper(key: str, ours) -> str:
     """``ours``, followed by the paper's figure for the same headline where it reports one."""
     return f"{ours} (paper, GPT-J: {PAPER[key]})" if key in PAPER else str(ours)

@@ -8,7 +8,8 @@ and adds its notes and headline numbers to the ``Summary``:
 - the practical check: each fact edited at its peak-tracing layer vs one fixed layer;
 - essence and Meng et al.'s unscaled metrics as outcomes, and their means by layer;
 - the concentrated subset's peak layers (windows that hold MLP 0 act as part of the embedding);
-- a plain list of the flags (ceiling, floor, degenerate layers, chance) of the rewrite table.
+- a plain list of the flags (ceiling, floor, degenerate layers, chance) of the rewrite table;
+- one row per (problem, method) cell: our numbers, their chance level, the paper's, a verdict.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 from tracekit.analysis import checks as C
 from tracekit.analysis import frames as F
 from tracekit.analysis import stats as S
+from tracekit.analysis.published import PAPER_MAX_ADDED, paper_cell
 from tracekit.errors import TracekitError
 
 # Meng et al.'s unscaled metrics (the paper's Fig. 14) and the essence score, as stored by the edit sweep.
@@ -26,7 +28,7 @@ UNSCALED = ("efficacy_success", "efficacy_magnitude", "paraphrase_success", "par
             "neighborhood_success", "neighborhood_magnitude")
 
 
-def relation_controlled(joined, relations, table, summary, localisation, permutations) -> None:
+def relation_controlled(joined, relations, table, summary, localisation, permutations) -> pd.DataFrame:
     split = F.with_relation(joined, relations)
     pooled = S.r2_grid(split, "rewrite", permutations=permutations)
     within = S.r2_grid(split, "rewrite", within="relation", permutations=permutations)
@@ -46,6 +48,48 @@ def relation_controlled(joined, relations, table, summary, localisation, permuta
                             permutations=permutations)
     table(by_relation, "table3_r2_rewrite_by_relation_without_degenerate",
           f"R² for rewrite score by relation, degenerate layers left out ({localisation})")
+    return merged
+
+
+def verdict(added: float, chance: float, p_facts: float) -> str:
+    """What one cell's added R² says: within chance, or above it and how it compares with the paper."""
+    if np.isnan(added):
+        return "no fit"
+    if not (added > chance) or not (p_facts < 0.05):
+        return "within chance"
+    return "above chance and above the paper's maximum" if added > PAPER_MAX_ADDED else "above chance"
+
+
+def cell_table(grid, joined, within, table, summary, localisation) -> pd.DataFrame:
+    """One row per (problem, method): points, R² of layer and of layer x tracing, the added R², its
+    share of what layer leaves, its chance level and facts-shuffled p, the same controlled for
+    relation (``within``, if given), the ceiling share, degenerate layers, the paper's figure and a
+    verdict (``verdict``; within relation where that was tested, else pooled)."""
+    points = joined.groupby(["problem", "method"])["case_id"].nunique().rename("points").reset_index()
+    cells = grid.merge(points, on=["problem", "method"])
+    keep = ["problem", "method", "points", "n", "r2_layer", "r2_layer_x_tracing", "added", "added_share",
+            "added_chance", "f_p_permuted"]
+    cells = cells[keep + ["at_ceiling", "degenerate_layers"]].rename(columns={"f_p_permuted": "p_facts"})
+    if within is not None:
+        side = within[["problem", "method", "added", "p_permuted", "added_chance"]].rename(
+            columns={"added": "added_in_relation", "p_permuted": "p_in_relation", "added_chance": "chance_in_relation"})
+        cells = cells.merge(side, on=["problem", "method"], how="left")
+        tested = cells["added_in_relation"].notna()
+        judged = [verdict(a, c, p) if t else verdict(a0, c0, p0) for t, a, c, p, a0, c0, p0 in zip(
+            tested, cells["added_in_relation"], cells["chance_in_relation"], cells["p_in_relation"],
+            cells["added"], cells["added_chance"], cells["p_facts"])]
+    else:
+        judged = [verdict(a, c, p) for a, c, p in zip(cells["added"], cells["added_chance"], cells["p_facts"])]
+    cells["paper"] = [paper_cell(p, m) for p, m in zip(cells["problem"], cells["method"])]
+    cells["verdict"] = judged
+    table(cells, "cells_rewrite", "Every (problem, method) cell: rewrite R² over layer with tracing, chance, the "
+                                  f"paper's figure ({localisation}; verdict: added R² above its 95% chance level "
+                                  "with facts-shuffled p < 0.05, within relation where tested)")
+    above = cells[cells["verdict"] != "within chance"]
+    summary.headline["cells where tracing adds R² above chance"] = (
+        f"{len(above)} of {len(cells)}" + (": " + ", ".join(f"{r.method} {r.problem} ({r.added:.3f})"
+                                                          for r in above.itertuples()) if len(above) else ""))
+    return cells
 
 
 def without_degenerate(joined, table, summary, localisation, permutations) -> None:
@@ -133,5 +177,5 @@ def flag_notes(grid: pd.DataFrame, summary, outcome: str = "rewrite") -> None:
                                  f"{row.added_chance:.3f})")
 
 
-__all__ = ["UNSCALED", "concentrated_peaks", "flag_notes", "other_outcomes", "practical_check",
-           "relation_controlled", "without_degenerate"]
+__all__ = ["UNSCALED", "cell_table", "concentrated_peaks", "flag_notes", "other_outcomes", "practical_check",
+           "relation_controlled", "verdict", "without_degenerate"]
