@@ -133,6 +133,9 @@ def test_split_by_relation(frames, tmp_path):
         np.corrcoef(odd["tracing_effect"], odd["rewrite"])[0, 1])
     within = pd.read_csv(tmp_path / "table3_r2_rewrite_within_relation.csv")
     assert (within["groups"] == 2).all() and {"added_pooled", "p_facts_pooled", "p_permuted"} <= set(within.columns)
+    for name in ("table4_r2_paraphrase", "table5_r2_neighborhood", "table6_r2_overall"):
+        other = pd.read_csv(tmp_path / f"{name}_within_relation.csv")
+        assert len(other) == 4 and (other["groups"] == 2).all()
     assert (tmp_path / "table3_r2_rewrite_by_relation_without_degenerate.csv").exists()
     cells = pd.read_csv(tmp_path / "cells_rewrite.csv")
     assert {"added_in_relation", "p_in_relation", "chance_in_relation"} <= set(cells.columns)

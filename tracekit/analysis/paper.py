@@ -144,6 +144,10 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
                                f"R² for rewrite score by relation, problem and method ({localisation})"))
         if split["relation"].nunique() > 1:
             within = optional(X.relation_controlled, joined, relations, table, summary, localisation, permutations)
+            for outcome, name in list(OUTCOMES.items())[1:]:  # paraphrase, neighbourhood, overall
+                if outcome in joined.columns:
+                    optional(X.relation_controlled, joined, relations, table, summary, localisation, permutations,
+                             outcome, name)
     if rewrite_grid is not None:
         X.cell_table(rewrite_grid, joined, within, table, summary, localisation)
 

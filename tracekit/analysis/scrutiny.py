@@ -28,18 +28,23 @@ UNSCALED = ("efficacy_success", "efficacy_magnitude", "paraphrase_success", "par
             "neighborhood_success", "neighborhood_magnitude")
 
 
-def relation_controlled(joined, relations, table, summary, localisation, permutations) -> pd.DataFrame:
+def relation_controlled(joined, relations, table, summary, localisation, permutations, outcome: str = "rewrite",
+                        name: str = "table3") -> pd.DataFrame:
+    """Added R² of ``outcome`` pooled and with relation x layer intercepts (facts shuffled within
+    relation); for the rewrite score also by relation without degenerate layers, and headlines."""
     split = F.with_relation(joined, relations)
-    pooled = S.r2_grid(split, "rewrite", permutations=permutations)
-    within = S.r2_grid(split, "rewrite", within="relation", permutations=permutations)
+    pooled = S.r2_grid(split, outcome, permutations=permutations)
+    within = S.r2_grid(split, outcome, within="relation", permutations=permutations)
     keys = ["problem", "method"]
     side = pooled[keys + ["added", "added_share", "f_p", "f_p_permuted", "added_chance"]].rename(
         columns={"added": "added_pooled", "added_share": "share_pooled", "f_p": "f_p_pooled",
                  "f_p_permuted": "p_facts_pooled", "added_chance": "chance_pooled"})
     merged = side.merge(within.drop(columns=["at_ceiling", "at_floor", "degenerate_layers"]), on=keys)
-    table(merged, "table3_r2_rewrite_within_relation",
-          f"R² for rewrite score, pooled and with relation x layer intercepts (facts shuffled within relation; "
+    table(merged, f"{name}_r2_{outcome}_within_relation",
+          f"R² for {outcome} score, pooled and with relation x layer intercepts (facts shuffled within relation; "
           f"{localisation})")
+    if outcome != "rewrite":
+        return merged
     for row in merged.itertuples(index=False):
         summary.headline[f"relation-controlled added R² ({row.method}, {row.problem})"] = (
             f"{row.added:.3f} (p facts {row.p_permuted:.2g}; pooled {row.added_pooled:.3f}, "
