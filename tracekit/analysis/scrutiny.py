@@ -79,14 +79,14 @@ def cell_table(grid, joined, within, table, summary, localisation) -> pd.DataFra
         side = within[["problem", "method", "added", "p_permuted", "added_chance"]].rename(
             columns={"added": "added_in_relation", "p_permuted": "p_in_relation", "added_chance": "chance_in_relation"})
         cells = cells.merge(side, on=["problem", "method"], how="left")
-        tested = cells["added_in_relation"].notna()
-        judged = [verdict(a, c, p) if t else verdict(a0, c0, p0) for t, a, c, p, a0, c0, p0 in zip(
-            tested, cells["added_in_relation"], cells["chance_in_relation"], cells["p_in_relation"],
-            cells["added"], cells["added_chance"], cells["p_facts"])]
-    else:
-        judged = [verdict(a, c, p) for a, c, p in zip(cells["added"], cells["added_chance"], cells["p_facts"])]
+
+    def judge(row) -> str:
+        if within is not None and not np.isnan(row.added_in_relation):
+            return verdict(row.added_in_relation, row.chance_in_relation, row.p_in_relation)
+        return verdict(row.added, row.added_chance, row.p_facts)
+
     cells["paper"] = [paper_cell(p, m) for p, m in zip(cells["problem"], cells["method"])]
-    cells["verdict"] = judged
+    cells["verdict"] = [judge(row) for row in cells.itertuples(index=False)]
     table(cells, "cells_rewrite", "Every (problem, method) cell: rewrite R² over layer with tracing, chance, the "
                                   f"paper's figure ({localisation}; verdict: added R² above its 95% chance level "
                                   "with facts-shuffled p < 0.05, within relation where tested)")
