@@ -158,6 +158,19 @@ def test_cell_table_puts_each_cell_beside_its_chance_level_and_the_paper(frames,
     assert summary.headline["cells where tracing adds R² above chance"].startswith("2 of 4")
 
 
+def test_a_cell_at_the_floor_is_reported_not_fitted(tmp_path):
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        fill(store, n_points=20, kinds=(("mlp", 5),))
+        edits, traces = store.edits_frame(), store.traces_frame()
+    floor = (edits["problem"] == "fact-forcing") & (edits["method"] == "rome")
+    edits.loc[floor, "rewrite"] = 2e-8  # the paper code's floor: every edit failed
+    paper_analyses(traces, edits, tmp_path / "out", default_layer=3, robustness=False, permutations=99)
+    cells = pd.read_csv(tmp_path / "out" / "cells_rewrite.csv").set_index(["problem", "method"])
+    cell = cells.loc[("fact-forcing", "rome")]
+    assert cell["verdict"] == "no fit" and cell["at_floor"] == 1.0 and np.isnan(cell["added"])
+    assert cells.loc[("fact-forcing", "ft-1"), "verdict"] != "no fit"
+
+
 def test_verdicts():
     from tracekit.analysis.scrutiny import verdict
 

@@ -68,13 +68,13 @@ def verdict(added: float, chance: float, p_facts: float) -> str:
 def cell_table(grid, joined, within, table, summary, localisation) -> pd.DataFrame:
     """One row per (problem, method): points, R² of layer and of layer x tracing, the added R², its
     share of what layer leaves, its chance level and facts-shuffled p, the same controlled for
-    relation (``within``, if given), the ceiling share, degenerate layers, the paper's figure and a
+    relation (``within``, if given), the ceiling and floor shares, degenerate layers, the paper's figure and a
     verdict (``verdict``; within relation where that was tested, else pooled)."""
     points = joined.groupby(["problem", "method"])["case_id"].nunique().rename("points").reset_index()
     cells = grid.merge(points, on=["problem", "method"])
     keep = ["problem", "method", "points", "n", "r2_layer", "r2_layer_x_tracing", "added", "added_share",
             "added_chance", "f_p_permuted"]
-    cells = cells[keep + ["at_ceiling", "degenerate_layers"]].rename(columns={"f_p_permuted": "p_facts"})
+    cells = cells[keep + ["at_ceiling", "at_floor", "degenerate_layers"]].rename(columns={"f_p_permuted": "p_facts"})
     if within is not None:
         side = within[["problem", "method", "added", "p_permuted", "added_chance"]].rename(
             columns={"added": "added_in_relation", "p_permuted": "p_in_relation", "added_chance": "chance_in_relation"})
