@@ -63,15 +63,6 @@ print(", ".join(f"{n} {t}" for t in ("traces", "edits") if t in have
     fi
 }
 
-sharded() {  # run a recipe as SHARDS processes side by side on the one store; fail if any fails
-    local pids=() k
-    for ((k = 0; k < SHARDS; k++)); do
-        "$@" --shard "$k/$SHARDS" &
-        pids+=($!)
-    done
-    for pid in "${pids[@]}"; do wait "$pid"; done
-}
-
 [ -f "$LIVE" ] || copy_store "$SNAP" "$LIVE"  # resume from the last committed checkpoint
 (while sleep "$EVERY"; do checkpoint; done) &
 TICKER=$!
@@ -81,25 +72,38 @@ COMMON=(--model "$MODEL" --dataset counterfact --store "$LIVE" --quiet $EXTRA)
 ALL_METHODS=(--methods rome memit ft-1 ft-5)
 EDIT=(--batch "$BATCH" --score-batch "$SCORE_BATCH")
 
-echo "$(date +%FT%T) 1/5 MLP tracing, window $WINDOW, first $N_EI known points"
-sharded "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds mlp --windows "$WINDOW" --samples 10
+one_shard() {  # steps 1-4 for one shard of the points, in order: a shard never waits for another
+    local shard=(--shard "$1/$SHARDS") tag="shard $1/$SHARDS"
+    echo "$(date +%FT%T) $tag 1/5 MLP tracing, window $WINDOW, first $N_EI known points"
+    "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp --windows "$WINDOW" \
+        --samples 10
+    echo "$(date +%FT%T) $tag 2/5 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
+    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
+        --problems error-injection --layers $EI_LAYERS
+    echo "$(date +%FT%T) $tag 3/5 the other four problems, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
+    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
+        --problems tracing-reversal fact-erasure fact-amplification fact-forcing --layers $OTHER_LAYERS
+    if [ "$N_FF" -gt "$N_OTHER" ]; then
+        echo "$(date +%FT%T) $tag 3b/5 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
+        "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
+            --problems fact-forcing --layers $OTHER_LAYERS
+    fi
+    echo "$(date +%FT%T) $tag 4/5 robustness traces: MLP window $ROBUST_WINDOW"
+    "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp \
+        --windows "$ROBUST_WINDOW" --samples 10
+    echo "$(date +%FT%T) $tag steps 1-4 done"
+}
+
+# SHARDS processes side by side on the one store, each through steps 1-4 (a shard that ends a step
+# first goes on to the next rather than leave its core idle); fail if any fails.
+pids=()
+for ((k = 0; k < SHARDS; k++)); do
+    one_shard "$k" &
+    pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid"; done
 checkpoint
-echo "$(date +%FT%T) 2/5 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
-sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
-    --problems error-injection --layers $EI_LAYERS
-checkpoint
-echo "$(date +%FT%T) 3/5 the other four problems, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
-sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
-    --problems tracing-reversal fact-erasure fact-amplification fact-forcing --layers $OTHER_LAYERS
-checkpoint
-if [ "$N_FF" -gt "$N_OTHER" ]; then
-    echo "$(date +%FT%T) 3b/5 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
-    sharded "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
-        --problems fact-forcing --layers $OTHER_LAYERS
-    checkpoint
-fi
-echo "$(date +%FT%T) 4/5 robustness traces: MLP window $ROBUST_WINDOW, representation zeroing"
-sharded "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds mlp --windows "$ROBUST_WINDOW" --samples 10
+echo "$(date +%FT%T) 4/5 representation zeroing, window $WINDOW (seconds)"
 "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds zero --windows "$WINDOW"
 checkpoint
 echo "$(date +%FT%T) 5/5 analysis"
