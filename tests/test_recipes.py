@@ -124,6 +124,14 @@ def test_trace_edit_analyse_with_stand_ins(data, tmp_path, capsys):
                  "--permutations", "0"]) == 0
     assert (tmp_path / "by-command" / "table1_r2.csv").exists()
 
+    # One finished step of a sweep: only its problem's edits are analysed.
+    one = tmp_path / "erasure-only"
+    assert main(["analyse", "--store", str(store), "--out", str(one), "--window", "3", "--permutations", "0",
+                 "--problems", "fact-erasure", "--methods", "rome"]) == 0
+    table3 = pd.read_csv(one / "table3_r2_rewrite.csv")
+    assert set(table3["problem"]) == {"fact-erasure"} and set(table3["method"]) == {"rome"}
+    assert "edit results: 24" in (one / "summary.md").read_text()  # rome on the 6 points erasure keeps x 4 layers
+
 
 def test_shards_through_the_recipe_equal_one_run(data, tmp_path):
     trace = recipe("trace_dataset")
@@ -169,6 +177,8 @@ def test_bad_input_is_one_line(data, tmp_path, capsys, monkeypatch):
     assert trace.main(common(data, tmp_path / "s.sqlite") + ["--windows", "9"]) == 2
     assert "window 9 does not fit" in capsys.readouterr().out
     assert recipe("analyse").main(["--store", str(tmp_path / "none.sqlite")]) == 2
+    assert recipe("analyse").main(["--store", str(tmp_path / "s.sqlite"), "--problems", "fact-forcing"]) == 2
+    assert "no edits with problem fact-forcing" in " ".join(capsys.readouterr().out.split())
     assert recipe("edit_sweep").main(common(data, tmp_path / "s.sqlite") + ["--layers", "7"], edit_fn=fake_edit) == 2
     assert "outside 0..3" in capsys.readouterr().out
     assert recipe("edit_sweep").main(common(data, tmp_path / "s.sqlite") + ["--score-batch", "0"],

@@ -55,6 +55,11 @@ def add_analyse_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--permutations", type=int, default=1999,
                         help="permutations for the points-shuffled p-values and chance levels (0: none; the "
                              "smallest p is 1 / (N + 1)); default: %(default)s")
+    parser.add_argument("--problems", nargs="+", default=None, metavar="PROBLEM",
+                        help="analyse only these editing problems' edits (default: every problem in the store; "
+                             "e.g. one finished step of a sweep still running)")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="analyse only these methods' edits (default: every method in the store)")
     parser.add_argument("--title", default=None,
                         help="heading of summary.md: say which dataset and model this is (default: tracekit analysis)")
 
@@ -80,6 +85,8 @@ def run(args) -> None:
     # A point stored in two of the given stores (a shard and its merge) counts once.
     traces = pd.concat(traces, ignore_index=True).drop_duplicates(["model", "dataset", "case_id", "kind", "window", "layer"])
     edits = pd.concat(edits, ignore_index=True).drop_duplicates(["model", "dataset", "case_id", "method", "problem", "layer"])
+    edits = only(edits, "problem", args.problems)
+    edits = only(edits, "method", args.methods)
     relations = None
     if args.by_relation:
         relations = relations_frame({name: load_dataset(name, args.data) for name in sorted(set(edits["dataset"]))})
@@ -88,6 +95,18 @@ def run(args) -> None:
                              robustness=args.robustness, relations=relations, permutations=args.permutations,
                              title=args.title, console=console)
     console.print(summary.markdown(), highlight=False)
+
+
+def only(edits, column: str, wanted):
+    """The edits whose ``column`` is one of ``wanted`` (None: all); a name the store lacks is an error."""
+    if wanted is None:
+        return edits
+    present = sorted(set(edits[column])) if column in edits else []
+    missing = sorted(set(wanted) - set(present))
+    if missing:
+        raise TracekitError(f"no edits with {column} {', '.join(missing)} in the store(s); they hold: "
+                            f"{', '.join(present) or 'no edits'}")
+    return edits[edits[column].isin(wanted)].reset_index(drop=True)
 
 
 def register(sub) -> None:
