@@ -9,8 +9,8 @@
 # the sizes, the measured costs and what must be merged first.
 #
 # Settings (environment): SHARED_DATA (../shared/data), MODEL (smollm2-135m), N_EI (120 known
-# points for Error Injection), N_OTHER (40 for the other problems), N_FF (120: Fact Forcing with FT-1
-# and FT-5, the paper's one positive cell, gets as many points as Error Injection), EI_LAYERS (auto: 8 spread + the
+# points for Error Injection), N_OTHER (40 for the other problems), N_FF (120, at least N_OTHER: Fact Forcing
+# with FT-1 and FT-5, the paper's one positive cell, gets as many points as Error Injection), EI_LAYERS (auto: 8 spread + the
 # default layer), OTHER_LAYERS ("0 3 8 17 25"), WINDOW / ROBUST_WINDOW (tracing windows, 5 / 10),
 # SHARDS (2 processes side by side), BATCH / SCORE_BATCH (points edited together / of those,
 # scored in one pass: 8 / 1, benchmarks/results/editing-cpu-batch-8-score-1.md), EVERY (seconds between checkpoints, 1800), COMMIT (1: commit
@@ -42,6 +42,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 # The data folder: CounterFact (436 records, ROME's format), known_1000 (the s3 noise scale) and
 # WikiText-2 (wikitext/wikitext-2-raw-v1.test.raw), which the key statistics find there: no
 # statistics from the model's own samples.
+[ "$N_FF" -ge "$N_OTHER" ] || { echo "N_FF ($N_FF) must be at least N_OTHER ($N_OTHER)"; exit 2; }
 [ -f "$SHARED_DATA/wikitext/wikitext-2-raw-v1.test.raw" ] || { echo "no WikiText-2 in $SHARED_DATA/wikitext"; exit 2; }
 mkdir -p "$(dirname "$LIVE")"
 export TRACEKIT_DATA=$SHARED_DATA
@@ -80,17 +81,20 @@ one_shard() {  # steps 1-4 for one shard of the points, in order: a shard never 
     echo "$(date +%FT%T) $tag 2/5 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
         --problems error-injection --layers $EI_LAYERS
-    echo "$(date +%FT%T) $tag 3/5 the other four problems, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
+    # The other problems, cheapest cells first: Fact Forcing with ROME and MEMIT (whole passes under
+    # fresh noise, ~10x an Error Injection item) comes last, so the other cells are whole first.
+    echo "$(date +%FT%T) $tag 3/5 Tracing Reversal, Fact Erasure, Fact Amplification, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
-        --problems tracing-reversal fact-erasure fact-amplification fact-forcing --layers $OTHER_LAYERS
-    if [ "$N_FF" -gt "$N_OTHER" ]; then
-        echo "$(date +%FT%T) $tag 3b/5 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
-        "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
-            --problems fact-forcing --layers $OTHER_LAYERS
-    fi
+        --problems tracing-reversal fact-erasure fact-amplification --layers $OTHER_LAYERS
+    echo "$(date +%FT%T) $tag 3/5 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
+    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
+        --problems fact-forcing --layers $OTHER_LAYERS
     echo "$(date +%FT%T) $tag 4/5 robustness traces: MLP window $ROBUST_WINDOW"
     "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp \
         --windows "$ROBUST_WINDOW" --samples 10
+    echo "$(date +%FT%T) $tag 3/5 Fact Forcing with ROME and MEMIT, layers $OTHER_LAYERS x $N_OTHER points"
+    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" --methods rome memit \
+        --problems fact-forcing --layers $OTHER_LAYERS
     echo "$(date +%FT%T) $tag steps 1-4 done"
 }
 
