@@ -1,5 +1,6 @@
 """The result store: round trip to DataFrames, manifest checks, resume, shards and merging."""
 
+import re
 import sqlite3
 
 import pandas as pd
@@ -7,6 +8,7 @@ import pytest
 
 from tracekit import TracekitError
 from tracekit.store import ResultStore, Shard, SweepItem, merge_stores, run_sweep
+from tracekit.store.manifest import code_version
 
 
 def edit_items(n_points=30, layers=(0, 2, 5)):
@@ -67,6 +69,36 @@ def test_manifest_records_and_guards_settings(tmp_path):
             store.begin("edit", {"model": "m#2", "hparams": None, "seed": 1}, seed=1)
         store.begin("trace", {"samples": 10}, seed=0)  # another sweep has its own settings
         assert set(store.manifests()) == {"edit", "trace"}
+        # every start is logged (the refused one is not), with the command and the code that ran
+        runs = store.runs()
+        assert [r["sweep"] for r in runs] == ["edit", "edit", "trace"]
+        assert runs[0]["config_hash"] == digest and runs[0]["started"] <= runs[1]["started"] <= runs[2]["started"]
+        assert runs[0]["command"] and {"python", "torch"} <= set(runs[0]["versions"])
+        assert runs[0]["code"] == code_version()
+
+
+def test_code_version_names_the_checkout():
+    version = code_version()
+    if version is None:
+        pytest.skip("tracekit is not running from a git checkout")
+    assert re.fullmatch(r"[0-9a-f]{12}(\+dirty)?", version)
+
+
+def test_a_store_from_before_the_run_log_reads_and_merges(tmp_path):
+    old = tmp_path / "old.sqlite"
+    with ResultStore(old) as store:
+        store.begin("edit", {"model": "m"}, 0)
+    with sqlite3.connect(old) as conn:
+        conn.execute("DROP TABLE runs")
+    with ResultStore(old, readonly=True) as store:
+        assert store.runs() == [] and "edit" in store.manifests()
+    new = tmp_path / "new.sqlite"
+    with ResultStore(new) as store:
+        store.begin("edit", {"model": "m"}, 0)
+    merge_stores(tmp_path / "merged.sqlite", [old, new])
+    merge_stores(tmp_path / "merged.sqlite", [new])  # a run already there is not logged twice
+    with ResultStore(tmp_path / "merged.sqlite", readonly=True) as merged:
+        assert len(merged.runs()) == 1 and merged.manifests()["edit"]["config_hash"]
 
 
 def test_rerun_skips_what_is_done(tmp_path):

@@ -21,6 +21,15 @@ def _show(args) -> None:
             started = datetime.datetime.fromtimestamp(m["created"]).isoformat(timespec="seconds")
             manifest.add_row(sweep, m["config_hash"], str(m["seed"]), started, m["command"] or "")
         console.print(manifest)
+        runs = store.runs()
+        if runs:
+            log = Table(title="runs (every start or resume)")
+            for column in ("started", "sweep", "code", "command"):
+                log.add_column(column)
+            for run in runs:
+                started = datetime.datetime.fromtimestamp(run["started"]).isoformat(timespec="seconds")
+                log.add_row(started, run["sweep"], run["code"] or run["versions"].get("tracekit", ""), run["command"] or "")
+            console.print(log)
         _group_table("traces", store, ["model", "kind", "window"])
         _group_table("edits", store, ["model", "method", "problem"])
         console.print(f"known-fact verdicts cached: {store.count('known_facts')}")
@@ -67,7 +76,7 @@ def register(sub) -> None:
     parser = sub.add_parser("store", help="inspect, merge and export result stores",
                             description="Result stores are SQLite files written by the recipes.")
     commands = parser.add_subparsers(dest="store_command", required=True, metavar="ACTION")
-    p = commands.add_parser("show", help="what a store holds: sweeps, traces, edits")
+    p = commands.add_parser("show", help="what a store holds: sweeps, runs, traces, edits")
     p.add_argument("store", help="path of a .sqlite result store")
     p.set_defaults(func=_show)
     p = commands.add_parser("merge", help="join shard stores into one",

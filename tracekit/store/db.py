@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from tracekit.errors import TracekitError
-from tracekit.store.manifest import canonical_json, command_line, config_hash, versions
+from tracekit.store.manifest import canonical_json, code_version, command_line, config_hash, versions
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ def _schema(name: str, spec: TableSpec) -> str:
 
 MANIFEST_SCHEMA = ("CREATE TABLE IF NOT EXISTS manifest (sweep TEXT PRIMARY KEY, config_hash TEXT NOT NULL, "
                    "config TEXT NOT NULL, seed INTEGER, versions TEXT NOT NULL, command TEXT, created REAL NOT NULL)")
+
+# Every begin() of a sweep, resumes included: the manifest keeps the first run's command and
+# versions; this log says which commands and which code made the rest.
+RUNS_SCHEMA = ("CREATE TABLE IF NOT EXISTS runs (sweep TEXT NOT NULL, config_hash TEXT NOT NULL, command TEXT, "
+               "code TEXT, versions TEXT NOT NULL, started REAL NOT NULL, UNIQUE (sweep, started, command))")
 
 
 def _encode(value):
@@ -111,6 +116,7 @@ class ResultStore:
                 for name, spec in TABLES.items():
                     self.conn.execute(_schema(name, spec))
                 self.conn.execute(MANIFEST_SCHEMA)
+                self.conn.execute(RUNS_SCHEMA)
         except sqlite3.DatabaseError as err:  # not SQLite at all, or unreadable
             raise TracekitError(f"{self.path} is not a tracekit result store (SQLite says: {err})") from None
 
@@ -153,12 +159,22 @@ class ResultStore:
             changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
             raise TracekitError(f"store {self.path} holds sweep '{sweep}' made with other settings "
                                 f"({', '.join(changed)} differ); use the same settings or another --store")
+        self.conn.execute("INSERT OR IGNORE INTO runs VALUES (?, ?, ?, ?, ?, ?)",
+                          (sweep, digest, command_line(), code_version(), canonical_json(versions()), time.time()))
         return digest
 
     def manifests(self) -> dict[str, dict]:
         rows = self.conn.execute("SELECT sweep, config_hash, config, seed, versions, command, created FROM manifest")
         return {r[0]: {"config_hash": r[1], "config": json.loads(r[2]), "seed": r[3],
                        "versions": json.loads(r[4]), "command": r[5], "created": r[6]} for r in rows}
+
+    def runs(self) -> list[dict]:
+        """Every run of every sweep on this store, oldest first (none for a store made before the log)."""
+        if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone():
+            return []
+        rows = self.conn.execute("SELECT sweep, config_hash, command, code, versions, started FROM runs ORDER BY started")
+        return [{"sweep": r[0], "config_hash": r[1], "command": r[2], "code": r[3], "versions": json.loads(r[4]),
+                 "started": r[5]} for r in rows]
 
     # ---- writing ----------------------------------------------------------------------------
     def put(self, table: str, key: dict, values: dict) -> bool:

@@ -1,13 +1,15 @@
 """What a result store records about how its results were made: config hash, seed, versions,
-and the identity of the model (``tracekit.identity.model_identity``)."""
+the code's git commit, and the identity of the model (``tracekit.identity.model_identity``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import platform
+import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 from tracekit.identity import model_identity  # noqa: F401 - the store's model column
 
@@ -34,3 +36,24 @@ def versions() -> dict[str, str]:
 
 def command_line() -> str:
     return " ".join(sys.argv)
+
+
+def code_version() -> str | None:
+    """The git commit of the tracekit source that runs (``+dirty`` with uncommitted changes), or
+    None outside a git checkout (an installed wheel: ``versions()`` has its version)."""
+    here = Path(__file__).resolve().parent
+    try:
+        # tracked, not merely inside some repository (a virtual environment within a project)
+        tracked = subprocess.run(["git", "-C", str(here), "ls-files", "--", "__init__.py"], capture_output=True,
+                                 text=True, timeout=10)
+        if tracked.returncode != 0 or not tracked.stdout.strip():
+            return None
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no", "--",
+                                str(here.parent)], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")

@@ -2,7 +2,8 @@
 
 Rows with the same key and the same values (a shard rerun, an overlap) are kept once; the
 same key with different values means the stores came from different runs, and the merge
-stops without writing anything. Manifests must agree sweep by sweep (same config hash).
+stops without writing anything. Manifests must agree sweep by sweep (same config hash); the
+run logs are joined.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ def _merge_into(output: Path, inputs) -> MergeReport:
             try:
                 for i in range(len(inputs)):
                     conn.execute(f"INSERT OR IGNORE INTO main.manifest SELECT * FROM src{i}.manifest")
+                    if conn.execute(f"SELECT 1 FROM src{i}.sqlite_master WHERE name = 'runs'").fetchone():
+                        conn.execute(f"INSERT OR IGNORE INTO main.runs SELECT * FROM src{i}.runs")
                 for table, spec in TABLES.items():
                     before = out.count(table)
                     total = 0
