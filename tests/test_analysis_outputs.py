@@ -137,6 +137,12 @@ def test_split_by_relation(frames, tmp_path):
         other = pd.read_csv(tmp_path / f"{name}_within_relation.csv")
         assert len(other) == 4 and (other["groups"] == 2).all()
     assert (tmp_path / "table3_r2_rewrite_by_relation_without_degenerate.csv").exists()
+    essence = pd.read_csv(tmp_path / "fig14_r2_essence_and_unscaled_within_relation.csv")
+    pooled = pd.read_csv(tmp_path / "fig14_r2_essence_and_unscaled.csv")
+    assert set(essence["outcome"]) == {"essence", "efficacy_success", "efficacy_magnitude"} and (essence["groups"] == 2).all()
+    keys = ["outcome", "problem", "method"]
+    both = essence.merge(pooled, on=keys, suffixes=("", "_grid"))
+    assert len(both) == len(essence) == 12 and both["added_pooled"].to_list() == pytest.approx(both["added_grid"].to_list())
     cells = pd.read_csv(tmp_path / "cells_rewrite.csv")
     assert {"added_in_relation", "p_in_relation", "chance_in_relation"} <= set(cells.columns)
     assert cells["added_in_relation"].to_list() == pytest.approx(within["added"].to_list())

@@ -152,7 +152,7 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
         X.cell_table(rewrite_grid, joined, within, table, summary, localisation)
 
     optional(X.practical_check, joined, layer, table, summary)
-    optional(X.other_outcomes, joined, table, summary, localisation, permutations)
+    optional(X.other_outcomes, joined, table, summary, localisation, permutations, relations)
 
     # Fig. 15: per-layer correlations.
     per_layer = S.correlations(joined, "rewrite", by=("problem", "method", "layer"))

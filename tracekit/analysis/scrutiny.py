@@ -33,13 +33,7 @@ def relation_controlled(joined, relations, table, summary, localisation, permuta
     """Added R² of ``outcome`` pooled and with relation x layer intercepts (facts shuffled within
     relation); for the rewrite score also by relation without degenerate layers, and headlines."""
     split = F.with_relation(joined, relations)
-    pooled = S.r2_grid(split, outcome, permutations=permutations)
-    within = S.r2_grid(split, outcome, within="relation", permutations=permutations)
-    keys = ["problem", "method"]
-    side = pooled[keys + ["added", "added_share", "f_p", "f_p_permuted", "added_chance"]].rename(
-        columns={"added": "added_pooled", "added_share": "share_pooled", "f_p": "f_p_pooled",
-                 "f_p_permuted": "p_facts_pooled", "added_chance": "chance_pooled"})
-    merged = side.merge(within.drop(columns=["at_ceiling", "at_floor", "degenerate_layers"]), on=keys)
+    merged = pooled_and_within(split, outcome, permutations)
     table(merged, f"{name}_r2_{outcome}_within_relation",
           f"R² for {outcome} score, pooled and with relation x layer intercepts (facts shuffled within relation; "
           f"{localisation})")
@@ -54,6 +48,19 @@ def relation_controlled(joined, relations, table, summary, localisation, permuta
     table(by_relation, "table3_r2_rewrite_by_relation_without_degenerate",
           f"R² for rewrite score by relation, degenerate layers left out ({localisation})")
     return merged
+
+
+def pooled_and_within(split, outcome: str, permutations: int) -> pd.DataFrame:
+    """Per (problem, method): the added R² of ``outcome`` pooled (``*_pooled`` columns) beside the
+    same with relation x layer intercepts and facts shuffled within relation. ``split``: edits
+    joined with tracing effects and relations (``frames.with_relation``)."""
+    pooled = S.r2_grid(split, outcome, permutations=permutations)
+    within = S.r2_grid(split, outcome, within="relation", permutations=permutations)
+    keys = ["problem", "method"]
+    side = pooled[keys + ["added", "added_share", "f_p", "f_p_permuted", "added_chance"]].rename(
+        columns={"added": "added_pooled", "added_share": "share_pooled", "f_p": "f_p_pooled",
+                 "f_p_permuted": "p_facts_pooled", "added_chance": "chance_pooled"})
+    return side.merge(within.drop(columns=["at_ceiling", "at_floor", "degenerate_layers"]), on=keys)
 
 
 def verdict(added: float, chance: float, p_facts: float) -> str:
@@ -130,8 +137,9 @@ def practical_check(joined, default_layer, table, summary) -> None:
             f"rewrite {row.at_peak:.3f} vs {row.at_fixed:.3f} at layer {row.fixed_layer} (p {row.p:.2g})")
 
 
-def other_outcomes(joined, table, summary, localisation, permutations) -> None:
-    """Essence and the unscaled metrics: analysed like the paper's scores, not only stored."""
+def other_outcomes(joined, table, summary, localisation, permutations, relations=None) -> None:
+    """Essence and the unscaled metrics: analysed like the paper's scores, not only stored; with
+    ``relations`` (two or more), also controlled for relation like Tables 3-6."""
     present = [o for o in ("essence", *UNSCALED) if o in joined.columns and joined[o].notna().any()]
     if not present:
         summary.notes.append("no essence or unscaled scores in the store: their tables skipped")
@@ -152,6 +160,23 @@ def other_outcomes(joined, table, summary, localisation, permutations) -> None:
         if grid["added"].notna().any():  # a constant outcome has no R^2
             summary.headline["max R² added by tracing (essence, unscaled)"] = (
                 f"{grid['added'].max():.3f} ({grid.loc[grid['added'].idxmax(), 'outcome']})")
+    if relations is None:
+        return
+    split = F.with_relation(joined, relations)
+    if split["relation"].nunique() < 2:
+        return
+    controlled = []
+    for outcome in present:
+        try:
+            controlled.append(pooled_and_within(split, outcome, permutations).assign(outcome=outcome))
+        except TracekitError as err:
+            summary.notes.append(f"relation-controlled R² for {outcome} skipped: {err}")
+    if controlled:
+        frame = pd.concat(controlled, ignore_index=True)
+        table(frame[["outcome"] + [c for c in frame.columns if c != "outcome"]],
+              "fig14_r2_essence_and_unscaled_within_relation",
+              f"R² for the essence score and Meng et al.'s unscaled metrics, pooled and with relation x layer "
+              f"intercepts (facts shuffled within relation; {localisation})")
 
 
 def concentrated_peaks(effects, window, summary) -> pd.DataFrame:

@@ -31,8 +31,8 @@ peak-tracing layer vs one fixed layer), the essence score and Meng et al.'s unsc
 outcomes, and the concentrated points' peak layers.
 
 With --by-relation, Fig. 4 and Table 3 are also split by the facts' relation, and the added-R^2
-test of every outcome (Tables 3-6) is controlled for it (relation x layer intercepts, points
-shuffled within relation). cells_rewrite is one row per (problem, method): the added R^2 beside
+test of every outcome (Tables 3-6, essence, the unscaled metrics) is controlled for it (relation
+x layer intercepts, points shuffled within relation). cells_rewrite is one row per (problem, method): the added R^2 beside
 its chance level, the relation-controlled test, the paper's figure and a verdict.
 """
 
