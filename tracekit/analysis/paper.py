@@ -116,6 +116,7 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
     summary.headline[f"F-test p ({method}, {problem})"] = (f"rows independent {fit.f_p:.2g}, "
                                                            f"points permuted {fit.f_p_permuted:.2g}")
     rewrite_grid = within = None
+    pooled: dict[str, pd.DataFrame] = {}  # outcome -> its r2_grid, reused by the relation-controlled tables
     for outcome, name in OUTCOMES.items():
         if outcome not in joined.columns:
             summary.notes.append(f"no {outcome} scores: {name} skipped")
@@ -125,6 +126,7 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
         except TracekitError as err:
             summary.notes.append(f"{name} skipped: {err}")
             continue
+        pooled[outcome] = grid
         table(grid, f"{name}_r2_{outcome}", f"R² for {outcome} score by problem and method ({localisation})")
         summary.headline[f"max R² added by tracing ({outcome})"] = (
             f"{grid['added'].max():.3f}; chance {grid['added_chance'].min():.3f}-{grid['added_chance'].max():.3f}")
@@ -143,11 +145,12 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
                                          permutations=permutations), "table3_r2_rewrite_by_relation",
                                f"R² for rewrite score by relation, problem and method ({localisation})"))
         if split["relation"].nunique() > 1:
-            within = optional(X.relation_controlled, joined, relations, table, summary, localisation, permutations)
+            within = optional(X.relation_controlled, joined, relations, table, summary, localisation, permutations,
+                              "rewrite", "table3", pooled.get("rewrite"))
             for outcome, name in list(OUTCOMES.items())[1:]:  # paraphrase, neighbourhood, overall
                 if outcome in joined.columns:
                     optional(X.relation_controlled, joined, relations, table, summary, localisation, permutations,
-                             outcome, name)
+                             outcome, name, pooled.get(outcome))
     if rewrite_grid is not None:
         X.cell_table(rewrite_grid, joined, within, table, summary, localisation)
 

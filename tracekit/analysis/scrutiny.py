@@ -29,11 +29,12 @@ UNSCALED = ("efficacy_success", "efficacy_magnitude", "paraphrase_success", "par
 
 
 def relation_controlled(joined, relations, table, summary, localisation, permutations, outcome: str = "rewrite",
-                        name: str = "table3") -> pd.DataFrame:
+                        name: str = "table3", pooled: pd.DataFrame | None = None) -> pd.DataFrame:
     """Added R² of ``outcome`` pooled and with relation x layer intercepts (facts shuffled within
-    relation); for the rewrite score also by relation without degenerate layers, and headlines."""
+    relation); for the rewrite score also by relation without degenerate layers, and headlines.
+    ``pooled``: the pooled ``r2_grid`` of ``outcome`` if the caller has it (``pooled_and_within``)."""
     split = F.with_relation(joined, relations)
-    merged = pooled_and_within(split, outcome, permutations)
+    merged = pooled_and_within(split, outcome, permutations, pooled)
     table(merged, f"{name}_r2_{outcome}_within_relation",
           f"R² for {outcome} score, pooled and with relation x layer intercepts (facts shuffled within relation; "
           f"{localisation})")
@@ -50,11 +51,14 @@ def relation_controlled(joined, relations, table, summary, localisation, permuta
     return merged
 
 
-def pooled_and_within(split, outcome: str, permutations: int) -> pd.DataFrame:
+def pooled_and_within(split, outcome: str, permutations: int, pooled: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per (problem, method): the added R² of ``outcome`` pooled (``*_pooled`` columns) beside the
     same with relation x layer intercepts and facts shuffled within relation. ``split``: edits
-    joined with tracing effects and relations (``frames.with_relation``)."""
-    pooled = S.r2_grid(split, outcome, permutations=permutations)
+    joined with tracing effects and relations (``frames.with_relation``). ``pooled``: the pooled
+    ``r2_grid`` already computed on the same edits: recomputing it gives the same frame (its
+    permutations, most of the cost, are seeded per fit), so it is not done twice."""
+    if pooled is None:
+        pooled = S.r2_grid(split, outcome, permutations=permutations)
     within = S.r2_grid(split, outcome, within="relation", permutations=permutations)
     keys = ["problem", "method"]
     side = pooled[keys + ["added", "added_share", "f_p", "f_p_permuted", "added_chance"]].rename(
@@ -146,14 +150,14 @@ def other_outcomes(joined, table, summary, localisation, permutations, relations
         return
     table(S.mean_scores_by_layer(joined, scores=present), "fig8_essence_and_unscaled_by_layer",
           "Mean essence score and Meng et al.'s unscaled metrics by layer")
-    grids = []
+    grids = {}
     for outcome in present:
         try:
-            grids.append(S.r2_grid(joined, outcome, permutations=permutations).assign(outcome=outcome))
+            grids[outcome] = S.r2_grid(joined, outcome, permutations=permutations)
         except TracekitError as err:
             summary.notes.append(f"R² for {outcome} skipped: {err}")
     if grids:
-        grid = pd.concat(grids, ignore_index=True)
+        grid = pd.concat([g.assign(outcome=o) for o, g in grids.items()], ignore_index=True)
         grid = grid[["outcome"] + [c for c in grid.columns if c != "outcome"]]
         table(grid, "fig14_r2_essence_and_unscaled",
               f"R² for the essence score and Meng et al.'s unscaled metrics ({localisation})")
@@ -168,7 +172,8 @@ def other_outcomes(joined, table, summary, localisation, permutations, relations
     controlled = []
     for outcome in present:
         try:
-            controlled.append(pooled_and_within(split, outcome, permutations).assign(outcome=outcome))
+            controlled.append(pooled_and_within(split, outcome, permutations, grids.get(outcome))
+                              .assign(outcome=outcome))
         except TracekitError as err:
             summary.notes.append(f"relation-controlled R² for {outcome} skipped: {err}")
     if controlled:

@@ -3,6 +3,7 @@ the code's git commit, and the identity of the model (``tracekit.identity.model_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -38,6 +39,7 @@ def command_line() -> str:
     return " ".join(sys.argv)
 
 
+@functools.cache  # the code a process runs is the code it imported: ask git once
 def code_version() -> str | None:
     """The git commit of the tracekit source that runs (``+dirty`` with uncommitted changes), or
     None outside a git checkout (an installed wheel: ``versions()`` has its version)."""
