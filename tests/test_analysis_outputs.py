@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from tracekit import TracekitError
-from tracekit.analysis import fit_r2, join_edits, paper_analyses, relations_frame, select, to_markdown, tracing_effects
+from tracekit.analysis import fit_r2, holm, join_edits, paper_analyses, relations_frame, select, to_markdown, tracing_effects
 from tracekit.data import FactRecord
 from tracekit.store import ResultStore
 
@@ -143,6 +143,8 @@ def test_split_by_relation(frames, tmp_path):
     keys = ["outcome", "problem", "method"]
     both = essence.merge(pooled, on=keys, suffixes=("", "_grid"))
     assert len(both) == len(essence) == 12 and both["added_pooled"].to_list() == pytest.approx(both["added_grid"].to_list())
+    for _, family in essence.groupby("problem"):  # Holm over one problem's outcomes x methods
+        assert family["p_holm"].to_list() == pytest.approx(holm(family["p_permuted"]).tolist())
     cells = pd.read_csv(tmp_path / "cells_rewrite.csv")
     assert {"added_in_relation", "p_in_relation", "chance_in_relation"} <= set(cells.columns)
     assert cells["added_in_relation"].to_list() == pytest.approx(within["added"].to_list())
@@ -161,7 +163,11 @@ def test_cell_table_puts_each_cell_beside_its_chance_level_and_the_paper(frames,
     assert "0.947" in cells.loc[("error-injection", "rome"), "paper"]
     grid = pd.read_csv(tmp_path / "table3_r2_rewrite.csv").set_index(["problem", "method"])
     assert cells["added"].to_dict() == pytest.approx(grid["added"].to_dict())
-    assert summary.headline["cells where tracing adds R² above chance"].startswith("2 of 4")
+    headline = summary.headline["cells where tracing adds R² above chance"]
+    assert headline.startswith("2 of 4") and "; 2 after Holm's adjustment for 4 cells" in headline
+    # Holm over 4 cells: each p at least the raw one, and the planted cells' (p 1/200) survive it
+    assert (cells["p_holm"] >= cells["p_facts"] - 1e-12).all() and (cells["p_holm"] <= 1).all()
+    assert (cells.loc["fact-forcing", "p_holm"] < 0.05).all()
 
 
 def test_a_cell_at_the_floor_is_reported_not_fitted(tmp_path):
@@ -170,11 +176,24 @@ def test_a_cell_at_the_floor_is_reported_not_fitted(tmp_path):
         edits, traces = store.edits_frame(), store.traces_frame()
     floor = (edits["problem"] == "fact-forcing") & (edits["method"] == "rome")
     edits.loc[floor, "rewrite"] = 2e-8  # the paper code's floor: every edit failed
-    paper_analyses(traces, edits, tmp_path / "out", default_layer=3, robustness=False, permutations=99)
+    summary = paper_analyses(traces, edits, tmp_path / "out", default_layer=3, robustness=False, permutations=99)
     cells = pd.read_csv(tmp_path / "out" / "cells_rewrite.csv").set_index(["problem", "method"])
     cell = cells.loc[("fact-forcing", "rome")]
     assert cell["verdict"] == "no fit" and cell["at_floor"] == 1.0 and np.isnan(cell["added"])
     assert cells.loc[("fact-forcing", "ft-1"), "verdict"] != "no fit"
+    assert np.isnan(cell["p_holm"]) and cells["p_holm"].notna().sum() == 3  # a cell with no fit is no test
+    headline = summary.headline["cells where tracing adds R² above chance"]
+    assert "rome fact-forcing" not in headline  # the floor cell is not counted as "above chance"
+    # the null cell that passes by luck at 20 points (rome error-injection here) does not pass Holm's adjustment
+    assert headline.endswith("; 1 after Holm's adjustment for 3 cells: ft-1 fact-forcing")
+
+
+def test_holm_adjusts_a_family_of_p_values():
+    # by hand: sorted 0.01, 0.03, 0.04 times 3, 2, 1 -> 0.03, 0.06, 0.04 -> made monotone: 0.03, 0.06, 0.06
+    adjusted = holm([0.04, 0.01, float("nan"), 0.03])
+    assert adjusted[[1, 3, 0]].tolist() == pytest.approx([0.03, 0.06, 0.06]) and np.isnan(adjusted[2])
+    assert holm([0.5, 0.9]).tolist() == pytest.approx([1.0, 1.0])  # capped at 1
+    assert np.isnan(holm([float("nan")])).all() and holm([]).shape == (0,)
 
 
 def test_verdicts():

@@ -13,9 +13,10 @@ from tracekit.analysis.paper import Summary, paper_analyses
 from tracekit.analysis.report import save_table, to_markdown
 from tracekit.analysis.permutation import PermutationTest, profile_permutation
 from tracekit.analysis.stats import (R2Fit, WithinFit, correlations, effect_by_layer, fit_r2, fit_r2_within,
-                                     mean_scores_by_layer, pearson, r2_grid)
+                                     holm, mean_scores_by_layer, pearson, r2_grid)
 
 __all__ = ["PermutationTest", "R2Fit", "Summary", "WithinFit", "concentrated_cases", "correlations",
-           "degenerate_layers", "effect_by_layer", "fit_r2", "fit_r2_within", "join_edits", "mean_scores_by_layer",
-           "only_points", "outcome_flags", "paper_analyses", "peak_layer_check", "pearson", "profile_permutation",
-           "r2_grid", "relations_frame", "save_table", "select", "to_markdown", "tracing_effects", "with_relation"]
+           "degenerate_layers", "effect_by_layer", "fit_r2", "fit_r2_within", "holm", "join_edits",
+           "mean_scores_by_layer", "only_points", "outcome_flags", "paper_analyses", "peak_layer_check", "pearson",
+           "profile_permutation", "r2_grid", "relations_frame", "save_table", "select", "to_markdown",
+           "tracing_effects", "with_relation"]

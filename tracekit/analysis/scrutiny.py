@@ -79,8 +79,9 @@ def verdict(added: float, chance: float, p_facts: float) -> str:
 def cell_table(grid, joined, within, table, summary, localisation) -> pd.DataFrame:
     """One row per (problem, method): points, R² of layer and of layer x tracing, the added R², its
     share of what layer leaves, its chance level and facts-shuffled p, the same controlled for
-    relation (``within``, if given), the ceiling and floor shares, degenerate layers, the paper's figure and a
-    verdict (``verdict``; within relation where that was tested, else pooled)."""
+    relation (``within``, if given), the ceiling and floor shares, degenerate layers, the paper's
+    figure, a verdict (``verdict``; within relation where that was tested, else pooled), and the
+    verdict's p-value adjusted for the number of cells (``p_holm``, Holm over the fitted cells)."""
     points = joined.groupby(["problem", "method"])["case_id"].nunique().rename("points").reset_index()
     cells = grid.merge(points, on=["problem", "method"])
     keep = ["problem", "method", "points", "n", "r2_layer", "r2_layer_x_tracing", "added", "added_share",
@@ -91,20 +92,28 @@ def cell_table(grid, joined, within, table, summary, localisation) -> pd.DataFra
             columns={"added": "added_in_relation", "p_permuted": "p_in_relation", "added_chance": "chance_in_relation"})
         cells = cells.merge(side, on=["problem", "method"], how="left")
 
-    def judge(row) -> str:
+    def tested(row) -> tuple[float, float, float]:  # the (added, chance, p) the verdict reads
         if within is not None and not np.isnan(row.added_in_relation):
-            return verdict(row.added_in_relation, row.chance_in_relation, row.p_in_relation)
-        return verdict(row.added, row.added_chance, row.p_facts)
+            return row.added_in_relation, row.chance_in_relation, row.p_in_relation
+        return row.added, row.added_chance, row.p_facts
 
+    judged = [tested(row) for row in cells.itertuples(index=False)]
     cells["paper"] = [paper_cell(p, m) for p, m in zip(cells["problem"], cells["method"])]
-    cells["verdict"] = [judge(row) for row in cells.itertuples(index=False)]
+    cells["verdict"] = [verdict(*t) for t in judged]
+    cells["p_holm"] = S.holm([p if not np.isnan(added) else np.nan for added, _, p in judged])
     table(cells, "cells_rewrite", "Every (problem, method) cell: rewrite R² over layer with tracing, chance, the "
                                   f"paper's figure ({localisation}; verdict: added R² above its 95% chance level "
-                                  "with facts-shuffled p < 0.05, within relation where tested)")
+                                  "with facts-shuffled p < 0.05, within relation where tested; p_holm: that p "
+                                  "adjusted for the number of cells)")
     above = cells[cells["verdict"] != "within chance"]
+    above = above[above["verdict"] != "no fit"]
+    held = above[above["p_holm"] < 0.05]
+    fitted = int(cells["p_holm"].notna().sum())
     summary.headline["cells where tracing adds R² above chance"] = (
         f"{len(above)} of {len(cells)}" + (": " + ", ".join(f"{r.method} {r.problem} ({r.added:.3f})"
-                                                          for r in above.itertuples()) if len(above) else ""))
+                                                          for r in above.itertuples()) if len(above) else "")
+        + f"; {len(held)} after Holm's adjustment for {fitted} cells"
+        + (": " + ", ".join(f"{r.method} {r.problem}" for r in held.itertuples()) if len(held) else ""))
     return cells
 
 
@@ -178,10 +187,14 @@ def other_outcomes(joined, table, summary, localisation, permutations, relations
             summary.notes.append(f"relation-controlled R² for {outcome} skipped: {err}")
     if controlled:
         frame = pd.concat(controlled, ignore_index=True)
+        # One problem's outcomes x methods are one family: a look at seven outcomes for each of four
+        # methods is 28 chances for one to pass by luck.
+        frame["p_holm"] = frame.groupby("problem")["p_permuted"].transform(lambda p: S.holm(p.to_numpy()))
         table(frame[["outcome"] + [c for c in frame.columns if c != "outcome"]],
               "fig14_r2_essence_and_unscaled_within_relation",
               f"R² for the essence score and Meng et al.'s unscaled metrics, pooled and with relation x layer "
-              f"intercepts (facts shuffled within relation; {localisation})")
+              f"intercepts (facts shuffled within relation; {localisation}; p_holm: p adjusted over one "
+              f"problem's outcomes x methods)")
 
 
 def concentrated_peaks(effects, window, summary) -> pd.DataFrame:

@@ -17,6 +17,10 @@ scale of what is left to explain: added / (1 - R^2 of layer).
 
 ``fit_r2_within`` is the relation-controlled version: one intercept per (relation, layer) in
 both models, profiles shuffled only among points of the same relation.
+
+``holm`` adjusts a family of such p-values (the 20 cells of the study, say) for the number of
+tests: of 20 cells with no effect, at least one passes p < 0.05 by chance in two studies of three
+(1 - 0.95^20).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import pandas as pd
 import statsmodels.formula.api as smf
 from scipy import stats as sps
 from statsmodels.stats.anova import anova_lm
+from statsmodels.stats.multitest import multipletests
 from statsmodels.tools.sm_exceptions import SingularMatrixWarning
 
 from tracekit.analysis.checks import degenerate_layers, outcome_flags
@@ -176,6 +181,17 @@ def r2_grid(df: pd.DataFrame, outcome: str = "rewrite", by: tuple[str, ...] = ("
     if not rows:
         raise TracekitError(f"no group of {', '.join(by)} has enough {outcome} results to fit the models")
     return pd.DataFrame(rows)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (family-wise error rate, no assumption
+    about how the tests depend on each other); NaN (no test) stays NaN and is not counted."""
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, np.nan)
+    tested = ~np.isnan(p)
+    if tested.any():
+        adjusted[tested] = multipletests(p[tested], method="holm")[1]
+    return adjusted
 
 
 def pearson(x, y) -> tuple[float, float, int]:

@@ -32,8 +32,10 @@ outcomes, and the concentrated points' peak layers.
 
 With --by-relation, Fig. 4 and Table 3 are also split by the facts' relation, and the added-R^2
 test of every outcome (Tables 3-6, essence, the unscaled metrics) is controlled for it (relation
-x layer intercepts, points shuffled within relation). cells_rewrite is one row per (problem, method): the added R^2 beside
-its chance level, the relation-controlled test, the paper's figure and a verdict.
+x layer intercepts, points shuffled within relation). cells_rewrite is one row per (problem,
+method): the added R^2 beside its chance level, the relation-controlled test, the paper's figure,
+a verdict, and the verdict's p-value adjusted for the number of cells (p_holm, Holm's method: of
+20 cells with no effect, at least one passes p < 0.05 by chance in two studies of three).
 """
 
 
