@@ -73,32 +73,32 @@ COMMON=(--model "$MODEL" --dataset counterfact --store "$LIVE" --quiet $EXTRA)
 ALL_METHODS=(--methods rome memit ft-1 ft-5)
 EDIT=(--batch "$BATCH" --score-batch "$SCORE_BATCH")
 
-one_shard() {  # steps 1-4 for one shard of the points, in order: a shard never waits for another
+one_shard() {  # steps 1-6 for one shard of the points, in order: a shard never waits for another
     local shard=(--shard "$1/$SHARDS") tag="shard $1/$SHARDS"
-    echo "$(date +%FT%T) $tag 1/5 MLP tracing, window $WINDOW, first $N_EI known points"
+    echo "$(date +%FT%T) $tag 1/8 MLP tracing, window $WINDOW, first $N_EI known points"
     "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp --windows "$WINDOW" \
         --samples 10
-    echo "$(date +%FT%T) $tag 2/5 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
+    echo "$(date +%FT%T) $tag 2/8 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
         --problems error-injection --layers $EI_LAYERS
     # The other problems, cheapest cells first: Fact Forcing with ROME and MEMIT (whole passes under
     # fresh noise, ~10x an Error Injection item) comes last, so the other cells are whole first.
-    echo "$(date +%FT%T) $tag 3/5 Tracing Reversal, Fact Erasure, Fact Amplification, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
+    echo "$(date +%FT%T) $tag 3/8 Tracing Reversal, Fact Erasure, Fact Amplification, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
         --problems tracing-reversal fact-erasure fact-amplification --layers $OTHER_LAYERS
-    echo "$(date +%FT%T) $tag 3/5 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
+    echo "$(date +%FT%T) $tag 4/8 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
         --problems fact-forcing --layers $OTHER_LAYERS
-    echo "$(date +%FT%T) $tag 4/5 robustness traces: MLP window $ROBUST_WINDOW"
+    echo "$(date +%FT%T) $tag 5/8 robustness traces: MLP window $ROBUST_WINDOW"
     "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp \
         --windows "$ROBUST_WINDOW" --samples 10
-    echo "$(date +%FT%T) $tag 3/5 Fact Forcing with ROME and MEMIT, layers $OTHER_LAYERS x $N_OTHER points"
+    echo "$(date +%FT%T) $tag 6/8 Fact Forcing with ROME and MEMIT, layers $OTHER_LAYERS x $N_OTHER points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" --methods rome memit \
         --problems fact-forcing --layers $OTHER_LAYERS
-    echo "$(date +%FT%T) $tag steps 1-4 done"
+    echo "$(date +%FT%T) $tag steps 1-6 done"
 }
 
-# SHARDS processes side by side on the one store, each through steps 1-4 (a shard that ends a step
+# SHARDS processes side by side on the one store, each through steps 1-6 (a shard that ends a step
 # first goes on to the next rather than leave its core idle); fail if any fails.
 pids=()
 for ((k = 0; k < SHARDS; k++)); do
@@ -107,10 +107,10 @@ for ((k = 0; k < SHARDS; k++)); do
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 checkpoint
-echo "$(date +%FT%T) 4/5 representation zeroing, window $WINDOW (seconds)"
+echo "$(date +%FT%T) 7/8 representation zeroing, window $WINDOW (seconds)"
 "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds zero --windows "$WINDOW"
 checkpoint
-echo "$(date +%FT%T) 5/5 analysis"
+echo "$(date +%FT%T) 8/8 analysis"
 "$PY" recipes/analyse.py --store "$LIVE" --out "$(dirname "$SNAP")/analysis" --by-relation --window "$WINDOW" \
     --title "Replication analysis: CounterFact ($N_EI / $N_OTHER known points), $MODEL"
 checkpoint
