@@ -98,3 +98,45 @@ def test_default_batches_go_by_the_device_the_items_run_on():
     gpu_pool = SimpleNamespace(device_type="cuda")  # a RemoteModel: no device attribute, the workers' type
     assert edit_batch(args, gpu_pool) == 16 and trace_batch(args, gpu_pool) == 16
     assert edit_batch(argparse.Namespace(batch=3, samples=10), gpu_pool) == 3
+
+
+def test_an_edit_study_under_tracekits_noise_convention_records_it(tmp_path):
+    """--convention tracekit: every item edited and scored under tracekit's single noise draw (the
+    scores of ``edit`` with that convention, batched or not); the store's settings say so, and a
+    study under the default convention keeps the settings it always had (stores made before resume)."""
+    import pytest
+
+    from conftest import tiny
+    from tracekit import TracekitError
+    from tracekit.data import FactRecord
+    from tracekit.editing.api import edit
+    from tracekit.editing.finetune import FTHyperParams
+    from tracekit.editing.metrics import MetricsConfig
+    from tracekit.store import ResultStore
+    from tracekit.studies import EditTask, LocalExecutor, edit_study
+
+    model = tiny("random:gptj-tiny")
+    records = [FactRecord(case_id=i, prompt="The mother tongue of {} is", subject=s, target_true=" French",
+                          target_new=" English", paraphrase_prompts=(f"She spoke. The mother tongue of {s} is",),
+                          neighborhood_prompts=("The capital of France is",))
+               for i, s in enumerate(["Danielle Darrieux", "Thomas Joannes Stieltjes"])]
+    hp, metrics = FTHyperParams(lr=5e-2, norm_constraint=5e-2, stop_loss=None), MetricsConfig(essence=False)
+    stored = {}
+    for batch in (1, 2):
+        task = EditTask(methods=("ft-1",), problems=("fact-forcing",), layers=(1,), hparams=hp, metrics=metrics,
+                        batch=batch, convention="tracekit")
+        assert task.config("m")["convention"] == "tracekit"
+        store = ResultStore(tmp_path / f"b{batch}.sqlite")
+        assert not LocalExecutor(model).run(task, store, task.items("m", records), progress=False).failed
+        stored[batch] = store.edits_frame().set_index("case_id")["rewrite"]
+    for record in records:
+        alone = edit(model, record, method="ft-1", problem="fact-forcing", layer=1, hparams=hp, metrics=metrics,
+                     seed=record.case_id, convention="tracekit")
+        paper = edit(model, record, method="ft-1", problem="fact-forcing", layer=1, hparams=hp, metrics=metrics,
+                     seed=record.case_id)
+        for batch in (1, 2):
+            assert stored[batch][record.case_id] == pytest.approx(alone.scores.scores["rewrite"], rel=1e-4, abs=1e-6)
+        assert paper.scores.scores["rewrite"] != pytest.approx(alone.scores.scores["rewrite"], rel=1e-3)
+    assert "convention" not in EditTask(layers=(1,)).config("m")
+    with ResultStore(tmp_path / "bad.sqlite") as store, pytest.raises(TracekitError, match="unknown convention 'ours'"):
+        edit_study(model, records, store, methods=("ft-1",), layers=(1,), convention="ours", progress=False)

@@ -162,6 +162,10 @@ def add_edit_args(parser: argparse.ArgumentParser) -> None:
                        help="the method's usual layer (default: the editing preset's ROME layer for the model); "
                             "hyperparameters come from the editing presets for each model, method and problem")
     group.add_argument("--seed", type=int, default=0, help="seed for noise (Fact Forcing, Tracing Reversal)")
+    group.add_argument("--convention", default="paper-code", choices=("paper-code", "tracekit"),
+                       help="how Fact Forcing and Tracing Reversal noise the subject: as the paper's code (noise "
+                            "drawn afresh for every pass) or tracekit's single seeded draw (docs/fidelity.md); "
+                            "a store holds one convention; default: %(default)s")
     group.add_argument("--batch", type=int, default=None,
                        help="points edited together at each (method, problem, layer): their v* optimised in one "
                             "pass per step and their scoring in one pass (same results); default: 16 on a GPU, "
@@ -216,7 +220,7 @@ def run_edit(args, *, edit_fn=None, hparams=None) -> None:
         report = edit_study(model, records, store, methods=args.methods, problems=args.problems, layers=layers,
                             default_layer=default, hparams=hparams, seed=args.seed, shard=shard, edit_fn=edit_fn,
                             progress=not args.quiet, batch=edit_batch(args, model),
-                            score_batch=score_batch(args))
+                            score_batch=score_batch(args), convention=args.convention)
         print_report(report, store, console)
 
 

@@ -63,7 +63,7 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
                problems=("error-injection",), layers: Sequence[int], default_layer: int | None = None,
                hparams=None, seed: int = 0, shard: Shard | None = None, metrics=None,
                edit_fn: Callable | None = None, progress: bool = True, batch: int = 1,
-               score_batch: int | None = None) -> SweepReport:
+               score_batch: int | None = None, convention: str = "paper-code") -> SweepReport:
     """Edit every (point, method, problem, layer) not yet in the store and keep all its scores.
 
     ``hparams``: None uses the editing presets for the model, method and problem; one object
@@ -74,8 +74,10 @@ def edit_study(model, records: Sequence[FactRecord], store: ResultStore, *, meth
     ``metrics``: a ``MetricsConfig`` for the scoring (None: the default). Key statistics are
     computed once per layer before any edit (with Ray: by one worker). ``batch``: points edited
     together at each (method, problem, layer) (batched v* and scoring; the same results);
-    ``score_batch``: of those, points scored in one pass (default: all of them).
+    ``score_batch``: of those, points scored in one pass (default: all of them). ``convention``:
+    how Fact Forcing and Tracing Reversal noise the subject (``tracekit.editing.subject_noise``:
+    "paper-code", the default, or "tracekit"); recorded in the store's settings when not the default.
     """
     task = EditTask(tuple(methods), tuple(problems), tuple(int(x) for x in layers), hparams, seed, default_layer,
-                    edit_fn, metrics, batch=int(batch), score_batch=score_batch)
+                    edit_fn, metrics, batch=int(batch), score_batch=score_batch, convention=convention)
     return run_study(model, task, records, store, shard=shard, progress=progress)

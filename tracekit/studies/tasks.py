@@ -156,12 +156,19 @@ class EditTask:
     # Not part of the config: the results are the same (<= 1e-5) whatever the batch.
     batch: int = 1
     score_batch: int | None = None  # of a batch, points scored in one pass (None: all)
+    # how the problems noise the subject and pick o_noise (tracekit.editing.subject_noise): the paper
+    # code's (its fresh draw per pass) or tracekit's single draw; in the config only when not the default,
+    # so stores made before the option resume as they are
+    convention: str = "paper-code"
 
     table = "edits"
     sweep = "edit"
     description = "editing"
 
     def check(self, n_layers: int, spec: str) -> None:
+        from tracekit.editing.subject_noise import check_convention
+
+        check_convention(self.convention)
         if not self.layers:
             raise TracekitError("no edit layers given")
         bad = [layer for layer in self.layers if not 0 <= layer < n_layers]
@@ -172,6 +179,8 @@ class EditTask:
         hparams = "presets" if self.hparams is None else repr(self.hparams)
         config = {"model": model_id, "hparams": hparams, "seed": self.seed, "point_seed": "seed + case_id",
                   "default_layer": self.default_layer}
+        if self.convention != "paper-code":
+            config["convention"] = self.convention
         return config if self.metrics is None else {**config, "metrics": repr(self.metrics)}
 
     def items(self, model_id: str, records: Sequence[FactRecord]) -> list[SweepItem]:
@@ -247,7 +256,8 @@ class EditTask:
             results = edit_many(model, [one.payload for one in group], method=method, problem=problem, layer=layer,
                                 hparams=self.hparams_for(method), seeds=[point_seed(self.seed, one.payload.case_id)
                                                                          for one in group],
-                                clip_window=True, batch=len(group), score_batch=self.score_batch, **kwargs)
+                                clip_window=True, batch=len(group), score_batch=self.score_batch,
+                                convention=self.convention, **kwargs)
             for one, result in zip(group, results):
                 if isinstance(result, PointSkipped):
                     yield one, dict(status=f"skipped: {result}")
@@ -270,6 +280,8 @@ class EditTask:
             edit_fn = functools.partial(edit, clip_window=True)  # windows cut at the model's edges, as in tracing
         if self.metrics is not None:
             edit_fn = functools.partial(edit_fn, metrics=self.metrics)
+        if self.convention != "paper-code":  # a caller's edit_fn need not know the option
+            edit_fn = functools.partial(edit_fn, convention=self.convention)
         try:
             result = edit_fn(model, r, method=method, problem=item.key["problem"], layer=item.key["layer"],
                              hparams=self.hparams_for(method), seed=point_seed(self.seed, r.case_id))
