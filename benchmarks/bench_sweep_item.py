@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="points edited together (one run each)")
     parser.add_argument("--score-batch", type=int, default=None,
                         help="of a batch, points scored in one pass (default: the whole batch)")
+    parser.add_argument("--convention", default="paper-code", choices=("paper-code", "tracekit"),
+                        help="subject-noise convention of Fact Forcing / Tracing Reversal (edit-sweep --convention)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
 
@@ -51,15 +53,17 @@ def main(argv=None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="tracekit-bench-item-"))
     methods, problems = tuple(args.methods), tuple(args.problems)
     edit_study(model, records[:1], ResultStore(folder / "warm.sqlite"), methods=methods, problems=problems,
-               layers=args.layers[:1], progress=False)
+               layers=args.layers[:1], progress=False, convention=args.convention)
     report = {"code": tracekit.__file__, "model": args.model, "methods": methods, "problems": problems,
               "layers": args.layers, "points": args.points, "score_batch": args.score_batch,
+              "convention": args.convention,
               "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(), "runs": {}}
     for batch in args.batch:
         path = folder / f"batch{batch}.sqlite"
         cpu, wall = time.process_time(), time.perf_counter()
         done = edit_study(model, records[1:], ResultStore(path), methods=methods, problems=problems,
-                          layers=args.layers, progress=False, batch=batch, score_batch=args.score_batch)
+                          layers=args.layers, progress=False, batch=batch, score_batch=args.score_batch,
+                          convention=args.convention)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
         with ResultStore(path, readonly=True) as store:
             frame = store.edits_frame(only_ok=False)

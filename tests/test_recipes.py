@@ -132,6 +132,23 @@ def test_trace_edit_analyse_with_stand_ins(data, tmp_path, capsys):
     assert set(table3["problem"]) == {"fact-erasure"} and set(table3["method"]) == {"rome"}
     assert "edit results: 24" in (one / "summary.md").read_text()  # rome on the 6 points erasure keeps x 4 layers
 
+    # An edits-only store (one cell rerun under other settings) read with the store holding the traces:
+    # its edits, listed first, stand for the same items of the second.
+    def shifted_edit(*args, **kwargs):
+        result = fake_edit(*args, **kwargs)
+        result.scores["rewrite"] += 0.25
+        return result
+
+    other = tmp_path / "erasure-rerun.sqlite"
+    rerun = common(data, other) + ["--methods", "rome", "--problems", "fact-erasure", "--default-layer", "1"]
+    assert edit.main(rerun, edit_fn=shifted_edit) == 0
+    both = tmp_path / "erasure-rerun-analysis"
+    assert main(["analyse", "--store", str(other), str(store), "--out", str(both), "--window", "3",
+                 "--permutations", "0", "--problems", "fact-erasure", "--methods", "rome"]) == 0
+    means = [pd.read_csv(folder / "fig7_scores_by_layer.csv").set_index("layer")["rewrite"] for folder in (one, both)]
+    assert (means[1] - means[0]).to_list() == pytest.approx([0.25] * 4)
+    assert (both / "fig1_effect_by_layer.png").exists()
+
 
 def test_shards_through_the_recipe_equal_one_run(data, tmp_path):
     trace = recipe("trace_dataset")

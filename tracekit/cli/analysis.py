@@ -84,9 +84,9 @@ def run(args) -> None:
             manifest = store.manifests().get("edit")
             if default_layer is None and manifest is not None:
                 default_layer = manifest["config"].get("default_layer")
-    # A point stored in two of the given stores (a shard and its merge) counts once.
-    traces = pd.concat(traces, ignore_index=True).drop_duplicates(["model", "dataset", "case_id", "kind", "window", "layer"])
-    edits = pd.concat(edits, ignore_index=True).drop_duplicates(["model", "dataset", "case_id", "method", "problem", "layer"])
+    # A point stored in two of the given stores (a shard and its merge) counts once: the first store's.
+    traces = stacked(traces).drop_duplicates(["model", "dataset", "case_id", "kind", "window", "layer"])
+    edits = stacked(edits).drop_duplicates(["model", "dataset", "case_id", "method", "problem", "layer"])
     edits = only(edits, "problem", args.problems)
     edits = only(edits, "method", args.methods)
     relations = None
@@ -97,6 +97,15 @@ def run(args) -> None:
                              robustness=args.robustness, relations=relations, permutations=args.permutations,
                              title=args.title, console=console)
     console.print(summary.markdown(), highlight=False)
+
+
+def stacked(frames):
+    """The stores' frames one under the other. A store without such results (an edits-only store
+    beside one with the traces) adds nothing: its empty frame would turn every column to object."""
+    import pandas as pd
+
+    filled = [f for f in frames if len(f)]
+    return pd.concat(filled, ignore_index=True) if filled else frames[0]
 
 
 def only(edits, column: str, wanted):

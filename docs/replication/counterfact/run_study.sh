@@ -14,7 +14,8 @@
 # default layer), OTHER_LAYERS ("0 3 8 17 25"), WINDOW / ROBUST_WINDOW (tracing windows, 5 / 10),
 # SHARDS (2 processes side by side), BATCH / SCORE_BATCH (points edited together / of those,
 # scored in one pass: 8 / 1, benchmarks/results/editing-cpu-batch-8-score-1.md), EVERY (seconds between checkpoints, 1800), COMMIT (1: commit
-# each checkpoint to git; 0: only copy it), LIVE / SNAP (live store / committed snapshot), EXTRA
+# each checkpoint to git; 0: only copy it), LIVE / SNAP (live store / committed snapshot), LIVE_TK /
+# SNAP_TK (the same for Fact Forcing with ROME and MEMIT under tracekit's noise convention), EXTRA
 # (more options for every recipe, e.g. --no-known-filter for a smoke test on a random model).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
@@ -36,6 +37,8 @@ EVERY=${EVERY:-1800}
 COMMIT=${COMMIT:-1}
 LIVE=${LIVE:-runs/counterfact.sqlite}
 SNAP=${SNAP:-docs/replication/counterfact/store.sqlite}
+LIVE_TK=${LIVE_TK:-runs/counterfact-ff-tracekit-noise.sqlite}
+SNAP_TK=${SNAP_TK:-docs/replication/counterfact/store-ff-tracekit-noise.sqlite}
 EXTRA=${EXTRA:-}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
@@ -53,6 +56,7 @@ copy_store() {  # a consistent copy of a live SQLite store (the online backup AP
 
 checkpoint() {
     copy_store "$LIVE" "$SNAP"
+    [ ! -f "$LIVE_TK" ] || copy_store "$LIVE_TK" "$SNAP_TK"
     local counts
     counts=$("$PY" -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1])
 have = {n for (n,) in c.execute("SELECT name FROM sqlite_master")}
@@ -60,45 +64,57 @@ print(", ".join(f"{n} {t}" for t in ("traces", "edits") if t in have
                 for (n,) in c.execute(f"SELECT count(*) FROM {t} WHERE status = ?", ("ok",))) or "nothing yet")' "$SNAP")
     echo "$(date +%FT%T) checkpoint: $counts"
     if [ "$COMMIT" = 1 ]; then
-        git add "$SNAP" && git commit -q -m "CounterFact store checkpoint: $counts" -- "$SNAP" || true
+        local snaps=("$SNAP")
+        [ ! -f "$SNAP_TK" ] || snaps+=("$SNAP_TK")
+        git add "${snaps[@]}" && git commit -q -m "CounterFact store checkpoint: $counts" -- "${snaps[@]}" || true
     fi
 }
 
 [ -f "$LIVE" ] || copy_store "$SNAP" "$LIVE"  # resume from the last committed checkpoint
+[ -f "$LIVE_TK" ] || [ ! -f "$SNAP_TK" ] || copy_store "$SNAP_TK" "$LIVE_TK"
 (while sleep "$EVERY"; do checkpoint; done) &
 TICKER=$!
 trap 'kill $TICKER 2>/dev/null || true' EXIT
 
 COMMON=(--model "$MODEL" --dataset counterfact --store "$LIVE" --quiet $EXTRA)
+COMMON_TK=(--model "$MODEL" --dataset counterfact --store "$LIVE_TK" --quiet $EXTRA)
 ALL_METHODS=(--methods rome memit ft-1 ft-5)
 EDIT=(--batch "$BATCH" --score-batch "$SCORE_BATCH")
 
-one_shard() {  # steps 1-6 for one shard of the points, in order: a shard never waits for another
+one_shard() {  # steps 1-7 for one shard of the points, in order: a shard never waits for another
     local shard=(--shard "$1/$SHARDS") tag="shard $1/$SHARDS"
-    echo "$(date +%FT%T) $tag 1/8 MLP tracing, window $WINDOW, first $N_EI known points"
+    echo "$(date +%FT%T) $tag 1/9 MLP tracing, window $WINDOW, first $N_EI known points"
     "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp --windows "$WINDOW" \
         --samples 10
-    echo "$(date +%FT%T) $tag 2/8 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
+    echo "$(date +%FT%T) $tag 2/9 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
         --problems error-injection --layers $EI_LAYERS
     # The other problems, cheapest cells first: Fact Forcing with ROME and MEMIT (whole passes under
     # fresh noise, ~10x an Error Injection item) comes last, so the other cells are whole first.
-    echo "$(date +%FT%T) $tag 3/8 Tracing Reversal, Fact Erasure, Fact Amplification, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
+    echo "$(date +%FT%T) $tag 3/9 Tracing Reversal, Fact Erasure, Fact Amplification, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
         --problems tracing-reversal fact-erasure fact-amplification --layers $OTHER_LAYERS
-    echo "$(date +%FT%T) $tag 4/8 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
+    echo "$(date +%FT%T) $tag 4/9 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
         --problems fact-forcing --layers $OTHER_LAYERS
-    echo "$(date +%FT%T) $tag 5/8 robustness traces: MLP window $ROBUST_WINDOW"
+    echo "$(date +%FT%T) $tag 5/9 robustness traces: MLP window $ROBUST_WINDOW"
     "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp \
         --windows "$ROBUST_WINDOW" --samples 10
-    echo "$(date +%FT%T) $tag 6/8 Fact Forcing with ROME and MEMIT, layers $OTHER_LAYERS x $N_OTHER points"
+    # Under the paper code's noise (drawn afresh for every pass, editing and scoring alike) ROME's and
+    # MEMIT's Fact Forcing edits do not carry over to the scoring passes (PLAN.md): every score at the
+    # floor, no R² to fit. The same cells under tracekit's single draw, in a store of their own (a store
+    # holds one convention), say what tracing predicts where these edits can succeed; cheap (the noise
+    # is fixed, so v* reuses its recorded pass), so before the paper code's.
+    echo "$(date +%FT%T) $tag 6/9 Fact Forcing with ROME and MEMIT, tracekit's noise convention, layers $OTHER_LAYERS x $N_OTHER points"
+    "$PY" recipes/edit_sweep.py "${COMMON_TK[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" \
+        --methods rome memit --problems fact-forcing --layers $OTHER_LAYERS --convention tracekit
+    echo "$(date +%FT%T) $tag 7/9 Fact Forcing with ROME and MEMIT, layers $OTHER_LAYERS x $N_OTHER points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" --methods rome memit \
         --problems fact-forcing --layers $OTHER_LAYERS
-    echo "$(date +%FT%T) $tag steps 1-6 done"
+    echo "$(date +%FT%T) $tag steps 1-7 done"
 }
 
-# SHARDS processes side by side on the one store, each through steps 1-6 (a shard that ends a step
+# SHARDS processes side by side on the one store, each through steps 1-7 (a shard that ends a step
 # first goes on to the next rather than leave its core idle); fail if any fails.
 pids=()
 for ((k = 0; k < SHARDS; k++)); do
@@ -107,14 +123,20 @@ for ((k = 0; k < SHARDS; k++)); do
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
 checkpoint
-echo "$(date +%FT%T) 7/8 representation zeroing, window $WINDOW (seconds)"
+echo "$(date +%FT%T) 8/9 representation zeroing, window $WINDOW (seconds)"
 "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds zero --windows "$WINDOW"
 checkpoint
-echo "$(date +%FT%T) 8/8 analysis"
+echo "$(date +%FT%T) 9/9 analysis"
 "$PY" recipes/analyse.py --store "$LIVE" --out "$(dirname "$SNAP")/analysis" --by-relation --window "$WINDOW" \
     --title "Replication analysis: CounterFact ($N_EI / $N_OTHER known points), $MODEL"
+# The tracekit-noise Fact Forcing cells with the main store's traces (its edits of the same cells,
+# listed second, are left out: the first store given wins).
+"$PY" recipes/analyse.py --store "$LIVE_TK" "$LIVE" --problems fact-forcing --methods rome memit \
+    --out "$(dirname "$SNAP")/analysis-ff-tracekit-noise" --by-relation --window "$WINDOW" \
+    --title "Fact Forcing with ROME and MEMIT under tracekit's noise convention: CounterFact ($N_OTHER known points), $MODEL"
 checkpoint
 if [ "$COMMIT" = 1 ]; then
-    git add "$(dirname "$SNAP")/analysis" && git commit -q -m "CounterFact analysis" -- "$(dirname "$SNAP")/analysis" || true
+    out=("$(dirname "$SNAP")/analysis" "$(dirname "$SNAP")/analysis-ff-tracekit-noise")
+    git add "${out[@]}" && git commit -q -m "CounterFact analysis" -- "${out[@]}" || true
 fi
 echo "$(date +%FT%T) done"
