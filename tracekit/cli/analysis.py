@@ -67,8 +67,6 @@ def add_analyse_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> None:
-    import pandas as pd
-
     from tracekit.analysis import paper_analyses
     from tracekit.analysis.frames import relations_frame
     from tracekit.data.loaders import load_dataset
