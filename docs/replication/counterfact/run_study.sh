@@ -10,7 +10,7 @@
 #
 # Settings (environment): SHARED_DATA (../shared/data), MODEL (smollm2-135m), N_EI (120 known
 # points for Error Injection), N_OTHER (40 for the other problems), N_FF (120, at least N_OTHER: Fact Forcing
-# with FT-1 and FT-5, the paper's one positive cell, gets as many points as Error Injection), EI_LAYERS (auto: 8 spread + the
+# with FT-1 and FT-5, the paper's one positive cell, grows to as many points as Error Injection last), EI_LAYERS (auto: 8 spread + the
 # default layer), OTHER_LAYERS ("0 3 8 17 25"), WINDOW / ROBUST_WINDOW (tracing windows, 5 / 10),
 # SHARDS (2 processes side by side), BATCH / SCORE_BATCH (points edited together / of those,
 # scored in one pass: 8 / 1, benchmarks/results/editing-cpu-batch-8-score-1.md), EVERY (seconds between checkpoints, 1800), COMMIT (1: commit
@@ -83,60 +83,84 @@ EDIT=(--batch "$BATCH" --score-batch "$SCORE_BATCH")
 
 one_shard() {  # steps 1-7 for one shard of the points, in order: a shard never waits for another
     local shard=(--shard "$1/$SHARDS") tag="shard $1/$SHARDS"
-    echo "$(date +%FT%T) $tag 1/9 MLP tracing, window $WINDOW, first $N_EI known points"
+    echo "$(date +%FT%T) $tag 1/11 MLP tracing, window $WINDOW, first $N_EI known points"
     "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp --windows "$WINDOW" \
         --samples 10
-    echo "$(date +%FT%T) $tag 2/9 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
+    echo "$(date +%FT%T) $tag 2/11 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
         --problems error-injection --layers $EI_LAYERS
-    # The other problems, cheapest cells first: Fact Forcing with ROME and MEMIT (whole passes under
-    # fresh noise, ~10x an Error Injection item) comes last, so the other cells are whole first.
-    echo "$(date +%FT%T) $tag 3/9 Tracing Reversal, Fact Erasure, Fact Amplification, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
+    # The other problems, cheapest cells first. Fact Forcing runs whole passes under noise drawn afresh
+    # for every pass (the paper code's convention): about 40 CPU s an FT item and 60-80 a ROME or MEMIT
+    # item, against 7-12 for the other problems. So every cell reaches its 40 points first (steps 3-7),
+    # and Fact Forcing with FT grows to N_FF points last (step 10).
+    echo "$(date +%FT%T) $tag 3/11 Tracing Reversal, Fact Erasure, Fact Amplification, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
         --problems tracing-reversal fact-erasure fact-amplification --layers $OTHER_LAYERS
-    echo "$(date +%FT%T) $tag 4/9 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
-    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_FF" --methods ft-1 ft-5 \
-        --problems fact-forcing --layers $OTHER_LAYERS
-    echo "$(date +%FT%T) $tag 5/9 robustness traces: MLP window $ROBUST_WINDOW"
+    echo "$(date +%FT%T) $tag 4/11 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_OTHER points"
+    fact_forcing_ft "$1" "$N_OTHER"
+    echo "$(date +%FT%T) $tag 5/11 robustness traces: MLP window $ROBUST_WINDOW"
     "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp \
         --windows "$ROBUST_WINDOW" --samples 10
-    # Under the paper code's noise (drawn afresh for every pass, editing and scoring alike) ROME's and
-    # MEMIT's Fact Forcing edits do not carry over to the scoring passes (PLAN.md): every score at the
-    # floor, no R² to fit. The same cells under tracekit's single draw, in a store of their own (a store
-    # holds one convention), say what tracing predicts where these edits can succeed; cheap (the noise
-    # is fixed, so v* reuses its recorded pass), so before the paper code's.
-    echo "$(date +%FT%T) $tag 6/9 Fact Forcing with ROME and MEMIT, tracekit's noise convention, layers $OTHER_LAYERS x $N_OTHER points"
+    # Under the paper code's noise ROME's and MEMIT's Fact Forcing edits do not carry over to the
+    # scoring passes (PLAN.md): every score at the floor, no R² to fit. The same cells under tracekit's
+    # single draw, in a store of their own (a store holds one convention), say what tracing predicts
+    # where these edits can succeed; cheap (the noise is fixed, so v* reuses its recorded pass), so
+    # before the paper code's.
+    echo "$(date +%FT%T) $tag 6/11 Fact Forcing with ROME and MEMIT, tracekit's noise convention, layers $OTHER_LAYERS x $N_OTHER points"
     "$PY" recipes/edit_sweep.py "${COMMON_TK[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" \
         --methods rome memit --problems fact-forcing --layers $OTHER_LAYERS --convention tracekit
-    echo "$(date +%FT%T) $tag 7/9 Fact Forcing with ROME and MEMIT, layers $OTHER_LAYERS x $N_OTHER points"
+    echo "$(date +%FT%T) $tag 7/11 Fact Forcing with ROME and MEMIT, layers $OTHER_LAYERS x $N_OTHER points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" --methods rome memit \
         --problems fact-forcing --layers $OTHER_LAYERS
     echo "$(date +%FT%T) $tag steps 1-7 done"
 }
 
-# SHARDS processes side by side on the one store, each through steps 1-7 (a shard that ends a step
-# first goes on to the next rather than leave its core idle); fail if any fails.
-pids=()
-for ((k = 0; k < SHARDS; k++)); do
-    one_shard "$k" &
-    pids+=($!)
-done
-for pid in "${pids[@]}"; do wait "$pid"; done
+fact_forcing_ft() {  # $1: shard, $2: points
+    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" --shard "$1/$SHARDS" --n-known "$2" --methods ft-1 ft-5 \
+        --problems fact-forcing --layers $OTHER_LAYERS
+}
+
+more_fact_forcing_ft() {  # step 10 for one shard
+    echo "$(date +%FT%T) shard $1/$SHARDS 10/11 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
+    fact_forcing_ft "$1" "$N_FF"
+}
+
+in_shards() {  # "$@" k for every shard k, side by side (a shard that ends a step first goes on to the
+    # next rather than leave its core idle); fail if any fails
+    local pids=() k pid
+    for ((k = 0; k < SHARDS; k++)); do
+        "$@" "$k" &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
+analyse() {  # $1: the points of Fact Forcing with FT so far
+    local out=("$(dirname "$SNAP")/analysis" "$(dirname "$SNAP")/analysis-ff-tracekit-noise")
+    "$PY" recipes/analyse.py --store "$LIVE" --out "${out[0]}" --by-relation --window "$WINDOW" \
+        --title "Replication analysis: CounterFact ($N_EI / $N_OTHER known points; Fact Forcing with FT: $1), $MODEL"
+    # The tracekit-noise Fact Forcing cells with the main store's traces (its edits of the same cells,
+    # listed second, are left out: the first store given wins).
+    "$PY" recipes/analyse.py --store "$LIVE_TK" "$LIVE" --problems fact-forcing --methods rome memit \
+        --out "${out[1]}" --by-relation --window "$WINDOW" \
+        --title "Fact Forcing with ROME and MEMIT under tracekit's noise convention: CounterFact ($N_OTHER known points), $MODEL"
+    checkpoint
+    if [ "$COMMIT" = 1 ]; then
+        git add "${out[@]}" && git commit -q -m "CounterFact analysis (Fact Forcing with FT: $1 points)" -- "${out[@]}" || true
+    fi
+}
+
+in_shards one_shard
 checkpoint
-echo "$(date +%FT%T) 8/9 representation zeroing, window $WINDOW (seconds)"
+echo "$(date +%FT%T) 8/11 representation zeroing, window $WINDOW (seconds)"
 "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds zero --windows "$WINDOW"
 checkpoint
-echo "$(date +%FT%T) 9/9 analysis"
-"$PY" recipes/analyse.py --store "$LIVE" --out "$(dirname "$SNAP")/analysis" --by-relation --window "$WINDOW" \
-    --title "Replication analysis: CounterFact ($N_EI / $N_OTHER known points), $MODEL"
-# The tracekit-noise Fact Forcing cells with the main store's traces (its edits of the same cells,
-# listed second, are left out: the first store given wins).
-"$PY" recipes/analyse.py --store "$LIVE_TK" "$LIVE" --problems fact-forcing --methods rome memit \
-    --out "$(dirname "$SNAP")/analysis-ff-tracekit-noise" --by-relation --window "$WINDOW" \
-    --title "Fact Forcing with ROME and MEMIT under tracekit's noise convention: CounterFact ($N_OTHER known points), $MODEL"
-checkpoint
-if [ "$COMMIT" = 1 ]; then
-    out=("$(dirname "$SNAP")/analysis" "$(dirname "$SNAP")/analysis-ff-tracekit-noise")
-    git add "${out[@]}" && git commit -q -m "CounterFact analysis" -- "${out[@]}" || true
+echo "$(date +%FT%T) 9/11 analysis: every cell at its minimum size"
+analyse "$N_OTHER"
+if [ "$N_FF" -gt "$N_OTHER" ]; then
+    in_shards more_fact_forcing_ft
+    checkpoint
+    echo "$(date +%FT%T) 11/11 analysis with Fact Forcing with FT on $N_FF points"
+    analyse "$N_FF"
 fi
 echo "$(date +%FT%T) done"
