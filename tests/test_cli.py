@@ -45,10 +45,12 @@ def test_the_parsers_lists_agree_with_the_library():
     from tracekit.cli import common, demo, editing, tracing
     from tracekit.editing.api import METHODS
     from tracekit.editing.problems import problem_names
+    from tracekit.editing.subject_noise import CONVENTIONS
     from tracekit.tracing.plan import KINDS
 
     assert common.BACKENDS == BACKENDS and tracing.KINDS == KINDS
     assert editing.METHODS == demo.METHODS == METHODS and editing.PROBLEMS == tuple(problem_names())
+    assert editing.CONVENTIONS == CONVENTIONS
 
 
 def test_python_dash_m_tracekit():

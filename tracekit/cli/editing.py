@@ -11,6 +11,7 @@ from tracekit.errors import check
 METHODS = ("rome", "memit", "ft-1", "ft-5")  # == tracekit.editing.api.METHODS (tested)
 PROBLEMS = ("error-injection", "tracing-reversal", "fact-erasure", "fact-amplification",
             "fact-forcing")  # == tracekit.editing.problems.problem_names() (tested)
+CONVENTIONS = ("paper-code", "tracekit")  # == tracekit.editing.subject_noise.CONVENTIONS (tested)
 
 # Stand-ins used when the user gives no paraphrases / neighbours (said so in the output).
 DEFAULT_FILLERS = ("The weather was mild that spring.", "He closed the book and looked up.")
@@ -37,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--noise", default="s3", type=noise_rule,
                    help="noise rule for tracing-reversal / fact-forcing: 's3' (3 x the embedding std of known_1000 "
                         "subjects), a float, or 'u<scale>'; default: %(default)s")
-    p.add_argument("--convention", default="paper-code", choices=("paper-code", "tracekit"),
+    p.add_argument("--convention", default="paper-code", choices=CONVENTIONS,
                    help="how o_noise and the subject noise are made: as the paper's code, or tracekit's single "
                         "seeded draw (docs/fidelity.md); default: %(default)s")
     p.add_argument("--scoring", default="paper-text", choices=("paper-text", "paper-code"),

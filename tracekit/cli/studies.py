@@ -12,6 +12,7 @@ import argparse
 from contextlib import contextmanager
 
 from tracekit.cli.common import add_model_args, console, load_from_args
+from tracekit.cli.editing import CONVENTIONS
 from tracekit.data.args import add_data_args, records_from_args
 from tracekit.errors import TracekitError
 from tracekit.store.cli import add_store_args
@@ -162,7 +163,7 @@ def add_edit_args(parser: argparse.ArgumentParser) -> None:
                        help="the method's usual layer (default: the editing preset's ROME layer for the model); "
                             "hyperparameters come from the editing presets for each model, method and problem")
     group.add_argument("--seed", type=int, default=0, help="seed for noise (Fact Forcing, Tracing Reversal)")
-    group.add_argument("--convention", default="paper-code", choices=("paper-code", "tracekit"),
+    group.add_argument("--convention", default="paper-code", choices=CONVENTIONS,
                        help="how Fact Forcing and Tracing Reversal noise the subject: as the paper's code (noise "
                             "drawn afresh for every pass) or tracekit's single seeded draw (docs/fidelity.md); "
                             "a store holds one convention; default: %(default)s")
