@@ -7,8 +7,8 @@
 The same as `tracekit edit-sweep` (tracekit/cli/studies.py). --layers auto: about 8 layers
 spread from first to last plus the default (ROME preset) layer, as the paper did for GPT-J.
 Every edit result is stored the moment it is scored; rerun to resume; --shard K/N to split
-the work over a scheduler's jobs (see recipes/trace_dataset.py), --executor ray to spread it
-over a Ray cluster (docs/cluster.md).
+the work over a scheduler's jobs (see recipes/trace_dataset.py), --shard shared for processes
+side by side on one store, --executor ray to spread it over a Ray cluster (docs/cluster.md).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 The same as `tracekit trace-dataset` (tracekit/cli/studies.py). Resumable: rerun the same
 command after an interruption and only missing traces are computed. Sharded: --shard K/N
 (e.g. a Slurm array with --store runs/shard-{shard}.sqlite, then `tracekit store merge
-runs/all.sqlite runs/shard-*.sqlite`). On a Ray cluster: --executor ray (docs/cluster.md).
+runs/all.sqlite runs/shard-*.sqlite`), or --shard shared for processes side by side on one
+machine and one store. On a Ray cluster: --executor ray (docs/cluster.md).
 """
 
 from __future__ import annotations

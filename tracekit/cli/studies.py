@@ -30,7 +30,9 @@ TRACE_HELP = """Causal tracing (and representation zeroing) over a dataset, into
 
 Resumable: rerun the same command after an interruption and only missing traces are computed.
 Sharded: --shard K/N (e.g. a Slurm array with --store runs/shard-{shard}.sqlite, then
-`tracekit store merge runs/all.sqlite runs/shard-*.sqlite`). On a Ray cluster: --executor ray.
+`tracekit store merge runs/all.sqlite runs/shard-*.sqlite`); or --shard shared for processes
+side by side on one machine and one store, each taking the next items nobody holds. On a Ray
+cluster: --executor ray.
 """
 
 EDIT_HELP = """The editing sweep (methods x problems x layers) over a dataset, into a result store.
@@ -40,8 +42,9 @@ EDIT_HELP = """The editing sweep (methods x problems x layers) over a dataset, i
 
 --layers auto: about 8 layers spread from first to last plus the default (ROME preset)
 layer, as the paper did for GPT-J. Every edit result is stored the moment it is scored;
-rerun to resume; --shard K/N to split the work over a scheduler's jobs, or --executor ray
-to spread it over a Ray cluster (docs/cluster.md).
+rerun to resume; --shard K/N to split the work over a scheduler's jobs, --shard shared for
+processes side by side on one machine and one store, or --executor ray to spread it over a
+Ray cluster (docs/cluster.md).
 """
 
 

@@ -9,8 +9,8 @@
 # Loaded on first use, so the recipes' argument helpers (tracekit.store.cli) import without pandas.
 _LAZY = {
     "TABLES": "db", "ResultStore": "db", "config_hash": "manifest", "model_identity": "manifest", "versions": "manifest",
-    "MergeReport": "merge", "merge_stores": "merge", "Shard": "sweep", "SweepItem": "sweep", "SweepReport": "sweep",
-    "print_report": "sweep", "run_sweep": "sweep", "shard_from_env": "sweep",
+    "MergeReport": "merge", "merge_stores": "merge", "Shard": "sweep", "SharedShard": "sweep", "SweepItem": "sweep",
+    "SweepReport": "sweep", "print_report": "sweep", "run_sweep": "sweep", "shard_from_env": "sweep",
 }
 
 

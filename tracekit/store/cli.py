@@ -24,17 +24,23 @@ def add_store_args(parser, default_store: str = "runs/study.sqlite") -> None:
                        help="SQLite result store, created if missing; '{shard}' in the name becomes the shard "
                             "index (one file per shard, joined later by `tracekit store merge`); default: %(default)s")
     group.add_argument("--shard", default=None, metavar="K/N",
-                       help="run only shard K of N (K = 0..N-1; points split by a stable hash of their case id); "
-                            "default: $TRACEKIT_SHARD, else everything")
+                       help="run only shard K of N (K = 0..N-1; points split by a stable hash of their case id), or "
+                            "'shared': processes on one machine given the same --store split the items as they go "
+                            "(each claims what it computes next); default: $TRACEKIT_SHARD, else everything")
     group.add_argument("--retry-failed", action="store_true", help="recompute items stored as failed")
 
 
 def open_store_from_args(args) -> tuple[ResultStore, Shard | None]:
+    from tracekit.errors import TracekitError
     from tracekit.store.db import ResultStore
-    from tracekit.store.sweep import shard_from_env
+    from tracekit.store.sweep import SharedShard, shard_from_env
 
     shard = shard_from_env(args.shard)
-    path = args.store.replace("{shard}", str(shard.index) if shard is not None else "all")
+    path = args.store
+    if "{shard}" in path:
+        if isinstance(shard, SharedShard):
+            raise TracekitError("--shard shared splits the work through one store: give --store without '{shard}'")
+        path = path.replace("{shard}", str(shard.index) if shard is not None else "all")
     store = ResultStore(path)
     if args.retry_failed:
         for table in ("traces", "edits"):

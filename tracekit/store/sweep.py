@@ -7,6 +7,10 @@
 hash (sha256 of the case id), so every process, machine and scheduler agrees on the split
 without talking to the others, all items of one point land in one shard (its known-fact
 verdict and any per-point preparation are made once), and adding points never moves old ones.
+
+``--shard shared`` splits the work as it goes instead: processes on one machine writing one store
+each claim the next items nobody holds (``tracekit.store.claims``), so none idles while another
+has work left.
 """
 
 from __future__ import annotations
@@ -40,13 +44,16 @@ class Shard:
                                 f"(e.g. --shard $SLURM_ARRAY_TASK_ID/{max(self.count, 1)})")
 
     @classmethod
-    def parse(cls, text: str | None) -> "Shard | None":
+    def parse(cls, text: str | None) -> "Shard | SharedShard | None":
         if text is None or text == "":
             return None
+        if text == "shared":
+            return SharedShard()
         try:
             index, count = (int(part) for part in text.split("/"))
         except ValueError:
-            raise TracekitError(f"bad --shard {text!r}: write k/N, e.g. 0/4 for the first of four shards") from None
+            raise TracekitError(f"bad --shard {text!r}: write k/N, e.g. 0/4 for the first of four shards, "
+                                f"or 'shared'") from None
         return cls(index, count)
 
     def owns(self, value) -> bool:
@@ -54,6 +61,18 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class SharedShard:
+    """``--shard shared``: every item is this process's to take, once no other process sharing the
+    store has claimed it (``run_sweep`` claims each batch before computing it)."""
+
+    def owns(self, value) -> bool:
+        return True
+
+    def __str__(self) -> str:
+        return "shared"
 
 
 @dataclass
@@ -71,12 +90,14 @@ class SweepReport:
     skipped: int = 0  # stored as "skipped: <reason>" by the work function (the point does not qualify)
     failed: list[tuple[dict, str]] = field(default_factory=list)
     retried: int = 0  # items sent again after their worker died or they raised (distributed executors)
+    elsewhere: int = 0  # items another process sharing the store took (--shard shared)
 
     def summary(self) -> str:
         text = (f"{self.computed} computed, {self.already_done} already done, "
                 f"{self.owned} in this shard of {self.total}")
         text += f", {self.skipped} skipped (point does not qualify)" if self.skipped else ""
         text += f", {self.retried} retried on another worker" if self.retried else ""
+        text += f", {self.elsewhere} computed by another process" if self.elsewhere else ""
         return text + (f", {len(self.failed)} failed (stored with their reason)" if self.failed else "")
 
 
@@ -156,7 +177,7 @@ def advance(bar: Progress, task, status: str | None = None) -> None:
 def run_sweep(store: ResultStore, table: str, items: Sequence[SweepItem], *,
               work: Callable[[SweepItem], dict] | None = None,
               work_many: Callable[[list[SweepItem]], Iterable[tuple[SweepItem, dict]]] | None = None,
-              batch_size: int = 1, shard: Shard | None = None, shard_by: Callable[[dict], Any] = point_of,
+              batch_size: int = 1, shard: Shard | SharedShard | None = None, shard_by: Callable[[dict], Any] = point_of,
               progress: bool = True, description: str | None = None) -> SweepReport:
     """Compute every item of this shard that the store lacks, writing each result as it comes.
 
@@ -164,7 +185,8 @@ def run_sweep(store: ResultStore, table: str, items: Sequence[SweepItem], *,
     ``(item, values)`` as results finish (batched kernels). A ``TracekitError`` raised for an item
     (bad input at that point) is stored as status "failed: ..." and the sweep goes on; any other
     exception stops it (rerun to resume). Items are processed in the order given, in this process
-    (``tracekit.studies`` spreads a study over a Ray cluster).
+    (``tracekit.studies`` spreads a study over a Ray cluster); with ``shard=SharedShard()``, those
+    that no other process sharing the store has claimed.
     """
     if (work is None) == (work_many is None):
         raise TracekitError("give exactly one of work= or work_many=")
@@ -172,14 +194,51 @@ def run_sweep(store: ResultStore, table: str, items: Sequence[SweepItem], *,
         work_many = lambda batch: ((item, work(item)) for item in batch)  # noqa: E731
     report, todo = select_items(store, table, items, shard=shard, shard_by=shard_by)
     writer = ResultWriter(store, table, report)
+    shared = isinstance(shard, SharedShard)
+    batches = _claimed_batches(store, table, todo, batch_size) if shared else _batches(todo, batch_size)
     bar, task = sweep_progress(progress, len(todo), description or table)
-    with bar:
-        for start in range(0, len(todo), max(1, batch_size)):
-            for item, values in _guarded(work_many, todo[start:start + batch_size], writer):
-                writer.write(item, values)
-                advance(bar, task)
-        writer.close()
+    try:
+        with bar:
+            for batch, taken in batches:
+                report.elsewhere += taken
+                bar.advance(task, taken)
+                for item, values in _guarded(work_many, batch, writer) if batch else ():
+                    writer.write(item, values)
+                    advance(bar, task)
+            writer.close()
+    finally:
+        if shared:
+            from tracekit.store.claims import release_claims
+
+            release_claims(store)
     return report
+
+
+def _batches(todo: list[SweepItem], size: int) -> Iterator[tuple[list[SweepItem], int]]:
+    """``todo`` in slices of ``size``, with nothing taken by other processes."""
+    size = max(1, size)
+    for start in range(0, len(todo), size):
+        yield todo[start:start + size], 0
+
+
+def _claimed_batches(store: ResultStore, table: str, todo: list[SweepItem],
+                     size: int) -> Iterator[tuple[list[SweepItem], int]]:
+    """The next items of ``todo`` that this process could claim, ``size`` at a time, and how many
+    it passed over because another process holds or has stored them."""
+    from tracekit.store.claims import claim
+
+    size, at = max(1, size), 0
+    while at < len(todo):
+        batch, taken = [], 0
+        while at < len(todo) and len(batch) < size:
+            candidates = todo[at:at + size - len(batch)]
+            at += len(candidates)
+            for item, granted in zip(candidates, claim(store, table, [c.key for c in candidates])):
+                if granted:
+                    batch.append(item)
+                else:
+                    taken += 1
+        yield batch, taken
 
 
 def _stop(report: SweepReport):

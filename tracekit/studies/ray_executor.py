@@ -34,8 +34,8 @@ from typing import Any, Callable, Sequence
 
 from tracekit.errors import TracekitError
 from tracekit.store.db import ResultStore
-from tracekit.store.sweep import (ResultWriter, Shard, SweepItem, SweepReport, advance, point_of, select_items,
-                                  sweep_progress)
+from tracekit.store.sweep import (ResultWriter, Shard, SharedShard, SweepItem, SweepReport, advance, point_of,
+                                  select_items, sweep_progress)
 from tracekit.studies.executors import ModelCard, ModelSource
 
 from tracekit.studies.ray_worker import INSTALL_HINT, Crash, StudyWorker, import_ray  # noqa: F401 (re-exported)
@@ -256,6 +256,9 @@ class RayExecutor:
     # ---- the sweep ----
     def run(self, task, store: ResultStore, items: Sequence[SweepItem], *, shard: Shard | None = None,
             shard_by: Callable[[dict], Any] = point_of, progress: bool = True) -> SweepReport:
+        if isinstance(shard, SharedShard):
+            raise TracekitError("--shard shared splits the work between processes on one machine; the Ray "
+                                "executor already spreads it over the cluster's workers: drop --shard")
         report, todo = select_items(store, task.table, items, shard=shard, shard_by=shard_by)
         if not todo:
             return report

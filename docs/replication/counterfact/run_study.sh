@@ -12,7 +12,7 @@
 # points for Error Injection), N_OTHER (40 for the other problems), N_FF (120, at least N_OTHER: Fact Forcing
 # with FT-1 and FT-5, the paper's one positive cell, grows to as many points as Error Injection last), EI_LAYERS (auto: 8 spread + the
 # default layer), OTHER_LAYERS ("0 3 8 17 25"), WINDOW / ROBUST_WINDOW (tracing windows, 5 / 10),
-# SHARDS (2 processes side by side), BATCH / SCORE_BATCH (points edited together / of those,
+# WORKERS (2 processes side by side, sharing each step's items: --shard shared), BATCH / SCORE_BATCH (points edited together / of those,
 # scored in one pass: 8 / 1, benchmarks/results/editing-cpu-batch-8-score-1.md), EVERY (seconds between checkpoints, 1800), COMMIT (1: commit
 # each checkpoint to git; 0: only copy it), LIVE / SNAP (live store / committed snapshot), LIVE_TK /
 # SNAP_TK (the same for Fact Forcing with ROME and MEMIT under tracekit's noise convention), EXTRA
@@ -30,7 +30,7 @@ EI_LAYERS=${EI_LAYERS:-auto}
 OTHER_LAYERS=${OTHER_LAYERS:-0 3 8 17 25}
 WINDOW=${WINDOW:-5}
 ROBUST_WINDOW=${ROBUST_WINDOW:-10}
-SHARDS=${SHARDS:-2}
+WORKERS=${WORKERS:-2}
 BATCH=${BATCH:-8}
 SCORE_BATCH=${SCORE_BATCH:-1}
 EVERY=${EVERY:-1800}
@@ -81,25 +81,30 @@ COMMON_TK=(--model "$MODEL" --dataset counterfact --store "$LIVE_TK" --quiet $EX
 ALL_METHODS=(--methods rome memit ft-1 ft-5)
 EDIT=(--batch "$BATCH" --score-batch "$SCORE_BATCH")
 
-one_shard() {  # steps 1-7 for one shard of the points, in order: a shard never waits for another
-    local shard=(--shard "$1/$SHARDS") tag="shard $1/$SHARDS"
+# Workers share the items of every step through the store (--shard shared: each claims the next items
+# nobody holds), so none idles while another has work left; a static hash split of the 40 points gave
+# one of two shards 25 of them, and so hours of Fact Forcing alone.
+SHARED=(--shard shared)
+
+one_worker() {  # steps 1-7, in order: a worker that ends a step goes on to the next
+    local tag="worker $1/$WORKERS"
     echo "$(date +%FT%T) $tag 1/11 MLP tracing, window $WINDOW, first $N_EI known points"
-    "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp --windows "$WINDOW" \
+    "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${SHARED[@]}" --n-known "$N_EI" --kinds mlp --windows "$WINDOW" \
         --samples 10
     echo "$(date +%FT%T) $tag 2/11 Error Injection, 4 methods x layers $EI_LAYERS x $N_EI points"
-    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
+    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${SHARED[@]}" --n-known "$N_EI" "${ALL_METHODS[@]}" \
         --problems error-injection --layers $EI_LAYERS
     # The other problems, cheapest cells first. Fact Forcing runs whole passes under noise drawn afresh
     # for every pass (the paper code's convention): about 40 CPU s an FT item and 60-80 a ROME or MEMIT
     # item, against 7-12 for the other problems. So every cell reaches its 40 points first (steps 3-7),
     # and Fact Forcing with FT grows to N_FF points last (step 10).
     echo "$(date +%FT%T) $tag 3/11 Tracing Reversal, Fact Erasure, Fact Amplification, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
-    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
+    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${SHARED[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
         --problems tracing-reversal fact-erasure fact-amplification --layers $OTHER_LAYERS
     echo "$(date +%FT%T) $tag 4/11 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_OTHER points"
-    fact_forcing_ft "$1" "$N_OTHER"
+    fact_forcing_ft "$N_OTHER"
     echo "$(date +%FT%T) $tag 5/11 robustness traces: MLP window $ROBUST_WINDOW"
-    "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${shard[@]}" --n-known "$N_EI" --kinds mlp \
+    "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${SHARED[@]}" --n-known "$N_EI" --kinds mlp \
         --windows "$ROBUST_WINDOW" --samples 10
     # Under the paper code's noise ROME's and MEMIT's Fact Forcing edits do not carry over to the
     # scoring passes (PLAN.md): every score at the floor, no R² to fit. The same cells under tracekit's
@@ -107,28 +112,27 @@ one_shard() {  # steps 1-7 for one shard of the points, in order: a shard never 
     # where these edits can succeed; cheap (the noise is fixed, so v* reuses its recorded pass), so
     # before the paper code's.
     echo "$(date +%FT%T) $tag 6/11 Fact Forcing with ROME and MEMIT, tracekit's noise convention, layers $OTHER_LAYERS x $N_OTHER points"
-    "$PY" recipes/edit_sweep.py "${COMMON_TK[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" \
+    "$PY" recipes/edit_sweep.py "${COMMON_TK[@]}" "${EDIT[@]}" "${SHARED[@]}" --n-known "$N_OTHER" \
         --methods rome memit --problems fact-forcing --layers $OTHER_LAYERS --convention tracekit
     echo "$(date +%FT%T) $tag 7/11 Fact Forcing with ROME and MEMIT, layers $OTHER_LAYERS x $N_OTHER points"
-    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${shard[@]}" --n-known "$N_OTHER" --methods rome memit \
+    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${SHARED[@]}" --n-known "$N_OTHER" --methods rome memit \
         --problems fact-forcing --layers $OTHER_LAYERS
     echo "$(date +%FT%T) $tag steps 1-7 done"
 }
 
-fact_forcing_ft() {  # $1: shard, $2: points
-    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" --shard "$1/$SHARDS" --n-known "$2" --methods ft-1 ft-5 \
+fact_forcing_ft() {  # $1: points
+    "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${SHARED[@]}" --n-known "$1" --methods ft-1 ft-5 \
         --problems fact-forcing --layers $OTHER_LAYERS
 }
 
-more_fact_forcing_ft() {  # step 10 for one shard
-    echo "$(date +%FT%T) shard $1/$SHARDS 10/11 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
-    fact_forcing_ft "$1" "$N_FF"
+more_fact_forcing_ft() {  # step 10 for one worker
+    echo "$(date +%FT%T) worker $1/$WORKERS 10/11 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_FF points"
+    fact_forcing_ft "$N_FF"
 }
 
-in_shards() {  # "$@" k for every shard k, side by side (a shard that ends a step first goes on to the
-    # next rather than leave its core idle); fail if any fails
+in_workers() {  # "$@" k for every worker k, side by side; fail if any fails
     local pids=() k pid
-    for ((k = 0; k < SHARDS; k++)); do
+    for ((k = 0; k < WORKERS; k++)); do
         "$@" "$k" &
         pids+=($!)
     done
@@ -150,7 +154,7 @@ analyse() {  # $1: the points of Fact Forcing with FT so far
     fi
 }
 
-in_shards one_shard
+in_workers one_worker
 checkpoint
 echo "$(date +%FT%T) 8/11 representation zeroing, window $WINDOW (seconds)"
 "$PY" recipes/trace_dataset.py "${COMMON[@]}" --n-known "$N_EI" --kinds zero --windows "$WINDOW"
@@ -158,7 +162,7 @@ checkpoint
 echo "$(date +%FT%T) 9/11 analysis: every cell at its minimum size"
 analyse "$N_OTHER"
 if [ "$N_FF" -gt "$N_OTHER" ]; then
-    in_shards more_fact_forcing_ft
+    in_workers more_fact_forcing_ft
     checkpoint
     echo "$(date +%FT%T) 11/11 analysis with Fact Forcing with FT on $N_FF points"
     analyse "$N_FF"
