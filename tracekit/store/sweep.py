@@ -93,8 +93,8 @@ class SweepReport:
     elsewhere: int = 0  # items another process sharing the store took (--shard shared)
 
     def summary(self) -> str:
-        text = (f"{self.computed} computed, {self.already_done} already done, "
-                f"{self.owned} in this shard of {self.total}")
+        text = f"{self.computed} computed, {self.already_done} already done, "
+        text += f"{self.owned} in this shard of {self.total}" if self.owned < self.total else f"{self.total} in all"
         text += f", {self.skipped} skipped (point does not qualify)" if self.skipped else ""
         text += f", {self.retried} retried on another worker" if self.retried else ""
         text += f", {self.elsewhere} computed by another process" if self.elsewhere else ""
