@@ -133,6 +133,7 @@ def test_split_by_relation(frames, tmp_path):
         np.corrcoef(odd["tracing_effect"], odd["rewrite"])[0, 1])
     within = pd.read_csv(tmp_path / "table3_r2_rewrite_within_relation.csv")
     assert (within["groups"] == 2).all() and {"added_pooled", "p_facts_pooled", "p_permuted"} <= set(within.columns)
+
     for name in ("table4_r2_paraphrase", "table5_r2_neighborhood", "table6_r2_overall"):
         other = pd.read_csv(tmp_path / f"{name}_within_relation.csv")
         assert len(other) == 4 and (other["groups"] == 2).all()
@@ -225,3 +226,18 @@ def test_flags_name_ceiling_degenerate_layers_and_chance(tmp_path):
     dropped = pd.read_csv(tmp_path / "out" / "table3_r2_rewrite_without_degenerate.csv")
     rome = dropped[(dropped["method"] == "rome") & (dropped["problem"] == "error-injection")]
     assert rome["n"].item() == 20 * (len(EDIT_LAYERS) - 1)
+
+
+def test_robustness_tables_are_relation_controlled_too(frames, tmp_path):
+    traces, edits = frames
+    records = [FactRecord(case_id=case, prompt="{} is in", subject="s", target_true=" a", target_new=" b",
+                          relation_id="P17" if case % 2 else "P37") for case in range(40)]
+    paper_analyses(traces, edits, tmp_path, default_layer=3, relations=relations_frame({"counterfact": records}),
+                   permutations=99)
+    for name in ("window10", "last_subject", "zeroing"):
+        pooled = pd.read_csv(tmp_path / f"robustness_{name}.csv").set_index(["problem", "method"])
+        within = pd.read_csv(tmp_path / f"robustness_{name}_within_relation.csv").set_index(["problem", "method"])
+        assert (within["groups"] == 2).all()
+        # the pooled columns are the pooled table's own numbers, not a refit with other permutations
+        assert within["added_pooled"].to_dict() == pytest.approx(pooled.loc[within.index, "added"].to_dict())
+        assert within["chance_pooled"].to_dict() == pytest.approx(pooled.loc[within.index, "added_chance"].to_dict())

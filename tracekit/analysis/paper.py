@@ -175,11 +175,13 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
         summary.notes.append(f"table 2 skipped: {err}")
 
     if robustness:
-        _robustness(traces, edits, kind, window, reduce, table, summary, permutations)
+        _robustness(traces, edits, kind, window, reduce, table, summary, permutations, relations)
     return _finish(summary, out)
 
 
-def _robustness(traces, edits, kind, window, reduce, table, summary, permutations) -> None:
+def _robustness(traces, edits, kind, window, reduce, table, summary, permutations, relations=None) -> None:
+    """The rewrite R² with tracing measured another way; with ``relations``, also relation-controlled
+    (a pooled effect that relation explains at window 5 must be tested the same way here)."""
     variants = [("window10", "window 10", kind, 10, reduce), ("last_subject", "last subject token", kind, window,
                                                                 "last_subject"),
                 ("zeroing", "representation zeroing", "zero", window, "max")]
@@ -188,8 +190,13 @@ def _robustness(traces, edits, kind, window, reduce, table, summary, permutation
             continue
         try:
             joined = F.join_edits(edits, F.tracing_effects(traces, kind=v_kind, window=v_window, reduce=v_reduce))
-            table(S.r2_grid(joined, "rewrite", permutations=permutations), f"robustness_{name}",
-                  f"R² for rewrite score, tracing by {label}")
+            grid = S.r2_grid(joined, "rewrite", permutations=permutations)
+            table(grid, f"robustness_{name}", f"R² for rewrite score, tracing by {label}")
+            split = None if relations is None else F.with_relation(joined, relations)
+            if split is not None and split["relation"].nunique() > 1:
+                table(X.pooled_and_within(split, "rewrite", permutations, grid), f"robustness_{name}_within_relation",
+                      f"R² for rewrite score, tracing by {label}, pooled and with relation x layer intercepts "
+                      f"(facts shuffled within relation)")
             table(S.correlations(joined, "rewrite"), f"robustness_{name}_correlation_by_layer",
                   f"rewrite vs tracing correlation per layer, tracing by {label}")
         except TracekitError as err:
