@@ -101,11 +101,13 @@ one_worker() {  # steps 1-7, in order: a worker that ends a step goes on to the 
     echo "$(date +%FT%T) $tag 3/11 Tracing Reversal, Fact Erasure, Fact Amplification, 4 methods x layers $OTHER_LAYERS x $N_OTHER points"
     "$PY" recipes/edit_sweep.py "${COMMON[@]}" "${EDIT[@]}" "${SHARED[@]}" --n-known "$N_OTHER" "${ALL_METHODS[@]}" \
         --problems tracing-reversal fact-erasure fact-amplification --layers $OTHER_LAYERS
-    echo "$(date +%FT%T) $tag 4/11 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_OTHER points"
-    fact_forcing_ft "$N_OTHER"
-    echo "$(date +%FT%T) $tag 5/11 robustness traces: MLP window $ROBUST_WINDOW"
+    # Before Fact Forcing: the window-10 traces are cheap (about 40 CPU s a point) and the robustness
+    # tables of the four finished problems wait on them.
+    echo "$(date +%FT%T) $tag 4/11 robustness traces: MLP window $ROBUST_WINDOW"
     "$PY" recipes/trace_dataset.py "${COMMON[@]}" "${SHARED[@]}" --n-known "$N_EI" --kinds mlp \
         --windows "$ROBUST_WINDOW" --samples 10
+    echo "$(date +%FT%T) $tag 5/11 Fact Forcing with FT-1 and FT-5, layers $OTHER_LAYERS x $N_OTHER points"
+    fact_forcing_ft "$N_OTHER"
     # Under the paper code's noise ROME's and MEMIT's Fact Forcing edits do not carry over to the
     # scoring passes (PLAN.md): every score at the floor, no R² to fit. The same cells under tracekit's
     # single draw, in a store of their own (a store holds one convention), say what tracing predicts
