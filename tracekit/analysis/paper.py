@@ -192,13 +192,13 @@ def _robustness(traces, edits, kind, window, reduce, table, summary, permutation
             joined = F.join_edits(edits, F.tracing_effects(traces, kind=v_kind, window=v_window, reduce=v_reduce))
             grid = S.r2_grid(joined, "rewrite", permutations=permutations)
             table(grid, f"robustness_{name}", f"R² for rewrite score, tracing by {label}")
+            table(S.correlations(joined, "rewrite"), f"robustness_{name}_correlation_by_layer",
+                  f"rewrite vs tracing correlation per layer, tracing by {label}")
             split = None if relations is None else F.with_relation(joined, relations)
             if split is not None and split["relation"].nunique() > 1:
                 table(X.pooled_and_within(split, "rewrite", permutations, grid), f"robustness_{name}_within_relation",
                       f"R² for rewrite score, tracing by {label}, pooled and with relation x layer intercepts "
                       f"(facts shuffled within relation)")
-            table(S.correlations(joined, "rewrite"), f"robustness_{name}_correlation_by_layer",
-                  f"rewrite vs tracing correlation per layer, tracing by {label}")
         except TracekitError as err:
             summary.notes.append(f"robustness ({label}) skipped: {err}")
 
