@@ -232,12 +232,16 @@ def test_robustness_tables_are_relation_controlled_too(frames, tmp_path):
     traces, edits = frames
     records = [FactRecord(case_id=case, prompt="{} is in", subject="s", target_true=" a", target_new=" b",
                           relation_id="P17" if case % 2 else "P37") for case in range(40)]
-    paper_analyses(traces, edits, tmp_path, default_layer=3, relations=relations_frame({"counterfact": records}),
-                   permutations=99)
-    for name in ("window10", "last_subject", "zeroing"):
+    summary = paper_analyses(traces, edits, tmp_path, default_layer=3,
+                             relations=relations_frame({"counterfact": records}), permutations=99)
+    for name, label in (("window10", "window 10"), ("last_subject", "last subject token"),
+                        ("zeroing", "representation zeroing")):
         pooled = pd.read_csv(tmp_path / f"robustness_{name}.csv").set_index(["problem", "method"])
         within = pd.read_csv(tmp_path / f"robustness_{name}_within_relation.csv").set_index(["problem", "method"])
         assert (within["groups"] == 2).all()
         # the pooled columns are the pooled table's own numbers, not a refit with other permutations
         assert within["added_pooled"].to_dict() == pytest.approx(pooled.loc[within.index, "added"].to_dict())
         assert within["chance_pooled"].to_dict() == pytest.approx(pooled.loc[within.index, "added_chance"].to_dict())
+        assert within["p_holm"].to_list() == pytest.approx(holm(within["p_permuted"]).tolist())
+        passed = int((within["p_permuted"] < 0.05).sum())
+        assert summary.headline[f"robustness ({label}), relation-controlled"].startswith(f"{passed} of 4 cells")

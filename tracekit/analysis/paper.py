@@ -196,9 +196,14 @@ def _robustness(traces, edits, kind, window, reduce, table, summary, permutation
                   f"rewrite vs tracing correlation per layer, tracing by {label}")
             split = None if relations is None else F.with_relation(joined, relations)
             if split is not None and split["relation"].nunique() > 1:
-                table(X.pooled_and_within(split, "rewrite", permutations, grid), f"robustness_{name}_within_relation",
+                within = X.pooled_and_within(split, "rewrite", permutations, grid)
+                within["p_holm"] = S.holm(within["p_permuted"])  # over this table's cells
+                table(within, f"robustness_{name}_within_relation",
                       f"R² for rewrite score, tracing by {label}, pooled and with relation x layer intercepts "
-                      f"(facts shuffled within relation)")
+                      f"(facts shuffled within relation; p_holm: adjusted over the cells)")
+                summary.headline[f"robustness ({label}), relation-controlled"] = (
+                    f"{int((within['p_permuted'] < 0.05).sum())} of {int(within['p_permuted'].notna().sum())} cells "
+                    f"with facts-shuffled p < 0.05, {int((within['p_holm'] < 0.05).sum())} after Holm's adjustment")
         except TracekitError as err:
             summary.notes.append(f"robustness ({label}) skipped: {err}")
 
