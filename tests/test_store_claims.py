@@ -68,7 +68,7 @@ def test_a_shared_sweep_skips_what_another_process_holds(tmp_path):
             sleeper.kill()
             sleeper.wait()
         assert (report.computed, report.elsewhere) == (3, 1)
-        assert "1 computed by another process" in report.summary()
+        assert "1 taken by another process" in report.summary()
         assert sorted(store.edits_frame()["case_id"]) == [0, 1, 3]
         assert store.conn.execute("SELECT count(*) FROM claims WHERE owner = ?", (owner_id(),)).fetchone()[0] == 0
 

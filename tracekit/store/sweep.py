@@ -97,7 +97,7 @@ class SweepReport:
         text += f"{self.owned} in this shard of {self.total}" if self.owned < self.total else f"{self.total} in all"
         text += f", {self.skipped} skipped (point does not qualify)" if self.skipped else ""
         text += f", {self.retried} retried on another worker" if self.retried else ""
-        text += f", {self.elsewhere} computed by another process" if self.elsewhere else ""
+        text += f", {self.elsewhere} taken by another process" if self.elsewhere else ""
         return text + (f", {len(self.failed)} failed (stored with their reason)" if self.failed else "")
 
 
