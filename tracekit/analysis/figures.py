@@ -45,7 +45,8 @@ def score_vs_tracing(df: pd.DataFrame, rho: float, p: float, outcome: str = "rew
 
 def r2_bars(grid: pd.DataFrame, outcome: str = "rewrite", ax=None):
     """Fig. 6: R^2 of the layer-only and layer x tracing models for each problem x method."""
-    labels = [f"{p}\n{m}" for p, m in zip(grid["problem"], grid["method"])]
+    # one word a line: "fact-amplification" on one line overlaps its neighbours once there are 18 cells
+    labels = ["\n".join([*p.split("-"), m]) for p, m in zip(grid["problem"], grid["method"])]
     x = range(len(grid))
     fig, ax = figure_and_axes(ax, figsize=(max(5.0, 0.9 * len(grid) + 1.5), 3.8))
     width = 0.27
