@@ -163,3 +163,57 @@ def test_peak_layer_check_finds_a_planted_gain_and_none_where_none_is_planted():
     assert planted["peak_minus_fixed"] > 0.1 and planted["p"] < 1e-6
     p_values = [peak_layer_check(peaked_sweep(60, gain=0.0, seed=s), fixed_layer=3).iloc[0]["p"] for s in range(30)]
     assert np.mean(np.array(p_values) < 0.05) <= 0.2
+
+
+def confounded_sweep(n_points, beta, seed):
+    """A per-point covariate z (say log p(o_true) under the noise) raises the tracing effect and,
+    with a slope that differs by layer, the score; ``beta`` is tracing's own planted effect."""
+    data = sweep(n_points, beta=0.0, seed=seed, point_sd=0.05)
+    rng = np.random.default_rng(seed + 1000)
+    z = rng.normal(0, 1, n_points)
+    own = rng.uniform(0, 1, n_points)  # the part of the tracing effect that z does not set
+    point, layer = data["case_id"].to_numpy(), data["layer"].to_numpy()
+    tracing = 0.5 * z[point] + own[point] + rng.normal(0, 0.05, len(point))
+    score = data["rewrite"] + np.linspace(0.2, 1.0, len(LAYER_MEANS))[layer] * z[point] + beta * own[point]
+    return data.assign(z=z[point], tracing_effect=tracing, rewrite=score)
+
+
+def test_covariate_controlled_test_hand_computed():
+    data = confounded_sweep(30, beta=0.3, seed=5)
+    y = data["rewrite"].to_numpy()
+    by_layer = pd.get_dummies(data["layer"]).to_numpy(float)
+    base = np.column_stack([by_layer, by_layer * data["z"].to_numpy()[:, None]])
+    slopes = by_layer * data["tracing_effect"].to_numpy()[:, None]
+
+    def r2(X):
+        coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+        return 1 - ((y - X @ coef) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+
+    fit = fit_r2_within(data, control=None, covariates=("z",), permutations=0)
+    assert (fit.n, fit.groups) == (240, 1)
+    assert fit.r2_control_layer == pytest.approx(r2(base), abs=1e-10)
+    assert fit.r2_control_layer_x_tracing == pytest.approx(r2(np.column_stack([base, slopes])), abs=1e-10)
+    # the closed-form permutation statistic is the same regression, with and without relation intercepts
+    for control in (None, "relation"):
+        assert profile_permutation(data, within=control, covariates=("z",), permutations=9).added == pytest.approx(
+            fit_r2_within(data, control=control, covariates=("z",), permutations=0).added, abs=1e-10)
+    # a covariate that is constant adds nothing: the same fit as none
+    constant = fit_r2_within(data.assign(z=1.0), control="relation", covariates=("z",), permutations=19)
+    plain = fit_r2_within(data, control="relation", permutations=19)
+    assert (constant.added, constant.p_permuted) == pytest.approx((plain.added, plain.p_permuted), abs=1e-10)
+    with pytest.raises(TracekitError, match="no 'p_noise' column"):
+        fit_r2_within(data, control=None, covariates=("p_noise",))
+
+
+def test_covariate_control_removes_a_confound_and_keeps_a_real_effect():
+    pooled_p, given_p = [], []
+    for seed in range(30):
+        data = confounded_sweep(40, beta=0.0, seed=seed)  # z raises tracing and score alike
+        pooled_p.append(fit_r2(data, permutations=199).f_p_permuted)
+        given_p.append(fit_r2_within(data, control=None, covariates=("z",), permutations=199).p_permuted)
+    assert np.mean(np.array(pooled_p) < 0.05) > 0.8  # the plain test sees the confound as an effect
+    assert np.mean(np.array(given_p) < 0.05) <= 0.15  # controlled, it holds its level ...
+    assert sps.kstest(given_p, "uniform").pvalue > 0.01
+    planted = fit_r2_within(confounded_sweep(40, beta=0.6, seed=0), control=None, covariates=("z",),
+                            permutations=199)
+    assert planted.p_permuted <= 0.01 and planted.added > 2 * planted.added_chance  # ... and finds a real effect

@@ -6,6 +6,7 @@ import pytest
 
 from tracekit import TracekitError
 from tracekit.analysis import fit_r2, holm, join_edits, paper_analyses, relations_frame, select, to_markdown, tracing_effects
+from tracekit.analysis.frames import PROBABILITIES, with_probabilities
 from tracekit.data import FactRecord
 from tracekit.store import ResultStore
 
@@ -52,7 +53,8 @@ def test_every_output_is_written(frames, tmp_path):
                   "table4_r2_paraphrase", "table5_r2_neighborhood", "table6_r2_overall", "fig15_correlation_by_layer",
                   "table2_concentrated", "robustness_window10", "robustness_last_subject", "robustness_zeroing",
                   "robustness_zeroing_correlation_by_layer", "table2_concentrated_points", "practical_peak_vs_fixed_layer",
-                  "fig8_essence_and_unscaled_by_layer", "fig14_r2_essence_and_unscaled"):
+                  "fig8_essence_and_unscaled_by_layer", "fig14_r2_essence_and_unscaled",
+                  "table3_r2_rewrite_given_probabilities"):
         assert {f"{table}.md", f"{table}.csv"} <= names, table
     for figure in ("fig1_effect_by_layer", "fig4_rome_error-injection", "fig4_ft-1_fact-forcing", "fig6_r2_rewrite",
                    "fig15_correlation_by_layer"):
@@ -146,6 +148,9 @@ def test_split_by_relation(frames, tmp_path):
     assert len(both) == len(essence) == 12 and both["added_pooled"].to_list() == pytest.approx(both["added_grid"].to_list())
     for _, family in essence.groupby("problem"):  # Holm over one problem's outcomes x methods
         assert family["p_holm"].to_list() == pytest.approx(holm(family["p_permuted"]).tolist())
+    given = pd.read_csv(tmp_path / "table3_r2_rewrite_given_probabilities.csv")
+    assert {"added", "p_permuted", "added_in_relation", "p_permuted_in_relation", "p_holm"} <= set(given.columns)
+    assert given["p_holm"].to_list() == pytest.approx(holm(given["p_permuted_in_relation"]).tolist())
     cells = pd.read_csv(tmp_path / "cells_rewrite.csv")
     assert {"added_in_relation", "p_in_relation", "chance_in_relation"} <= set(cells.columns)
     assert cells["added_in_relation"].to_list() == pytest.approx(within["added"].to_list())
@@ -245,3 +250,15 @@ def test_robustness_tables_are_relation_controlled_too(frames, tmp_path):
         assert within["p_holm"].to_list() == pytest.approx(holm(within["p_permuted"]).tolist())
         passed = int((within["p_permuted"] < 0.05).sum())
         assert summary.headline[f"robustness ({label}), relation-controlled"].startswith(f"{passed} of 4 cells")
+
+
+def test_probabilities_are_each_points_log_p_from_its_trace(frames):
+    traces, edits = frames
+    traces = traces.assign(p_noise=np.where(traces["case_id"] == 1, 0.0, traces["p_noise"]))  # underflowed
+    joined = with_probabilities(join_edits(edits, tracing_effects(traces)), traces)
+    assert len(joined) == len(edits) and set(PROBABILITIES) <= set(joined.columns)
+    first = joined[joined["case_id"] == 0].iloc[0]
+    assert (first["log_p_clean"], first["log_p_noise"]) == pytest.approx((np.log(0.6), np.log(0.1)))
+    assert np.isfinite(joined.loc[joined["case_id"] == 1, "log_p_noise"]).all()  # a floor, not -inf
+    with pytest.raises(TracekitError, match="no attn/w5 traces"):
+        with_probabilities(joined, traces, kind="attn")

@@ -1,5 +1,6 @@
 """From stored results to the tables the analyses fit: tracing effect per (point, layer),
-joined to the edit made at that layer; the concentrated-effects subset.
+joined to the edit made at that layer; the concentrated-effects subset; the facts' relations
+and their probabilities of o_true (controls for the tracing effect).
 
 Layers are 0-based everywhere (GPT-J's "layer 6" in the paper is layer 5 here). The
 tracing effect "at layer l" is the effect of restoring the window centred on l.
@@ -7,6 +8,7 @@ tracing effect "at layer l" is the effect of restoring the window centred on l.
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from tracekit.errors import TracekitError
@@ -93,6 +95,23 @@ def with_relation(df: pd.DataFrame, relations: pd.DataFrame) -> pd.DataFrame:
                             f"(first: dataset {first['dataset']!r}, case {first['case_id']}); "
                             f"load the dataset the store was made from")
     return out
+
+
+PROBABILITIES = ("log_p_clean", "log_p_noise")
+
+
+def with_probabilities(df: pd.DataFrame, traces: pd.DataFrame, *, kind: str = "mlp", window: int = 5) -> pd.DataFrame:
+    """``df`` with each point's log-probability of o_true on the clean prompt (``log_p_clean``) and
+    with the subject noised (``log_p_noise``), from its ``kind``/``window`` trace. Both bear on the
+    tracing effect (the share of p_clean - p_noise a restored state brings back) and on how hard the
+    fact is to edit, so a tracing effect that only stands in for them can be told apart."""
+    chosen = traces[(traces["kind"] == kind) & (traces["window"] == window)]
+    points = chosen.groupby(POINT, sort=False)[["p_clean", "p_noise"]].first()
+    if points.empty or points.isna().all().any():
+        raise TracekitError(f"no {kind}/w{window} traces with p_clean and p_noise stored")
+    # the floor keeps a probability that underflowed to 0 finite on the log scale
+    logs = np.log(points.clip(lower=1e-30)).rename(columns={"p_clean": PROBABILITIES[0], "p_noise": PROBABILITIES[1]})
+    return df.merge(logs.reset_index(), on=POINT, how="left")
 
 
 def only_points(df: pd.DataFrame, points: pd.DataFrame) -> pd.DataFrame:

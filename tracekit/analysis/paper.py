@@ -153,6 +153,8 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
                              outcome, name, pooled.get(outcome))
     if rewrite_grid is not None:
         X.cell_table(rewrite_grid, joined, within, table, summary, localisation)
+        optional(X.given_probabilities, joined, traces, kind, window, relations, table, summary, localisation,
+                 permutations)
 
     optional(X.practical_check, joined, layer, table, summary)
     optional(X.other_outcomes, joined, table, summary, localisation, permutations, relations)

@@ -10,9 +10,14 @@ With ``within`` (e.g. "relation"), both models get one intercept per (group, lay
 profiles are shuffled only among points of the same group: a pooled effect that only reflects
 groups differing in both tracing and editability then disappears.
 
-The layer x tracing model is a separate line per layer (intercepts per cell when grouped, one
-slope per layer), so its residual sum of squares is closed-form per layer and is computed for
-every permutation at once.
+With ``covariates`` (per-point columns, e.g. the log-probabilities of o_true before and under
+the noise), both models also get one slope per (covariate, layer), and profiles are shuffled
+with each point keeping its covariates: what tracing adds beyond what those numbers predict.
+
+The layer x tracing model is a separate regression per layer (intercepts per cell when grouped,
+covariate slopes, one tracing slope per layer): with the same point-level controls Z at every
+layer, the tracing slope explains (r_y . r_t)^2 / (r_t . r_t) beyond them, r_* being residuals on
+Z, so every permutation is computed at once.
 """
 
 from __future__ import annotations
@@ -39,11 +44,15 @@ class PermutationTest:
 
 
 def profile_permutation(data: pd.DataFrame, outcome: str = "rewrite", *, within: str | None = None,
-                        permutations: int = 1999, seed: int = 0, min_points: int = 10) -> PermutationTest | None:
-    """Permutation test of the layer (x ``within``) vs + layer x tracing models; None with fewer than
-    ``min_points`` points that have every layer of ``data`` (with ``within``: or one group only)."""
+                        covariates: tuple[str, ...] = (), permutations: int = 1999, seed: int = 0,
+                        min_points: int = 10) -> PermutationTest | None:
+    """Permutation test of the layer (x ``within``, + layer x ``covariates``) vs + layer x tracing
+    models; None with fewer than ``min_points`` points that have every layer of ``data`` and every
+    covariate (with ``within``: or one group only). A covariate is a point's: its first row's value."""
     columns = [outcome, "tracing_effect"]
     wide = data.pivot_table(index="case_id", columns="layer", values=columns, aggfunc="first").dropna()
+    per_point = data.groupby("case_id")[list(covariates)].first().loc[wide.index].dropna()
+    wide = wide.loc[per_point.index]
     y, t = wide[outcome].to_numpy(), wide["tracing_effect"].to_numpy()  # (points, layers) each
     if len(y) < min_points:
         return None
@@ -55,7 +64,7 @@ def profile_permutation(data: pd.DataFrame, outcome: str = "rewrite", *, within:
             return None
     rng = np.random.default_rng(seed)
     orders = np.stack([np.arange(len(t))] + [_shuffle(rng, len(t), groups) for _ in range(permutations)])
-    explained, total = _explained_by_slopes(y, t[orders], groups)
+    explained, total = _explained_by_slopes(y, t[orders], _controls(len(y), groups, per_point.to_numpy(float)))
     added = explained / total
     # Ties within float round-off count as "as extreme", so a profile-free outcome gives p = 1.
     p = float((added[1:] >= added[0] - 1e-12 * (1 + abs(added[0]))).sum() + 1) / (permutations + 1)
@@ -72,25 +81,31 @@ def _shuffle(rng: np.random.Generator, n: int, groups: np.ndarray | None) -> np.
     return order
 
 
-def _centre(x: np.ndarray, onehot: np.ndarray | None, axis: int) -> np.ndarray:
-    """x minus its mean over points (``axis``), per group when ``onehot`` (points, groups) is given."""
-    if onehot is None:
-        return x - x.mean(axis=axis, keepdims=True)
-    counts = onehot.sum(axis=0)  # (groups,)
+def _controls(n: int, groups: np.ndarray | None, covariates: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (points, k) of the per-layer controls: the intercepts (one per group)
+    and the covariates. Directions the rest already span (a covariate constant within every
+    group, say) are dropped, as least squares with the pseudo-inverse does."""
+    intercepts = np.ones((n, 1)) if groups is None else np.eye(groups.max() + 1)[groups]
+    design = np.hstack([intercepts, covariates.reshape(n, -1)])
+    u, singular, _ = np.linalg.svd(design, full_matrices=False)
+    return u[:, singular > 1e-10 * singular.max()]
+
+
+def _residual(x: np.ndarray, basis: np.ndarray, axis: int) -> np.ndarray:
+    """x minus its projection on ``basis`` (points, k) along the points ``axis``: the residual of
+    regressing x on the controls (with intercepts only: x minus its (group) mean)."""
     moved = np.moveaxis(x, axis, -1)  # (..., points)
-    means = (moved @ onehot) / counts  # (..., groups)
-    return np.moveaxis(moved - means @ onehot.T, -1, axis)
+    return np.moveaxis(moved - (moved @ basis) @ basis.T, -1, axis)
 
 
-def _explained_by_slopes(y: np.ndarray, t: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, float]:
-    """Sum of squares the per-layer tracing slopes explain beyond the intercepts, for each t in a
-    batch; and the total sum of squares of y.
+def _explained_by_slopes(y: np.ndarray, t: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, float]:
+    """Sum of squares the per-layer tracing slopes explain beyond the controls (``_controls``), for
+    each t in a batch; and the total sum of squares of y.
 
-    y: (points, layers); t: (batch, points, layers). A layer with constant (centred) t adds no
-    slope, as least squares with the pseudo-inverse does."""
-    onehot = None if groups is None else np.eye(groups.max() + 1)[groups]
-    yc = _centre(y, onehot, axis=0)
-    tc = _centre(t, onehot, axis=1)
+    y: (points, layers); t: (batch, points, layers). A layer where t is a combination of the
+    controls (constant, say) adds no slope, as least squares with the pseudo-inverse does."""
+    yc = _residual(y, basis, axis=0)
+    tc = _residual(t, basis, axis=1)
     sxx = (tc ** 2).sum(axis=1)  # (batch, layers)
     sxy = (tc * yc).sum(axis=1)
     explained = np.divide(sxy ** 2, sxx, out=np.zeros_like(sxx), where=sxx > 1e-12 * (1 + sxx.max()))

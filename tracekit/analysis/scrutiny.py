@@ -4,6 +4,8 @@ Each function writes its tables through ``table(df, name, title)`` (``paper_anal
 and adds its notes and headline numbers to the ``Summary``:
 - relation-controlled R^2 (one intercept per relation x layer, facts shuffled within relation),
   beside the pooled numbers;
+- R^2 given the facts' probabilities: what tracing adds beyond their log p(o_true), clean and
+  noised, each with a slope per layer (and relation, where known);
 - R^2 without degenerate layers (where every point scores the same);
 - the practical check: each fact edited at its peak-tracing layer vs one fixed layer;
 - essence and Meng et al.'s unscaled metrics as outcomes, and their means by layer;
@@ -65,6 +67,41 @@ def pooled_and_within(split, outcome: str, permutations: int, pooled: pd.DataFra
         columns={"added": "added_pooled", "added_share": "share_pooled", "f_p": "f_p_pooled",
                  "f_p_permuted": "p_facts_pooled", "added_chance": "chance_pooled"})
     return side.merge(within.drop(columns=["at_ceiling", "at_floor", "degenerate_layers"]), on=keys)
+
+
+def given_probabilities(joined, traces, kind, window, relations, table, summary, localisation,
+                        permutations) -> pd.DataFrame:
+    """The rewrite R² tracing adds once the facts' log p(o_true), clean and under the subject noise,
+    each have a slope per layer in both models (and, with ``relations``, relation x layer
+    intercepts). The tracing effect is a share of p_clean - p_noise, and a fact whose noised
+    prompt still gives o_true much probability may also be easier to force back to it: a tracing
+    effect that only stands in for those numbers vanishes here."""
+    split = F.with_probabilities(joined, traces, kind=kind, window=window)
+    keys = ["problem", "method"]
+    columns = ["added", "added_share", "p_permuted", "added_chance"]
+    given = S.r2_grid(split, "rewrite", covariates=F.PROBABILITIES, permutations=permutations)
+    out = given[keys + ["n", "r2_control_layer", "r2_control_layer_x_tracing"] + columns]
+    tested = "p_permuted"
+    if relations is not None:
+        both = F.with_relation(split, relations)
+        if both["relation"].nunique() > 1:
+            within = S.r2_grid(both, "rewrite", within="relation", covariates=F.PROBABILITIES,
+                               permutations=permutations)
+            side = within[keys + ["r2_control_layer"] + columns].rename(
+                columns={c: f"{c}_in_relation" for c in ["r2_control_layer"] + columns})
+            out = out.merge(side, on=keys, how="left")
+            tested = "p_permuted_in_relation"
+    out = out.assign(p_holm=S.holm(out[tested]))
+    table(out, "table3_r2_rewrite_given_probabilities",
+          "R² for rewrite score that tracing adds beyond layer x log p(o_true) clean and noised"
+          + (" (and relation x layer intercepts: *_in_relation)" if tested != "p_permuted" else "")
+          + f"; facts shuffled{' within relation' if tested != 'p_permuted' else ''}; p_holm: {tested} "
+          f"adjusted over the cells ({localisation})")
+    summary.headline["added R² given the facts' log p(o_true), clean and noised"] = (
+        f"{int((out[tested] < 0.05).sum())} of {int(out[tested].notna().sum())} cells with facts-shuffled "
+        f"p < 0.05{' (relation controlled too)' if tested != 'p_permuted' else ''}, "
+        f"{int((out['p_holm'] < 0.05).sum())} after Holm's adjustment")
+    return out
 
 
 def verdict(added: float, chance: float, p_facts: float) -> str:

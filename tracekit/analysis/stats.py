@@ -16,7 +16,10 @@ that tracing reaches by chance (95th percentile), and ``added_share`` puts the a
 scale of what is left to explain: added / (1 - R^2 of layer).
 
 ``fit_r2_within`` is the relation-controlled version: one intercept per (relation, layer) in
-both models, profiles shuffled only among points of the same relation.
+both models, profiles shuffled only among points of the same relation. Its ``covariates`` add
+one slope per (covariate, layer) to both models: e.g. the facts' log-probabilities of o_true
+before and under the noise (``frames.with_probabilities``), which bear on both how much a
+restored state can bring back and how hard a fact is to edit.
 
 ``holm`` adjusts a family of such p-values (the 20 cells of the study, say) for the number of
 tests: of 20 cells with no effect, at least one passes p < 0.05 by chance in two studies of three
@@ -117,11 +120,12 @@ def point_permutation_p(data: pd.DataFrame, outcome: str = "rewrite", permutatio
 
 @dataclass(frozen=True)
 class WithinFit:
-    """Layer vs layer x tracing with one intercept per (``control``, layer) cell in both models."""
+    """Layer vs layer x tracing with one intercept per (``control``, layer) cell in both models (one
+    per layer without a control) and one slope per (covariate, layer)."""
     n: int
     groups: int
-    r2_control_layer: float  # y ~ C(control):C(layer)
-    r2_control_layer_x_tracing: float  # ... + C(layer) + C(layer):tracing_effect (one slope per layer)
+    r2_control_layer: float  # y ~ C(control):C(layer) [+ C(layer):covariate ...]
+    r2_control_layer_x_tracing: float  # ... + C(layer):tracing_effect (one slope per layer)
     added: float
     added_share: float
     f_p: float  # row-wise nested F-test
@@ -132,40 +136,49 @@ class WithinFit:
         return asdict(self)
 
 
-def fit_r2_within(df: pd.DataFrame, outcome: str = "rewrite", control: str = "relation", *,
-                  permutations: int = 1999) -> WithinFit:
-    """``fit_r2``'s added-R^2 test controlled for ``control`` (a column, e.g. the facts' relation)."""
-    if control not in df.columns:
-        raise TracekitError(f"no {control!r} column to control for; split the results by {control} first")
-    data = _clean(df, outcome).join(df[[control]])
-    cells = data.groupby([control, "layer"]).ngroups
-    if len(data) <= cells + 2 * data["layer"].nunique():
-        raise TracekitError(f"{len(data)} results are too few to fit {cells} {control} x layer cells and slopes")
+def fit_r2_within(df: pd.DataFrame, outcome: str = "rewrite", control: str | None = "relation", *,
+                  covariates: tuple[str, ...] = (), permutations: int = 1999) -> WithinFit:
+    """``fit_r2``'s added-R^2 test controlled for ``control`` (a column, e.g. the facts' relation;
+    None: layer only) and for per-point ``covariates`` (columns; one slope per layer each)."""
+    needed = ([control] if control else []) + list(covariates)
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise TracekitError(f"no {', '.join(map(repr, missing))} column to control for; add it first "
+                            f"(frames.with_relation, frames.with_probabilities)")
+    data = _clean(df, outcome).join(df[needed]).dropna()
+    cells = data.groupby([control, "layer"]).ngroups if control else data["layer"].nunique()
+    if len(data) <= cells + (2 + len(covariates)) * data["layer"].nunique():
+        what = f"{control} x layer cells" if control else "layers"
+        raise TracekitError(f"{len(data)} results are too few to fit {cells} {what} and their slopes")
     nan = float("nan")
+    groups = int(data[control].nunique()) if control else 1
     if float(data[outcome].std()) < 1e-12:
-        return WithinFit(len(data), data[control].nunique(), nan, nan, nan, nan, nan, nan, nan)
-    base_formula = f"{outcome} ~ C({control}):C(layer)"
+        return WithinFit(len(data), groups, nan, nan, nan, nan, nan, nan, nan)
+    base_formula = f"{outcome} ~ " + " + ".join([f"C({control}):C(layer)" if control else "C(layer)"]
+                                                 + [f"C(layer):{c}" for c in covariates])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SingularMatrixWarning)
         base = smf.ols(base_formula, data=data).fit()
         full = smf.ols(base_formula + " + C(layer):tracing_effect", data=data).fit()
     test = anova_lm(base, full)
-    test_p = (profile_permutation(data, outcome, within=control, permutations=permutations)
+    test_p = (profile_permutation(data, outcome, within=control, covariates=tuple(covariates),
+                                  permutations=permutations)
               if "case_id" in data.columns and permutations > 0 else None)
     added = float(full.rsquared - base.rsquared)
-    return WithinFit(n=len(data), groups=int(data[control].nunique()), r2_control_layer=float(base.rsquared),
+    return WithinFit(n=len(data), groups=groups, r2_control_layer=float(base.rsquared),
                      r2_control_layer_x_tracing=float(full.rsquared), added=added,
                      added_share=_share(added, float(base.rsquared)), f_p=float(test["Pr(>F)"].iloc[1]),
                      p_permuted=test_p.p if test_p else nan, added_chance=test_p.chance if test_p else nan)
 
 
 def r2_grid(df: pd.DataFrame, outcome: str = "rewrite", by: tuple[str, ...] = ("problem", "method"), *,
-            within: str | None = None, drop_degenerate: bool = False, permutations: int = 1999) -> pd.DataFrame:
+            within: str | None = None, covariates: tuple[str, ...] = (), drop_degenerate: bool = False,
+            permutations: int = 1999) -> pd.DataFrame:
     """``fit_r2`` for each group (the paper's Fig. 6 / Tables 3-6: problems x methods), each row with
     its outcome's flags (``checks.outcome_flags``: ceiling, floor, degenerate layers).
 
-    ``within``: ``fit_r2_within`` controlled for that column instead. ``drop_degenerate``: fit
-    without the layers where the outcome is the same for every point."""
+    ``within`` / ``covariates``: ``fit_r2_within`` controlled for that column / those columns instead.
+    ``drop_degenerate``: fit without the layers where the outcome is the same for every point."""
     rows = []
     for group, part in df.groupby(list(by), sort=True):
         group = group if isinstance(group, tuple) else (group,)
@@ -173,8 +186,8 @@ def r2_grid(df: pd.DataFrame, outcome: str = "rewrite", by: tuple[str, ...] = ("
         if drop_degenerate and flags["degenerate_layers"]:
             part = part[~part["layer"].isin(degenerate_layers(part, outcome))]
         try:
-            fit = (fit_r2_within(part, outcome, within, permutations=permutations) if within
-                   else fit_r2(part, outcome, permutations=permutations))
+            fit = (fit_r2_within(part, outcome, within, covariates=covariates, permutations=permutations)
+                   if within or covariates else fit_r2(part, outcome, permutations=permutations))
         except TracekitError:
             continue  # too few results in this cell; the others still make a table
         rows.append({**dict(zip(by, group)), **fit.as_row(), **flags})

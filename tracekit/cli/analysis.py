@@ -28,7 +28,10 @@ with whole points' tracing profiles shuffled: the chance level), at_ceiling / at
 scores >= 0.98 / <= 0.02) and degenerate_layers (layers where every point scores the same; a
 table without them is written too). Also: the practical check (each point edited at its
 peak-tracing layer vs one fixed layer), the essence score and Meng et al.'s unscaled metrics as
-outcomes, and the concentrated points' peak layers.
+outcomes, the concentrated points' peak layers, and table3_r2_rewrite_given_probabilities: the
+R^2 tracing adds once each point's log p(o_true), clean and with the subject noised (from its
+trace), has a slope per layer in both models (the tracing effect is a share of p_clean - p_noise,
+and those numbers may also make a fact easier or harder to edit).
 
 With --by-relation, Fig. 4 and Table 3 are also split by the facts' relation, and the added-R^2
 test of every outcome (Tables 3-6, essence, the unscaled metrics) is controlled for it (relation
