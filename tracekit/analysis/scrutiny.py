@@ -81,7 +81,7 @@ def given_probabilities(joined, traces, kind, window, relations, table, summary,
     columns = ["added", "added_share", "p_permuted", "added_chance"]
     given = S.r2_grid(split, "rewrite", covariates=F.PROBABILITIES, permutations=permutations)
     out = given[keys + ["n", "r2_control_layer", "r2_control_layer_x_tracing"] + columns]
-    tested = "p_permuted"
+    in_relation = False
     if relations is not None:
         both = F.with_relation(split, relations)
         if both["relation"].nunique() > 1:
@@ -90,16 +90,17 @@ def given_probabilities(joined, traces, kind, window, relations, table, summary,
             side = within[keys + ["r2_control_layer"] + columns].rename(
                 columns={c: f"{c}_in_relation" for c in ["r2_control_layer"] + columns})
             out = out.merge(side, on=keys, how="left")
-            tested = "p_permuted_in_relation"
+            in_relation = True
+    tested = "p_permuted_in_relation" if in_relation else "p_permuted"
     out = out.assign(p_holm=S.holm(out[tested]))
+    scope = (" (and relation x layer intercepts: *_in_relation); facts shuffled within relation" if in_relation
+             else "; facts shuffled")
     table(out, "table3_r2_rewrite_given_probabilities",
-          "R² for rewrite score that tracing adds beyond layer x log p(o_true) clean and noised"
-          + (" (and relation x layer intercepts: *_in_relation)" if tested != "p_permuted" else "")
-          + f"; facts shuffled{' within relation' if tested != 'p_permuted' else ''}; p_holm: {tested} "
-          f"adjusted over the cells ({localisation})")
+          f"R² for rewrite score that tracing adds beyond layer x log p(o_true) clean and noised{scope}; "
+          f"p_holm: {tested} adjusted over the cells ({localisation})")
     summary.headline["added R² given the facts' log p(o_true), clean and noised"] = (
         f"{int((out[tested] < 0.05).sum())} of {int(out[tested].notna().sum())} cells with facts-shuffled "
-        f"p < 0.05{' (relation controlled too)' if tested != 'p_permuted' else ''}, "
+        f"p < 0.05{' (relation controlled too)' if in_relation else ''}, "
         f"{int((out['p_holm'] < 0.05).sum())} after Holm's adjustment")
     return out
 
