@@ -6,7 +6,8 @@ import pytest
 
 from tracekit import TracekitError
 from tracekit.analysis import fit_r2, holm, join_edits, paper_analyses, relations_frame, select, to_markdown, tracing_effects
-from tracekit.analysis.frames import PROBABILITIES, with_probabilities
+from tracekit.analysis.frames import PROBABILITIES, with_probabilities, with_relation
+from tracekit.analysis.stats import r2_grid
 from tracekit.data import FactRecord
 from tracekit.store import ResultStore
 
@@ -22,8 +23,10 @@ def fill(store, n_points=40, seed=0, kinds=(("mlp", 5), ("mlp", 10), ("zero", 5)
         peak, width = rng.integers(0, N_LAYERS), rng.uniform(0.5, 3)
         profile = np.exp(-0.5 * ((layers - peak) / width) ** 2)
         for kind, window in kinds:
-            store.add_trace(model="m", dataset="counterfact", case_id=case, kind=kind, window=window, p_clean=0.6,
-                            p_noise=0.1, effect_max=profile * rng.uniform(0.5, 1), effect_last=profile * 0.5)
+            # the probabilities vary by fact without drawing from rng (the planted numbers stay as they were)
+            store.add_trace(model="m", dataset="counterfact", case_id=case, kind=kind, window=window,
+                            p_clean=0.3 + 0.06 * (case % 10), p_noise=0.01 + 0.02 * (case * 7 % 10),
+                            effect_max=profile * rng.uniform(0.5, 1), effect_last=profile * 0.5)
         for problem in ("error-injection", "fact-forcing"):
             for method in ("rome", "ft-1"):
                 for layer in EDIT_LAYERS:
@@ -233,14 +236,24 @@ def test_flags_name_ceiling_degenerate_layers_and_chance(tmp_path):
     assert rome["n"].item() == 20 * (len(EDIT_LAYERS) - 1)
 
 
-def test_robustness_tables_are_relation_controlled_too(frames, tmp_path):
+def test_robustness_tables_are_relation_and_probability_controlled_too(frames, tmp_path):
     traces, edits = frames
+    # zeroing's own p_noise differs: the probability control must still take the main (mlp, 5) traces'
+    traces = traces.assign(p_noise=np.where(traces["kind"] == "zero", 0.5, traces["p_noise"]))
     records = [FactRecord(case_id=case, prompt="{} is in", subject="s", target_true=" a", target_new=" b",
                           relation_id="P17" if case % 2 else "P37") for case in range(40)]
-    summary = paper_analyses(traces, edits, tmp_path, default_layer=3,
-                             relations=relations_frame({"counterfact": records}), permutations=99)
-    for name, label in (("window10", "window 10"), ("last_subject", "last subject token"),
-                        ("zeroing", "representation zeroing")):
+    relations = relations_frame({"counterfact": records})
+    summary = paper_analyses(traces, edits, tmp_path, default_layer=3, relations=relations, permutations=99)
+    for name, label, kind, window, reduce in (("window10", "window 10", "mlp", 10, "max"),
+                                              ("last_subject", "last subject token", "mlp", 5, "last_subject"),
+                                              ("zeroing", "representation zeroing", "zero", 5, "max")):
+        given = pd.read_csv(tmp_path / f"robustness_{name}_given_probabilities.csv")
+        joined = join_edits(edits, tracing_effects(traces, kind=kind, window=window, reduce=reduce))
+        split = with_relation(with_probabilities(joined, traces, kind="mlp", window=5), relations)
+        expected = r2_grid(split, "rewrite", within="relation", covariates=PROBABILITIES, permutations=0)
+        assert given["added_in_relation"].to_list() == pytest.approx(expected["added"].to_list(), abs=1e-12)
+        assert given["p_holm"].to_list() == pytest.approx(holm(given["p_permuted_in_relation"]).tolist())
+        assert f"robustness ({label}), given the facts' log p(o_true)" in summary.headline
         pooled = pd.read_csv(tmp_path / f"robustness_{name}.csv").set_index(["problem", "method"])
         within = pd.read_csv(tmp_path / f"robustness_{name}_within_relation.csv").set_index(["problem", "method"])
         assert (within["groups"] == 2).all()
@@ -257,8 +270,8 @@ def test_probabilities_are_each_points_log_p_from_its_trace(frames):
     traces = traces.assign(p_noise=np.where(traces["case_id"] == 1, 0.0, traces["p_noise"]))  # underflowed
     joined = with_probabilities(join_edits(edits, tracing_effects(traces)), traces)
     assert len(joined) == len(edits) and set(PROBABILITIES) <= set(joined.columns)
-    first = joined[joined["case_id"] == 0].iloc[0]
-    assert (first["log_p_clean"], first["log_p_noise"]) == pytest.approx((np.log(0.6), np.log(0.1)))
+    third = joined[joined["case_id"] == 3].iloc[0]  # p_clean 0.3 + 0.06 * 3, p_noise 0.01 + 0.02 * (21 % 10)
+    assert (third["log_p_clean"], third["log_p_noise"]) == pytest.approx((np.log(0.48), np.log(0.03)))
     assert np.isfinite(joined.loc[joined["case_id"] == 1, "log_p_noise"]).all()  # a floor, not -inf
     with pytest.raises(TracekitError, match="no attn/w5 traces"):
         with_probabilities(joined, traces, kind="attn")

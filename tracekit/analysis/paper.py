@@ -183,7 +183,8 @@ def paper_analyses(traces: pd.DataFrame, edits: pd.DataFrame, out_dir: str | Pat
 
 def _robustness(traces, edits, kind, window, reduce, table, summary, permutations, relations=None) -> None:
     """The rewrite R² with tracing measured another way; with ``relations``, also relation-controlled
-    (a pooled effect that relation explains at window 5 must be tested the same way here)."""
+    (a pooled effect that relation explains at window 5 must be tested the same way here); and
+    given the facts' probabilities, as at the main window (``scrutiny.given_probabilities``)."""
     variants = [("window10", "window 10", kind, 10, reduce), ("last_subject", "last subject token", kind, window,
                                                                 "last_subject"),
                 ("zeroing", "representation zeroing", "zero", window, "max")]
@@ -208,6 +209,13 @@ def _robustness(traces, edits, kind, window, reduce, table, summary, permutation
                     f"with facts-shuffled p < 0.05, {int((within['p_holm'] < 0.05).sum())} after Holm's adjustment")
         except TracekitError as err:
             summary.notes.append(f"robustness ({label}) skipped: {err}")
+            continue
+        try:  # the facts' probabilities from the main traces: zeroing stores no p_noise of its own
+            X.given_probabilities(joined, traces, kind, window, relations, table, summary, f"tracing by {label}",
+                                  permutations, name=f"robustness_{name}_given_probabilities",
+                                  label=f"robustness ({label}), given the facts' log p(o_true)")
+        except TracekitError as err:
+            summary.notes.append(f"robustness ({label}) given probabilities skipped: {err}")
 
 
 def _finish(summary: Summary, out: Path) -> Summary:

@@ -70,12 +70,16 @@ def pooled_and_within(split, outcome: str, permutations: int, pooled: pd.DataFra
 
 
 def given_probabilities(joined, traces, kind, window, relations, table, summary, localisation,
-                        permutations) -> pd.DataFrame:
+                        permutations, name: str = "table3_r2_rewrite_given_probabilities",
+                        label: str = "added R² given the facts' log p(o_true), clean and noised") -> pd.DataFrame:
     """The rewrite R² tracing adds once the facts' log p(o_true), clean and under the subject noise,
     each have a slope per layer in both models (and, with ``relations``, relation x layer
     intercepts). The tracing effect is a share of p_clean - p_noise, and a fact whose noised
     prompt still gives o_true much probability may also be easier to force back to it: a tracing
-    effect that only stands in for those numbers vanishes here."""
+    effect that only stands in for those numbers vanishes here. The probabilities come from the
+    ``kind``/``window`` traces whatever measured the tracing effect in ``joined`` (they are the
+    facts' own, so the robustness tables control for the same numbers); ``name`` / ``label``: the
+    table's file name and the summary headline's key."""
     split = F.with_probabilities(joined, traces, kind=kind, window=window)
     keys = ["problem", "method"]
     columns = ["added", "added_share", "p_permuted", "added_chance"]
@@ -95,10 +99,10 @@ def given_probabilities(joined, traces, kind, window, relations, table, summary,
     out = out.assign(p_holm=S.holm(out[tested]))
     scope = (" (and relation x layer intercepts: *_in_relation); facts shuffled within relation" if in_relation
              else "; facts shuffled")
-    table(out, "table3_r2_rewrite_given_probabilities",
+    table(out, name,
           f"R² for rewrite score that tracing adds beyond layer x log p(o_true) clean and noised{scope}; "
           f"p_holm: {tested} adjusted over the cells ({localisation})")
-    summary.headline["added R² given the facts' log p(o_true), clean and noised"] = (
+    summary.headline[label] = (
         f"{int((out[tested] < 0.05).sum())} of {int(out[tested].notna().sum())} cells with facts-shuffled "
         f"p < 0.05{' (relation controlled too)' if in_relation else ''}, "
         f"{int((out['p_holm'] < 0.05).sum())} after Holm's adjustment")
