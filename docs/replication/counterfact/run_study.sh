@@ -8,6 +8,12 @@
 # on a fresh clone, from the last committed checkpoint) resumes where it stopped. See PLAN.md for
 # the sizes, the measured costs and what must be merged first.
 #
+#   LIVE=<the running sweep's live store> bash docs/replication/counterfact/run_study.sh save
+#
+# run in the checkout that must keep the work (main, before a session stops), copies the live
+# stores onto RESUME / RESUME_TK there and commits them: a sweep whose own checkout is lost resumes
+# from them, since a fresh start takes whichever of RESUME and SNAP holds more results.
+#
 # Settings (environment): SHARED_DATA (../shared/data), MODEL (smollm2-135m), N_EI (120 known
 # points for Error Injection), N_OTHER (40 for the other problems), N_FF (120, at least N_OTHER: Fact Forcing
 # with FT-1 and FT-5, the paper's one positive cell, grows to as many points as Error Injection last), EI_LAYERS (auto: 8 spread + the
@@ -15,8 +21,10 @@
 # WORKERS (2 processes side by side, sharing each step's items: --shard shared), BATCH / SCORE_BATCH (points edited together / of those,
 # scored in one pass: 8 / 1, benchmarks/results/editing-cpu-batch-8-score-1.md), EVERY (seconds between checkpoints, 1800), COMMIT (1: commit
 # each checkpoint to git; 0: only copy it), LIVE / SNAP (live store / committed snapshot), LIVE_TK /
-# SNAP_TK (the same for Fact Forcing with ROME and MEMIT under tracekit's noise convention), EXTRA
-# (more options for every recipe, e.g. --no-known-filter for a smoke test on a random model).
+# SNAP_TK (the same for Fact Forcing with ROME and MEMIT under tracekit's noise convention), RESUME /
+# RESUME_TK (what `save` writes: checkpoint.sqlite / checkpoint-ff-tracekit-noise.sqlite beside SNAP;
+# SNAP stays the store the committed analysis was made from), EXTRA (more options for every recipe,
+# e.g. --no-known-filter for a smoke test on a random model).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
@@ -39,6 +47,8 @@ LIVE=${LIVE:-runs/counterfact.sqlite}
 SNAP=${SNAP:-docs/replication/counterfact/store.sqlite}
 LIVE_TK=${LIVE_TK:-runs/counterfact-ff-tracekit-noise.sqlite}
 SNAP_TK=${SNAP_TK:-docs/replication/counterfact/store-ff-tracekit-noise.sqlite}
+RESUME=${RESUME:-$(dirname "$SNAP")/checkpoint.sqlite}
+RESUME_TK=${RESUME_TK:-$(dirname "$SNAP_TK")/checkpoint-ff-tracekit-noise.sqlite}
 EXTRA=${EXTRA:-}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
 
@@ -54,24 +64,57 @@ copy_store() {  # a consistent copy of a live SQLite store (the online backup AP
     "$PY" -c 'import sqlite3, sys; d = sqlite3.connect(sys.argv[2]); sqlite3.connect(sys.argv[1]).backup(d); d.close()' "$1" "$2"
 }
 
+counts() {  # "<n> traces, <n> edits" (status ok) in a store; with --total, their sum (0: no store)
+    "$PY" -c 'import os, sqlite3, sys
+have, n = set(), {}
+if os.path.exists(sys.argv[1]):
+    c = sqlite3.connect(sys.argv[1])
+    have = {t for (t,) in c.execute("SELECT name FROM sqlite_master")}
+    n = {t: c.execute(f"SELECT count(*) FROM {t} WHERE status = ?", ("ok",)).fetchone()[0]
+         for t in ("traces", "edits") if t in have}
+print(sum(n.values()) if sys.argv[2:] else ", ".join(f"{v} {t}" for t, v in n.items()) or "nothing yet")' "$@"
+}
+
+fuller() {  # the store of the two that holds more results (the first on a tie)
+    if [ "$(counts "$2" --total)" -gt "$(counts "$1" --total)" ]; then echo "$2"; else echo "$1"; fi
+}
+
+commit_stores() {  # $1: message prefix; then the stores
+    local message=$1; shift
+    [ "$COMMIT" = 1 ] || return 0
+    git add "$@" && git commit -q -m "$message: $(counts "$1")" -- "$@" || true
+}
+
 checkpoint() {
     copy_store "$LIVE" "$SNAP"
     [ ! -f "$LIVE_TK" ] || copy_store "$LIVE_TK" "$SNAP_TK"
-    local counts
-    counts=$("$PY" -c 'import sqlite3, sys; c = sqlite3.connect(sys.argv[1])
-have = {n for (n,) in c.execute("SELECT name FROM sqlite_master")}
-print(", ".join(f"{n} {t}" for t in ("traces", "edits") if t in have
-                for (n,) in c.execute(f"SELECT count(*) FROM {t} WHERE status = ?", ("ok",))) or "nothing yet")' "$SNAP")
-    echo "$(date +%FT%T) checkpoint: $counts"
-    if [ "$COMMIT" = 1 ]; then
-        local snaps=("$SNAP")
-        [ ! -f "$SNAP_TK" ] || snaps+=("$SNAP_TK")
-        git add "${snaps[@]}" && git commit -q -m "CounterFact store checkpoint: $counts" -- "${snaps[@]}" || true
-    fi
+    echo "$(date +%FT%T) checkpoint: $(counts "$SNAP")"
+    local snaps=("$SNAP")
+    [ ! -f "$SNAP_TK" ] || snaps+=("$SNAP_TK")
+    commit_stores "CounterFact store checkpoint" "${snaps[@]}"
 }
 
-[ -f "$LIVE" ] || copy_store "$SNAP" "$LIVE"  # resume from the last committed checkpoint
-[ -f "$LIVE_TK" ] || [ ! -f "$SNAP_TK" ] || copy_store "$SNAP_TK" "$LIVE_TK"
+if [ "${1:-}" = save ]; then  # keep a running sweep's results where its own checkout may be lost
+    saved=()
+    for pair in "$LIVE:$RESUME:$SNAP" "$LIVE_TK:$RESUME_TK:$SNAP_TK"; do
+        IFS=: read -r live resume snap <<< "$pair"
+        [ -f "$live" ] || continue
+        if [ "$(fuller "$snap" "$live")" = "$live" ]; then  # nothing the committed store lacks: no copy
+            copy_store "$live" "$resume"
+            saved+=("$resume")
+            echo "$resume: $(counts "$resume")"
+        fi
+    done
+    [ ${#saved[@]} -eq 0 ] || commit_stores "CounterFact study: a running sweep's results" "${saved[@]}"
+    exit 0
+fi
+
+# Resume from the fuller of the last committed checkpoint and a saved running sweep.
+for pair in "$LIVE:$SNAP:$RESUME" "$LIVE_TK:$SNAP_TK:$RESUME_TK"; do
+    IFS=: read -r live snap resume <<< "$pair"
+    source=$(fuller "$snap" "$resume")
+    [ -f "$live" ] || [ ! -f "$source" ] || copy_store "$source" "$live"
+done
 (while sleep "$EVERY"; do checkpoint; done) &
 TICKER=$!
 trap 'kill $TICKER 2>/dev/null || true' EXIT
