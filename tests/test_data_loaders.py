@@ -102,7 +102,7 @@ def test_malformed_record_is_named_by_index_and_field(tmp_path, name, corrupt, f
     with pytest.raises(TracekitError) as err:
         load_dataset(name, path)
     message = str(err.value)
-    assert f"record 2 " in message and f"field '{field}'" in message and "\n" not in message
+    assert "record 2 " in message and f"field '{field}'" in message and "\n" not in message
 
 
 def test_record_that_is_not_an_object(tmp_path):

@@ -352,9 +352,8 @@ def pick_logits(request: Request, hidden: torch.Tensor, norm, unembed) -> torch.
 def whole_pass(backend, request: Request) -> Pass:
     """``request`` through one ordinary forward pass of ``backend`` (``Backend.run``), hooks doing
     the rest: every layer and position is computed, the values returned are the partial pass's."""
-    req, n_layers = request, backend.adapter.n_layers(backend.hf)
+    req = request
     rows, width = req.n_rows, req.width
-    device = backend.device
     starts = req.starts
     total = int(starts.max()) + width
     cols = starts[:, None] + torch.arange(width)  # [B, W] absolute positions of each row's columns

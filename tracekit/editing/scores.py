@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # metrics imports this module: the row type is only named here
+    from tracekit.editing.metrics import PromptRow
 
 ESSENCE_CAP = 5.0  # a perplexity rise of 5 or more is maximally bad
 RECOVERED_FLOOR = 2e-8  # make_editing_results_df: max(2e-8, recovered)
@@ -117,7 +120,7 @@ def compute_scores(before: Mapping[str, KindProbs], after: Mapping[str, KindProb
     return out
 
 
-def paper_code_point_scores(rows: Sequence["PromptRow"], *, minimize: bool, ppl_before: float | None = None,
+def paper_code_point_scores(rows: Sequence[PromptRow], *, minimize: bool, ppl_before: float | None = None,
                             ppl_after: float | None = None) -> dict[str, float]:
     """make_editing_results_df on one point: rewrite/paraphrase/neighbourhood scores from the FIRST
     prompt of each kind (p of the target), the unscaled metrics over all prompts (target vs baseline)."""
