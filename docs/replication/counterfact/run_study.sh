@@ -29,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../../.."
 
 PY=${PY:-.venv/bin/python}
-SHARED_DATA=$(realpath "${SHARED_DATA:-../shared/data}")
+SHARED_DATA=$(realpath -m "${SHARED_DATA:-../shared/data}")
 MODEL=${MODEL:-smollm2-135m}
 N_EI=${N_EI:-120}
 N_OTHER=${N_OTHER:-40}
@@ -51,14 +51,6 @@ RESUME=${RESUME:-$(dirname "$SNAP")/checkpoint.sqlite}
 RESUME_TK=${RESUME_TK:-$(dirname "$SNAP_TK")/checkpoint-ff-tracekit-noise.sqlite}
 EXTRA=${EXTRA:-}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 OMP_NUM_THREADS=1
-
-# The data folder: CounterFact (436 records, ROME's format), known_1000 (the s3 noise scale) and
-# WikiText-2 (wikitext/wikitext-2-raw-v1.test.raw), which the key statistics find there: no
-# statistics from the model's own samples.
-[ "$N_FF" -ge "$N_OTHER" ] || { echo "N_FF ($N_FF) must be at least N_OTHER ($N_OTHER)"; exit 2; }
-[ -f "$SHARED_DATA/wikitext/wikitext-2-raw-v1.test.raw" ] || { echo "no WikiText-2 in $SHARED_DATA/wikitext"; exit 2; }
-mkdir -p "$(dirname "$LIVE")"
-export TRACEKIT_DATA=$SHARED_DATA
 
 copy_store() {  # a consistent copy of a live SQLite store (the online backup API), never a torn file
     "$PY" -c 'import sqlite3, sys; d = sqlite3.connect(sys.argv[2]); sqlite3.connect(sys.argv[1]).backup(d); d.close()' "$1" "$2"
@@ -108,6 +100,14 @@ if [ "${1:-}" = save ]; then  # keep a running sweep's results where its own che
     [ ${#saved[@]} -eq 0 ] || commit_stores "CounterFact study: a running sweep's results" "${saved[@]}"
     exit 0
 fi
+
+# The data folder: CounterFact (436 records, ROME's format), known_1000 (the s3 noise scale) and
+# WikiText-2 (wikitext/wikitext-2-raw-v1.test.raw), which the key statistics find there: no
+# statistics from the model's own samples.
+[ "$N_FF" -ge "$N_OTHER" ] || { echo "N_FF ($N_FF) must be at least N_OTHER ($N_OTHER)"; exit 2; }
+[ -f "$SHARED_DATA/wikitext/wikitext-2-raw-v1.test.raw" ] || { echo "no WikiText-2 in $SHARED_DATA/wikitext"; exit 2; }
+mkdir -p "$(dirname "$LIVE")"
+export TRACEKIT_DATA=$SHARED_DATA
 
 # Resume from the fuller of the last committed checkpoint and a saved running sweep.
 for pair in "$LIVE:$SNAP:$RESUME" "$LIVE_TK:$SNAP_TK:$RESUME_TK"; do
