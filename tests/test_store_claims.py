@@ -2,6 +2,7 @@
 
 import argparse
 import multiprocessing
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import pytest
 
 from tracekit import TracekitError
 from tracekit.store import ResultStore, Shard, SharedShard, SweepItem, run_sweep
-from tracekit.store.claims import claim, owner_id, release_claims
+from tracekit.store.claims import claim, owner_id, process_start, release_claims
 from tracekit.store.cli import open_store_from_args
 
 
@@ -30,11 +31,13 @@ def dead_pid() -> int:
     return child.pid
 
 
-def hold(store, case_id, pid):
-    """A claim on edit (case_id, layer 0) by process ``pid``, as that process would have written it."""
+def hold(store, case_id, pid, created=None):
+    """A claim on edit (case_id, layer 0) by process ``pid``, as that process would have written it
+    (now, unless ``created`` says when)."""
     claim(store, "edits", [])  # creates the claims table
-    store.conn.execute("INSERT INTO claims VALUES ('edits', ?, ?, 0)",
-                       (f'["m","cf",{case_id},"rome","error-injection",0]', owner_id(pid)))
+    store.conn.execute("INSERT INTO claims VALUES ('edits', ?, ?, ?)",
+                       (f'["m","cf",{case_id},"rome","error-injection",0]', owner_id(pid),
+                        time.time() if created is None else created))
 
 
 def test_a_claim_holds_while_its_process_lives(tmp_path):
@@ -54,6 +57,23 @@ def test_a_claim_holds_while_its_process_lives(tmp_path):
         assert claim(store, "edits", keys[:1]) == [True]  # its owner has died since
         release_claims(store)
         assert store.conn.execute("SELECT count(*) FROM claims").fetchone()[0] == 0
+
+
+@pytest.mark.skipif(process_start(os.getpid()) is None, reason="no /proc to tell when a process started")
+def test_a_claim_older_than_its_live_process_is_stale(tmp_path):
+    """A store copied to a fresh machine: its claims name pids that a new process may have again."""
+    keys = [item.key for item in items(2, layers=(0,))]
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        before = time.time()
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            assert before - 2 <= process_start(sleeper.pid) <= time.time() + 2
+            hold(store, 0, sleeper.pid, created=time.time() - 3600)  # the same pid, an hour before it started
+            hold(store, 1, sleeper.pid)
+            assert claim(store, "edits", keys) == [True, False]
+        finally:
+            sleeper.kill()
+            sleeper.wait()
 
 
 def test_a_shared_sweep_skips_what_another_process_holds(tmp_path):

@@ -7,7 +7,9 @@ the batch's items in one write transaction, and an item is granted when no resul
 and no live process claims it. SQLite's lock makes that check-and-claim atomic across processes.
 
 A claim names its owner (host and process id). A claim whose process has died no longer holds, so
-a rerun after a crash redoes that item; a process drops its claims when its sweep ends. Processes
+a rerun after a crash redoes that item; a process drops its claims when its sweep ends. Nor does a
+claim made before its process started: a store copied to a fresh machine brings its old claims, and
+the pids of the new machine's processes can be the same numbers. Processes
 sharing a store share a host anyway (the write-ahead log needs a local disk), which is what makes
 "has the owner died?" answerable; a claim from another host is taken to hold.
 """
@@ -30,7 +32,8 @@ def owner_id(pid: int | None = None) -> str:
     return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
-def owner_alive(owner: str) -> bool:
+def owner_alive(owner: str, claimed_at: float | None = None) -> bool:
+    """Whether the process that made a claim (at ``claimed_at``, epoch seconds) still runs."""
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname():
         return True  # cannot be checked from here
@@ -40,7 +43,19 @@ def owner_alive(owner: str) -> bool:
         return False
     except (PermissionError, ValueError, OverflowError):
         return True  # someone else's process, or not a pid we wrote: leave it held
-    return True
+    started = process_start(int(pid))
+    # the start time is known to about a second (btime is whole seconds): 2 s of slack
+    return claimed_at is None or started is None or claimed_at >= started - 2.0
+
+
+def process_start(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds), where /proc says (Linux); else None."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, clock ticks after boot
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def claim(store: ResultStore, table: str, keys: Sequence[dict]) -> list[bool]:
@@ -55,10 +70,10 @@ def claim(store: ResultStore, table: str, keys: Sequence[dict]) -> list[bool]:
         for key in keys:
             values = [_encode(key[c]) for c in spec.key]
             item = canonical_json(values)
-            holder = conn.execute("SELECT owner FROM claims WHERE result_table = ? AND item = ?",
+            holder = conn.execute("SELECT owner, created FROM claims WHERE result_table = ? AND item = ?",
                                   (table, item)).fetchone()
             free = (conn.execute(is_stored, values).fetchone() is None
-                    and (holder is None or holder[0] == me or not owner_alive(holder[0])))
+                    and (holder is None or holder[0] == me or not owner_alive(*holder)))
             if free:
                 conn.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", (table, item, me, time.time()))
             granted.append(free)
