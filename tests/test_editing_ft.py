@@ -152,8 +152,8 @@ def test_block_driven_steps_equal_whole_forward_passes(spec, monkeypatch):
     monkeypatch.setattr(type(model.backend), "forward_path", lambda self: ("whole passes", "forced"))
     slow = apply_ft(model, request, 2, STRONG)
     assert slow.info.engine == "forward"
-    for name in fast.parameter_names:
-        assert torch.allclose(fast.delta(name), slow.delta(name), atol=1e-7)
+    for name in fast.parameter_names:  # the same sums in another order; Adam's step rescales their last bits
+        assert torch.allclose(fast.delta(name), slow.delta(name), atol=1e-5)  # up to 1e-6 in 18 draws (AVX-512)
     assert fast.info.losses == pytest.approx(slow.info.losses, abs=1e-5)
 
 

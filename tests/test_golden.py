@@ -42,9 +42,22 @@ def ids(kind: str, **match) -> list[str]:
 # float32 (torch.inverse), tracekit solves in float64 by default; with C in float64, or with
 # ``mom2_solve="inverse"`` (the reference's arithmetic), the two agree further.
 WEIGHT_TOL = {"float32": 1e-3, "float64": 1e-5}
-SAME_ARITHMETIC_TOL = 2e-4  # 2e-6..1e-5 on the trained model; 9e-5 where the public decay pins a random model's v*
+SAME_ARITHMETIC_TOL = 2e-4  # 9e-5 where the public decay pins a random model's v*
 P_ABS = 5e-5  # p(target) after the edit, equal to 4 decimals
 SCORE_REL = 1e-3  # scores and essence perplexities (rounding through the edit's 1e-5..1e-4 differences)
+# The trained model's C in float32 is ill-conditioned (cond 1e6-2e6; the random model's 4e3): its
+# float32 inverse, the reference's arithmetic, turns the last-bit differences of another CPU's
+# forward passes into ~1e-3 of the weight change. Measured: C's trace moved by up to 4e-9
+# (relative) between an AVX2 and an AVX-512 machine; C changed by 1e-9 at random moves the
+# reference's own weight change by 0.8e-3-1.2e-3; tracekit then misses the fixture by 0.8e-3-1.3e-3
+# (2e-6..1e-5 on the machine that made it). With C in float64 the same case agrees to 6e-6.
+ILL_CONDITIONED_TOL = 3e-3
+C_TRACE_REL = 1e-7  # float32 forward passes on another CPU: 4e-9; another model, layer or data: far more
+
+
+def ill_conditioned(case) -> bool:
+    """Whether the reference inverted the trained model's C in float32 (see ILL_CONDITIONED_TOL)."""
+    return case["model"] == "trained" and case.get("c_dtype", "float32") == "float32" and case.get("alg", "ROME") == "ROME"
 
 
 def test_the_models_and_key_statistics_are_the_fixtures():
@@ -56,7 +69,7 @@ def test_the_models_and_key_statistics_are_the_fixtures():
             expected["fingerprint"]["abs_sum"], rel=1e-9)
     for key, expected in FIXTURE["stats"].items():
         name, layer = key.split("/")
-        assert float(T.second_moment(name, int(layer)).trace()) == pytest.approx(expected["trace"], rel=1e-9)
+        assert float(T.second_moment(name, int(layer)).trace()) == pytest.approx(expected["trace"], rel=C_TRACE_REL)
 
 
 # ---- ROME and MEMIT (kmeng01/rome, kmeng01/memit) ----------------------------------------------------
@@ -65,13 +78,16 @@ def test_rome_equals_the_public_code(cid, tensors):
     case = CASES[cid]
     reference = T.reference_deltas(case, RESULTS, tensors)
     got = T.run_rome(case)
-    tol = WEIGHT_TOL[case["c_dtype"]]
-    assert T.delta_distance(got.deltas, reference) < tol
+    ill = ill_conditioned(case)
+    distance = T.delta_distance(got.deltas, reference)
+    assert distance < (ILL_CONDITIONED_TOL if ill else WEIGHT_TOL[case["c_dtype"]])
     assert abs(got.p_after - RESULTS[cid]["after"]["p_first"]) < P_ABS
     same = T.run_rome(case, mom2_solve="inverse")
-    assert T.delta_distance(same.deltas, reference) < SAME_ARITHMETIC_TOL
+    same_distance = T.delta_distance(same.deltas, reference)
+    assert same_distance < (ILL_CONDITIONED_TOL if ill else SAME_ARITHMETIC_TOL)
     control = T.run_rome(case, **LEGACY["rome"])  # tracekit 0.1's conventions
-    assert T.delta_distance(control.deltas, reference) > 10 * WEIGHT_TOL["float32"]
+    # it misses by ten times the float32 tolerance and ten times what tracekit misses by
+    assert T.delta_distance(control.deltas, reference) > 10 * max(WEIGHT_TOL["float32"], distance, same_distance)
 
 
 @pytest.mark.parametrize("cid", ids("memit"))
@@ -133,13 +149,20 @@ def test_edits_and_scores_equal_the_papers_code(cid, tensors):
     setup, edit, scores = T.run_paper(case)
     assert (setup.baseline or "").strip() == ref["request"]["request_baseline"].strip()
     assert setup.request.target.strip() == ref["request"]["target_new"]["str"].strip()
-    assert T.delta_distance({k: edit.delta(k) for k in edit.parameter_names}, reference) < WEIGHT_TOL["float32"]
-    mine = T.paper_scores(scores)
-    for name in ("rewrite_score", "paraphrase_score", "neighborhood_score", "pre_essence_ppl", "post_essence_ppl"):
-        assert mine[name] == pytest.approx(ref["scores"][name], rel=SCORE_REL, abs=1e-7), name
-    rows = {(r.kind, r.role): r for r in scores.rows}
-    p_ref = math.exp(-ref["post"]["rewrite_prompts_probs"][0]["target_new"])
-    assert abs(rows[("rewrite", "target")].p_after - p_ref) < P_ABS
+    ill = ill_conditioned(case)
+    distance = T.delta_distance({k: edit.delta(k) for k in edit.parameter_names}, reference)
+    assert distance < (ILL_CONDITIONED_TOL if ill else WEIGHT_TOL["float32"])
+    # The scoring alone: the reference's own weight change, scored by tracekit. Then tracekit's edit,
+    # where the weight change reproduces across machines (ROME's float32 inverse moves the scores by
+    # up to 1e-2 relative, and p(target) by 1e-3, with its ~1e-3 of the weights).
+    _, _, theirs = T.run_paper(case, deltas=reference)
+    for scored in (theirs,) if ill else (theirs, scores):
+        mine = T.paper_scores(scored)
+        for name in ("rewrite_score", "paraphrase_score", "neighborhood_score", "pre_essence_ppl", "post_essence_ppl"):
+            assert mine[name] == pytest.approx(ref["scores"][name], rel=SCORE_REL, abs=1e-7), name
+        rows = {(r.kind, r.role): r for r in scored.rows}
+        p_ref = math.exp(-ref["post"]["rewrite_prompts_probs"][0]["target_new"])
+        assert abs(rows[("rewrite", "target")].p_after - p_ref) < P_ABS
     control = _paper_control(case)
     setup, edit, _ = T.run_paper(case, **control)
     changed = {k: edit.delta(k) for k in edit.parameter_names}

@@ -17,6 +17,7 @@ import torch
 import tracekit
 from golden.common import ESSENCE_TEXTS, FACTS, TRAINED_DIR, key_second_moment
 from tracekit.data import FactRecord
+from tracekit.editing.delta import Edit
 from tracekit.editing.finetune import FTHyperParams, apply_ft
 from tracekit.editing.hparams import MEMITHyperParams, ROMEHyperParams
 from tracekit.editing.memit import apply_memit
@@ -133,8 +134,10 @@ def run_s3(case, rule=None) -> float | None:
     return embedding_std(m, FALLBACK_SUBJECTS)
 
 
-def run_paper(case, convention: str = "paper-code", hp_changes: dict | None = None, scoring: str = "paper-code"):
-    """The paper's flow for one point: the problem's request, the edit, the paper-code scores."""
+def run_paper(case, convention: str = "paper-code", hp_changes: dict | None = None, scoring: str = "paper-code",
+              deltas: dict[str, torch.Tensor] | None = None):
+    """The paper's flow for one point: the problem's request, the edit, the paper-code scores.
+    ``deltas``: score these weight changes (the reference's own) instead of computing an edit."""
     m = model(case["model"])
     alg, problem = case["alg"], case["problem"]
     noise = case["hparams"]["editing_noise"]
@@ -142,7 +145,10 @@ def run_paper(case, convention: str = "paper-code", hp_changes: dict | None = No
                     convention=convention, noised_rows=10 if alg == "FT" else 1)
     hp_changes = hp_changes or {}
     layers = case["hparams"]["layers"]
-    if alg == "FT":
+    if deltas is not None:
+        params = dict(m.hf.named_parameters())
+        edit = Edit(m.hf, {name: params[name].detach() + delta for name, delta in deltas.items()}, model=m)
+    elif alg == "FT":
         edit = apply_ft(m, setup.request, layers[len(layers) // 2], ft_hp(case, **hp_changes))
     elif alg == "ROME":
         C = second_moment(case["model"], layers[0]).to(getattr(torch, case.get("c_dtype", "float32")))
