@@ -213,6 +213,7 @@ def test_verdicts():
     assert verdict(0.05, 0.02, 0.001) == "above chance and above the paper's maximum"
     assert verdict(0.05, 0.02, 0.2) == "within chance"  # the facts-shuffled test decides too
     assert verdict(float("nan"), 0.02, 0.2) == "no fit"
+    assert verdict(0.09, float("nan"), float("nan")) == "not tested"  # too few points to permute: no claim either way
 
 
 def test_flags_name_ceiling_degenerate_layers_and_chance(tmp_path):

@@ -110,9 +110,13 @@ def given_probabilities(joined, traces, kind, window, relations, table, summary,
 
 
 def verdict(added: float, chance: float, p_facts: float) -> str:
-    """What one cell's added R² says: within chance, or above it and how it compares with the paper."""
+    """What one cell's added R² says: within chance, or above it and how it compares with the paper;
+    "not tested" where the permutation test could not run (fewer than 10 points with every layer,
+    or no permutations asked for)."""
     if np.isnan(added):
         return "no fit"
+    if np.isnan(chance) or np.isnan(p_facts):
+        return "not tested"
     if not (added > chance) or not (p_facts < 0.05):
         return "within chance"
     return "above chance and above the paper's maximum" if added > PAPER_MAX_ADDED else "above chance"
@@ -147,7 +151,7 @@ def cell_table(grid, joined, within, table, summary, localisation) -> pd.DataFra
                                   f"paper's figure ({localisation}; verdict: added R² above its 95% chance level "
                                   "with facts-shuffled p < 0.05, within relation where tested; p_holm: that p "
                                   "adjusted for the number of cells)")
-    above = cells[~cells["verdict"].isin(("within chance", "no fit"))]
+    above = cells[~cells["verdict"].isin(("within chance", "no fit", "not tested"))]
     held = above[above["p_holm"] < 0.05]
     fitted = int(cells["p_holm"].notna().sum())
     summary.headline["cells where tracing adds R² above chance"] = (
