@@ -48,7 +48,7 @@ SCORE_REL = 1e-3  # scores and essence perplexities (rounding through the edit's
 # The trained model's C in float32 is ill-conditioned (cond 1e6-2e6; the random model's 4e3): its
 # float32 inverse, the reference's arithmetic, turns the last-bit differences of another CPU's
 # forward passes into ~1e-3 of the weight change. Measured: C's trace moved by up to 4e-9
-# (relative) between an AVX2 and an AVX-512 machine; C changed by 1e-9 at random moves the
+# (relative) between the fixture's machine and an AVX-512 one; C changed by 1e-9 at random moves the
 # reference's own weight change by 0.8e-3-1.2e-3; tracekit then misses the fixture by 0.8e-3-1.3e-3
 # (2e-6..1e-5 on the machine that made it). With C in float64 the same case agrees to 6e-6.
 ILL_CONDITIONED_TOL = 3e-3

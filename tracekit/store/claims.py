@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Sequence
 
 from tracekit.store.db import TABLES, ResultStore, _encode
@@ -51,8 +52,9 @@ def owner_alive(owner: str, claimed_at: float | None = None) -> bool:
 def process_start(pid: int) -> float | None:
     """When process ``pid`` started (epoch seconds), where /proc says (Linux); else None."""
     try:
-        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
         return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start, clock ticks after boot
     except (OSError, ValueError, IndexError, StopIteration):
         return None
