@@ -151,7 +151,7 @@ def cell_table(grid, joined, within, table, summary, localisation) -> pd.DataFra
                                   f"paper's figure ({localisation}; verdict: added R² above its 95% chance level "
                                   "with facts-shuffled p < 0.05, within relation where tested; p_holm: that p "
                                   "adjusted for the number of cells)")
-    above = cells[~cells["verdict"].isin(("within chance", "no fit", "not tested"))]
+    above = cells[cells["verdict"].str.startswith("above chance")]
     held = above[above["p_holm"] < 0.05]
     fitted = int(cells["p_holm"].notna().sum())
     summary.headline["cells where tracing adds R² above chance"] = (

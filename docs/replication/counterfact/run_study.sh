@@ -112,8 +112,8 @@ export TRACEKIT_DATA=$SHARED_DATA
 # Resume from the fuller of the last committed checkpoint and a saved running sweep.
 for pair in "$LIVE:$SNAP:$RESUME" "$LIVE_TK:$SNAP_TK:$RESUME_TK"; do
     IFS=: read -r live snap resume <<< "$pair"
-    source=$(fuller "$snap" "$resume")
-    [ -f "$live" ] || [ ! -f "$source" ] || copy_store "$source" "$live"
+    origin=$(fuller "$snap" "$resume")
+    [ -f "$live" ] || [ ! -f "$origin" ] || copy_store "$origin" "$live"
 done
 (while sleep "$EVERY"; do checkpoint; done) &
 TICKER=$!
